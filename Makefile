@@ -1,0 +1,33 @@
+# Two entry points a new machine needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test test-all lint clean
+
+$(BIN)/xstilts: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[train,dev]"
+	touch $@
+
+install: $(BIN)/xstilts
+
+demo: install
+	$(BIN)/xstilts validate examples/demo.yaml
+	$(BIN)/xstilts plan examples/demo.yaml
+
+# The default suite (fast); then the slow tests (DeepSpeed under torchrun, the control plane,
+# the end-to-end demo), which CI runs too.
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m slow
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) xstilts-out .pytest_cache .mypy_cache .ruff_cache

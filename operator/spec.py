@@ -1,0 +1,530 @@
+"""ExperimentSpec: the desired state a user writes, as a bare YAML spec or as the `spec` of an
+`Experiment` object (apiVersion xstilts.dev/v1alpha1). Field names are camelCase, as in any
+Kubernetes object; Python code uses the snake_case attributes.
+
+Validation is strict: every error names its field path, the bad value and what is valid.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePosixPath
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from xstilts.trainer.config import (
+    DeepSpeedSettings,
+    HyperParameters,
+    OffloadMode,
+    choose_deepspeed,
+)
+from xstilts.trainer.tasks import INTERMEDIATE_TASKS, TARGET_TASKS, TASKS
+
+API_GROUP = "xstilts.dev"
+API_VERSION = f"{API_GROUP}/v1alpha1"
+KIND = "Experiment"
+BASELINE = "baseline"
+
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Experiment and model names end up inside Job names (<experiment>-<run id>), Kubernetes
+# labels and MLflow names, so they are kept short.
+MAX_EXPERIMENT_NAME = 40
+MAX_SHORT_NAME = 30
+SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+def _schema_name(max_length: int) -> Any:
+    """Name constraints for the CRD schema too, so the API server rejects bad names; the
+    friendlier message comes from `dns_label`."""
+    return Field(json_schema_extra={"pattern": DNS_LABEL.pattern, "maxLength": max_length})
+
+
+def _schema_enum(values: tuple[str, ...]) -> Any:
+    return Field(json_schema_extra={"enum": list(values)})
+
+
+def dns_label(value: str, *, max_length: int = 63) -> str:
+    if len(value) > max_length or not DNS_LABEL.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid name: use at most {max_length} lowercase letters, digits"
+            " and '-', starting and ending with a letter or digit (DNS-1123 label), e.g. 'xlmr-large'"
+        )
+    return value
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True
+    )
+
+
+# --- models and resources ---------------------------------------------------------------
+
+# Parameter counts of the models a user is most likely to name, for GPU-hour estimates and
+# ZeRO `auto` when the spec gives none.
+KNOWN_PARAMETERS = {
+    "FacebookAI/xlm-roberta-base": 278_000_000,
+    "FacebookAI/xlm-roberta-large": 560_000_000,
+    "facebook/xlm-roberta-xl": 3_480_000_000,
+    "facebook/xlm-roberta-xxl": 10_700_000_000,
+}
+
+
+class ModelResources(_Spec):
+    """Per-model resources. `zeroStage: auto` picks the least partitioned ZeRO stage whose
+    model states (16 bytes per parameter for mixed-precision Adam) fit the GPUs."""
+
+    gpus: Annotated[int, Field(ge=0, le=16, description="GPUs per node (0: CPU)")] = 1
+    nodes: Annotated[int, Field(ge=1, le=512)] = 1
+    processes_per_node: Annotated[int | None, Field(ge=1, le=64)] = None
+    gpu_memory_gb: Annotated[float, Field(gt=0, le=1024)] = 80
+    zero_stage: Literal[0, 1, 2, 3, "auto"] = "auto"
+    offload: OffloadMode = "none"
+    micro_batch_size: Annotated[int | None, Field(ge=1, le=4096)] = None
+    cpu: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$")] = "8"
+    memory: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")] = "64Gi"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelResources:
+        if self.nodes > 1 and self.gpus == 0:
+            raise ValueError("nodes > 1 needs gpus >= 1: multi-node CPU runs are not supported")
+        if self.gpus and self.processes_per_node not in (None, self.gpus):
+            raise ValueError(f"processesPerNode must equal gpus ({self.gpus}) on GPU nodes")
+        if self.zero_stage != "auto":
+            DeepSpeedSettings(zero_stage=self.zero_stage, offload=self.offload)
+        elif self.offload != "none":
+            raise ValueError("offload is chosen by zeroStage 'auto'; set a zeroStage to choose offload yourself")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return (self.processes_per_node or max(self.gpus, 1)) * self.nodes
+
+
+class ModelSpec(_Spec):
+    name: Annotated[str, _schema_name(MAX_SHORT_NAME),
+                    Field(description="short DNS-1123 name used in run names and labels")]
+    pretrained: Annotated[str, Field(min_length=1, max_length=512,
+                                     description="hub id or local directory of the pretrained encoder")]
+    display_name: str | None = None
+    parameters: Annotated[int | None, Field(ge=1, le=10**13)] = None
+    resources: ModelResources = ModelResources()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return dns_label(v, max_length=MAX_SHORT_NAME)
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained(cls, v: str) -> str:
+        if ".." in PurePosixPath(v).parts or any(c in v for c in "\n\r\0"):
+            raise ValueError(f"{v!r} is not a hub id or a plain path (no '..', no control characters)")
+        return v
+
+    @property
+    def parameter_count(self) -> int | None:
+        return self.parameters or KNOWN_PARAMETERS.get(self.pretrained)
+
+    @property
+    def label(self) -> str:
+        return self.display_name or self.name
+
+    @model_validator(mode="after")
+    def _fits(self) -> ModelSpec:
+        r = self.resources
+        if r.zero_stage == "auto" and r.gpus > 0:
+            if self.parameter_count is None:
+                raise ValueError(
+                    f"resources.zeroStage 'auto' needs the parameter count of {self.pretrained!r}:"
+                    " set parameters (e.g. 560000000) or a zeroStage of 0-3"
+                )
+            choose_deepspeed(self.parameter_count, r.gpu_memory_gb, r.world_size)
+        return self
+
+    def deepspeed(self) -> DeepSpeedSettings:
+        r = self.resources
+        if r.zero_stage != "auto":
+            return DeepSpeedSettings(zero_stage=r.zero_stage, offload=r.offload)
+        if r.gpus == 0 or self.parameter_count is None:
+            return DeepSpeedSettings()  # CPU: no memory pressure worth partitioning for
+        return choose_deepspeed(self.parameter_count, r.gpu_memory_gb, r.world_size)
+
+
+# --- tasks ------------------------------------------------------------------------------
+
+
+def _task_name(v: str, allowed: tuple[str, ...], what: str) -> str:
+    if v not in allowed:
+        hint = f" ({v!r} is a {'target' if v in TARGET_TASKS else 'intermediate'} task)" if v in TASKS else ""
+        raise ValueError(f"unknown {what} {v!r}{hint}; valid: {', '.join(allowed)}")
+    return v
+
+
+class MultiTaskGroup(_Spec):
+    """Several intermediate tasks trained at once: one encoder, one head per task."""
+
+    name: Annotated[str, _schema_name(MAX_SHORT_NAME)]
+    tasks: Annotated[list[Annotated[str, _schema_enum(INTERMEDIATE_TASKS)]], Field(min_length=2)]
+    sampling_temperature: Annotated[float | None, Field(ge=1, le=100)] = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if v == BASELINE:
+            raise ValueError("'baseline' is reserved: the no-intermediate baseline is always included")
+        return dns_label(v, max_length=MAX_SHORT_NAME)
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        for t in v:
+            _task_name(t, INTERMEDIATE_TASKS, "intermediate task")
+        if len(set(v)) != len(v):
+            raise ValueError(f"tasks {v} list a task twice; list each task once")
+        return v
+
+
+class HyperParameterOverrides(_Spec):
+    """A partial set of hyper-parameters: only the fields given replace the defaults."""
+
+    learning_rate: Annotated[float | None, Field(gt=0, le=1)] = None
+    batch_size: Annotated[int | None, Field(ge=1, le=65536)] = None
+    epochs: Annotated[float | None, Field(gt=0, le=1000)] = None
+    max_steps: Annotated[int | None, Field(ge=1)] = None
+    max_seq_length: Annotated[int | None, Field(ge=8, le=8192)] = None
+    warmup_ratio: Annotated[float | None, Field(ge=0, lt=1)] = None
+    weight_decay: Annotated[float | None, Field(ge=0, le=1)] = None
+    max_train_examples: Annotated[int | None, Field(ge=1)] = None
+    max_eval_examples: Annotated[int | None, Field(ge=1)] = None
+    sampling_temperature: Annotated[float | None, Field(ge=1, le=100)] = None
+
+    def apply(self, base: HyperParameters) -> HyperParameters:
+        changes = self.model_dump(exclude_none=True, by_alias=False)
+        return base.model_copy(update=changes) if changes else base
+
+
+# Stage defaults sit under the spec's own stage settings; max sequence length comes from the
+# task (SQuAD needs 384 tokens, NLI 128). Target defaults follow the XTREME XNLI/PAWS-X scripts.
+STAGE_DEFAULTS = {
+    "intermediate": HyperParameterOverrides(learning_rate=1e-5, batch_size=32, epochs=2, warmup_ratio=0.1),
+    "target": HyperParameterOverrides(learning_rate=2e-5, batch_size=32, epochs=5, warmup_ratio=0.1),
+}
+
+
+class HyperParameterSpec(_Spec):
+    """Built-in stage defaults, then these stage settings, then per model, then per task:
+    the most specific wins."""
+
+    intermediate: HyperParameterOverrides = HyperParameterOverrides()
+    target: HyperParameterOverrides = HyperParameterOverrides()
+    per_model: dict[str, HyperParameterOverrides] = Field(default_factory=dict)
+    per_task: dict[str, HyperParameterOverrides] = Field(default_factory=dict)
+
+    @field_validator("per_task")
+    @classmethod
+    def _known_tasks(cls, v: dict[str, HyperParameterOverrides]) -> dict[str, HyperParameterOverrides]:
+        for t in v:
+            _task_name(t, tuple(TASKS), "task")
+        return v
+
+
+# --- cluster ----------------------------------------------------------------------------
+
+
+class Toleration(_Spec):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class StorageSpec(_Spec):
+    """Where checkpoints and results live in the cluster: a PersistentVolumeClaim mounted
+    into every pod, or an object-store URI (s3://bucket/prefix)."""
+
+    pvc: str | None = None
+    mount_path: Annotated[str, Field(pattern=r"^/[A-Za-z0-9._/-]*$")] = "/data"
+    uri: Annotated[str | None, Field(pattern=r"^s3://[a-z0-9.-]{3,63}(/[A-Za-z0-9._/-]*)?$")] = None
+
+    @field_validator("pvc")
+    @classmethod
+    def _pvc(cls, v: str | None) -> str | None:
+        return None if v is None else dns_label(v, max_length=253)
+
+    @field_validator("mount_path", "uri")
+    @classmethod
+    def _no_traversal(cls, v: str | None) -> str | None:
+        if v is not None and ".." in v.split("/"):
+            raise ValueError(f"{v!r} contains '..'; give a path without '..'")
+        return v
+
+    @model_validator(mode="after")
+    def _one(self) -> StorageSpec:
+        if self.pvc and self.uri:
+            raise ValueError("give either pvc or uri, not both")
+        return self
+
+
+class SecretRefs(_Spec):
+    """Names of Secrets in the Experiment's namespace; never their values."""
+
+    hf_token: str | None = None
+    mlflow: str | None = None
+    s3: str | None = None
+
+    @field_validator("hf_token", "mlflow", "s3")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) > 253 or not SECRET_NAME.match(v)):
+            raise ValueError(f"{v!r} is not a Secret name (lowercase DNS-1123 subdomain); give the name, never the value")
+        return v
+
+
+class ClusterSpec(_Spec):
+    namespace: Annotated[str, _schema_name(63)] = "default"
+    image: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$", max_length=512)] = (
+        "ghcr.io/xstilts/trainer:0.1.0"
+    )
+    queue: str | None = None  # Kueue LocalQueue name
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    storage: StorageSpec = StorageSpec()
+    secrets: SecretRefs = SecretRefs()
+    max_parallel: Annotated[int, Field(ge=1, le=10000)] = 8
+    backoff_limit: Annotated[int, Field(ge=0, le=100)] = 3
+    active_deadline_seconds: Annotated[int | None, Field(ge=60)] = None
+    ttl_seconds_after_finished: Annotated[int | None, Field(ge=0)] = 86400
+
+    @field_validator("namespace")
+    @classmethod
+    def _ns(cls, v: str) -> str:
+        return dns_label(v)
+
+    @field_validator("queue")
+    @classmethod
+    def _queue(cls, v: str | None) -> str | None:
+        return None if v is None else dns_label(v)
+
+
+class MlflowSpec(_Spec):
+    tracking_uri: Annotated[str | None, Field(pattern=r"^(https?|file|sqlite|postgresql|databricks)[:+]")] = None
+    experiment_name: str | None = None  # default: the experiment's name
+
+
+class PlanningSpec(_Spec):
+    """Assumptions of the GPU-hour estimate, and a guard against accidental huge grids."""
+
+    # Sustained model FLOP/s per GPU (bf16), i.e. peak × utilisation.
+    assumed_tflops_per_gpu: Annotated[float, Field(gt=0, le=10000)] = 300.0
+    max_runs: Annotated[int, Field(ge=1, le=1_000_000)] = 2000
+
+
+# --- the experiment ---------------------------------------------------------------------
+
+
+class ExperimentSpec(_Spec):
+    """models × (baseline + intermediate tasks + multi-task groups) × targets × seeds."""
+
+    name: Annotated[str, _schema_name(MAX_EXPERIMENT_NAME)]
+    models: Annotated[list[ModelSpec], Field(min_length=1)]
+    intermediate_tasks: list[Annotated[str, _schema_enum(INTERMEDIATE_TASKS)]] = Field(default_factory=list)
+    multi_task_groups: list[MultiTaskGroup] = Field(default_factory=list)
+    targets: Annotated[list[Annotated[str, _schema_enum(TARGET_TASKS)]], Field(min_length=1)]
+    seeds: Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1)] = [1]
+    hyperparameters: HyperParameterSpec = HyperParameterSpec()
+    eval_languages: dict[str, list[str]] = Field(default_factory=dict)  # target -> subset
+    data: dict[str, str] = Field(default_factory=dict)  # task -> local data directory
+    cluster: ClusterSpec = ClusterSpec()
+    mlflow: MlflowSpec = MlflowSpec()
+    planning: PlanningSpec = PlanningSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return dns_label(v, max_length=MAX_EXPERIMENT_NAME)
+
+    @field_validator("intermediate_tasks")
+    @classmethod
+    def _intermediate(cls, v: list[str]) -> list[str]:
+        for t in v:
+            _task_name(t, INTERMEDIATE_TASKS, "intermediate task")
+        _no_duplicates(v, "intermediate task")
+        return v
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        for t in v:
+            _task_name(t, TARGET_TASKS, "target task")
+        _no_duplicates(v, "target")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        _no_duplicates(v, "seed")
+        return v
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, v: dict[str, str]) -> dict[str, str]:
+        for task, path in v.items():
+            _task_name(task, tuple(TASKS), "task")
+            if ".." in PurePosixPath(path).parts or not path or any(c in path for c in "\n\r\0"):
+                raise ValueError(f"data[{task}] {path!r} must be a plain path without '..'")
+        return v
+
+    @model_validator(mode="after")
+    def _grid(self) -> ExperimentSpec:
+        _no_duplicates([m.name for m in self.models], "model name")
+        _no_duplicates([g.name for g in self.multi_task_groups], "multi-task group name")
+        clash = set(self.intermediate_tasks) & {g.name for g in self.multi_task_groups}
+        if clash:
+            raise ValueError(f"multi-task group names {sorted(clash)} clash with intermediate task names; rename the groups")
+        for model in self.hyperparameters.per_model:
+            if model not in {m.name for m in self.models}:
+                raise ValueError(
+                    f"hyperparameters.perModel names model {model!r}, which is not in models"
+                    f" ({', '.join(m.name for m in self.models)})"
+                )
+        for target, languages in self.eval_languages.items():
+            if target not in self.targets:
+                raise ValueError(f"evalLanguages names {target!r}, which is not one of targets {self.targets}")
+            valid = TASKS[target].languages
+            bad = [lang for lang in languages if lang not in valid]
+            if bad or not languages:
+                raise ValueError(f"evalLanguages[{target}] {languages} must be a non-empty subset of {', '.join(valid)}")
+        if self.intermediate_tasks == [] and self.multi_task_groups == []:
+            pass  # a baseline-only experiment is a valid (if small) grid
+        runs = self.run_count
+        if runs > self.planning.max_runs:
+            raise ValueError(
+                f"the grid has {runs} runs, more than planning.maxRuns ({self.planning.max_runs});"
+                " shrink the grid or raise planning.maxRuns"
+            )
+        return self
+
+    @property
+    def intermediates(self) -> list[str]:
+        """Every intermediate arm except the baseline: single tasks, then groups."""
+        return [*self.intermediate_tasks, *(g.name for g in self.multi_task_groups)]
+
+    @property
+    def run_count(self) -> int:
+        n_models, n_seeds = len(self.models), len(self.seeds)
+        phase2 = n_models * len(self.intermediates) * n_seeds
+        phase3 = n_models * (len(self.intermediates) + 1) * len(self.targets) * n_seeds
+        return phase2 + phase3
+
+    def group(self, name: str) -> MultiTaskGroup | None:
+        return next((g for g in self.multi_task_groups if g.name == name), None)
+
+
+def _no_duplicates(values: list[Any], what: str) -> None:
+    dupes = [v for i, v in enumerate(values) if v in values[:i]]
+    if dupes:
+        raise ValueError(f"duplicate {what} {dupes[0]!r}; list each {what} once")
+
+
+# --- documents: bare spec or Kubernetes object --------------------------------------------
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str | None = None
+    namespace: str | None = None
+
+
+class ExperimentObject(BaseModel):
+    """`kind: Experiment` as `kubectl apply` sends it."""
+
+    model_config = ConfigDict(extra="forbid")
+    api_version: Literal["xstilts.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["Experiment"]
+    metadata: ObjectMeta = ObjectMeta()
+    spec: ExperimentSpec
+    status: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _names_agree(self) -> ExperimentObject:
+        if self.metadata.name and self.metadata.name != self.spec.name:
+            raise ValueError(
+                f"metadata.name {self.metadata.name!r} differs from spec.name {self.spec.name!r}; make them equal"
+            )
+        return self
+
+
+class SpecError(Exception):
+    """A spec that cannot be used, with one line per problem: `field.path: message (got value)`."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+def format_errors(error: ValidationError, prefix: str = "") -> list[str]:
+    lines = []
+    for e in error.errors():
+        path = prefix
+        for part in e["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"
+            elif part and not str(part).startswith(("function-", "tagged-union")):
+                path += f".{part}" if path else str(part)
+        message = e["msg"].removeprefix("Value error, ")
+        bad = e.get("input")
+        shown = "" if isinstance(bad, dict | list) or bad is None else f" (got {bad!r})"
+        if e["type"] == "extra_forbidden":
+            message = "unknown field; check its spelling against `xstilts crd` or the README"
+        if e["type"] == "missing":
+            shown = ""
+        lines.append(f"{path or '<spec>'}: {message}{shown}")
+    return lines
+
+
+def parse_document(document: Any, source: str = "<spec>") -> ExperimentSpec:
+    """A bare spec or an Experiment object → the spec, or SpecError listing every problem."""
+    if not isinstance(document, dict):
+        raise SpecError(source, [f"<document>: expected a mapping (YAML object), got {type(document).__name__}"])
+    try:
+        if "apiVersion" in document or "kind" in document:
+            if document.get("kind") != KIND or document.get("apiVersion") != API_VERSION:
+                raise SpecError(source, [
+                    f"apiVersion/kind: expected {API_VERSION} {KIND}, got"
+                    f" {document.get('apiVersion')!r} {document.get('kind')!r}"
+                ])
+            return ExperimentObject.model_validate(document).spec
+        return ExperimentSpec.model_validate(document)
+    except ValidationError as e:
+        raise SpecError(source, format_errors(e)) from None
+
+
+def load_spec_text(text: str, source: str = "<spec>") -> ExperimentSpec:
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(source, [f"<document>: not valid YAML: {e}"]) from None
+    return parse_document(document, source)
+
+
+def to_object(spec: ExperimentSpec, namespace: str | None = None) -> dict[str, Any]:
+    """The spec as an Experiment object for the API server."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": spec.name, "namespace": namespace or spec.cluster.namespace},
+        "spec": spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+    }

@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Build a real Kubernetes control plane from Go modules, for the tests.
+#
+#   etcd                     go.etcd.io/etcd/server/v3/etcdmain
+#   kube-apiserver           k8s.io/kubernetes/cmd/kube-apiserver/app
+#   kube-controller-manager  k8s.io/kubernetes/cmd/kube-controller-manager/app
+#   kube-scheduler           k8s.io/kubernetes/cmd/kube-scheduler/app
+#   kwok                     sigs.k8s.io/kwok/cmd/kwok (fake nodes; own module)
+#
+# The versions are pinned by scripts/control-plane/go.mod and
+# scripts/control-plane/kwok/go.mod (+ go.sum). The binaries are cached outside
+# the repository in
+#
+#   ${XSTILTS_K8S_CACHE:-$HOME/.cache/xstilts/control-plane}/<versions-hash>/bin/
+#
+# where <versions-hash> covers the module files, the main packages, the Go
+# toolchain and the build flags. When the binaries are already there the script
+# does nothing. The last line it prints (stdout) is always the bin directory;
+# progress goes to stderr.
+#
+# Options (environment):
+#   XSTILTS_K8S_CACHE   cache root (default ~/.cache/xstilts/control-plane)
+#   XSTILTS_K8S_JOBS    parallel compile jobs, go build -p (default: CPU count, at most 4)
+#   --print-dir         (argument) print the bin directory without building
+#   --check             (argument) exit 0 if built, 1 if not; prints the bin directory
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+src="${here}/control-plane"
+cache_root="${XSTILTS_K8S_CACHE:-${HOME}/.cache/xstilts/control-plane}"
+binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
+
+mode=build
+case "${1:-}" in
+  "") ;;
+  --print-dir) mode=print ;;
+  --check) mode=check ;;
+  -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "unknown argument: $1" >&2; exit 2 ;;
+esac
+
+command -v go >/dev/null || { echo "go is required (https://go.dev/dl/)" >&2; exit 1; }
+
+log() { printf '[build-control-plane] %s\n' "$*" >&2; }
+
+# Build flags. Kept in one place: they are part of the cache key.
+export CGO_ENABLED=0
+export GOFLAGS="-mod=readonly"
+jobs="${XSTILTS_K8S_JOBS:-$(n=$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2); echo $(( n > 4 ? 4 : n )))}"
+build_flags=(-trimpath -p "${jobs}")
+
+mod_version() { # module path -> version from the build list of the module in $1
+  (cd "$1" && go list -m -f '{{if .Replace}}{{.Replace.Version}}{{else}}{{.Version}}{{end}}' "$2")
+}
+
+# ---- cache key -------------------------------------------------------------
+key_inputs() {
+  go env GOVERSION GOOS GOARCH
+  echo "CGO_ENABLED=${CGO_ENABLED} flags=-trimpath ldflags=-s -w +version-stamps format=1"
+  (cd "${src}" && find . -name go.mod -o -name go.sum -o -name '*.go' | LC_ALL=C sort \
+     | while read -r f; do echo "${f}"; cat "${f}"; done)
+}
+hash="$(key_inputs | sha256sum | cut -c1-16)"
+dest="${cache_root}/${hash}"
+bin="${dest}/bin"
+
+have_all() {
+  local b
+  for b in "${binaries[@]}"; do [[ -x "${bin}/${b}" ]] || return 1; done
+}
+
+case "${mode}" in
+  print) echo "${bin}"; exit 0 ;;
+  check) echo "${bin}"; have_all; exit $? ;;
+esac
+
+if have_all; then
+  log "already built"
+  echo "${bin}"
+  exit 0
+fi
+
+mkdir -p "${dest}"
+# One build at a time per cache key (parallel test runs may race here).
+exec 9>"${dest}/.lock"
+if command -v flock >/dev/null; then
+  flock 9
+fi
+if have_all; then
+  log "already built (by a concurrent run)"
+  echo "${bin}"
+  exit 0
+fi
+
+k8s_version="$(mod_version "${src}" k8s.io/kubernetes)"
+etcd_version="$(mod_version "${src}" go.etcd.io/etcd/server/v3)"
+kwok_version="$(mod_version "${src}/kwok" sigs.k8s.io/kwok)"
+k8s_minor="$(echo "${k8s_version}" | sed -E 's/^v[0-9]+\.([0-9]+).*/\1/')"
+
+tmp="${dest}/bin.tmp.$$"
+rm -rf "${tmp}"
+mkdir -p "${tmp}"
+trap 'rm -rf "${tmp}"' EXIT
+
+start=$(date +%s)
+log "kubernetes ${k8s_version}, etcd ${etcd_version}, kwok ${kwok_version}; go build -p ${jobs}"
+log "output: ${bin}"
+
+vpkg=k8s.io/component-base/version
+cpkg=k8s.io/client-go/pkg/version
+k8s_ldflags="-s -w"
+for p in "${vpkg}" "${cpkg}"; do
+  k8s_ldflags+=" -X ${p}.gitVersion=${k8s_version} -X ${p}.gitMajor=1 -X ${p}.gitMinor=${k8s_minor}"
+  k8s_ldflags+=" -X ${p}.gitTreeState=clean"
+done
+
+log "building etcd, kube-apiserver, kube-controller-manager, kube-scheduler ..."
+(cd "${src}" && go build "${build_flags[@]}" -ldflags="${k8s_ldflags}" -o "${tmp}/" ./cmd/...)
+
+log "building kwok ..."
+kv="${kwok_version#v}"
+(cd "${src}/kwok" && go build "${build_flags[@]}" \
+   -ldflags="-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${kv}" \
+   -o "${tmp}/kwok" sigs.k8s.io/kwok/cmd/kwok)
+
+for b in "${binaries[@]}"; do
+  [[ -x "${tmp}/${b}" ]] || { log "missing ${b} after build"; exit 1; }
+done
+
+cat > "${tmp}/VERSIONS" <<EOF
+kubernetes ${k8s_version}
+etcd ${etcd_version}
+kwok ${kwok_version}
+$(go env GOVERSION) $(go env GOOS)/$(go env GOARCH)
+EOF
+
+rm -rf "${bin}"
+mv "${tmp}" "${bin}"
+trap - EXIT
+log "built in $(( $(date +%s) - start ))s"
+echo "${bin}"

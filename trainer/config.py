@@ -1,0 +1,321 @@
+"""RunConfig: the whole contract between the operator (which plans runs) and the trainer
+(which executes one). Also the record a finished run leaves behind (RunResult) and the exit
+codes the cluster layer acts on.
+
+This module must not import torch: the controller image imports it to plan and render runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from enum import Enum, IntEnum
+from pathlib import PurePosixPath
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+RUN_ID_LENGTH = 12
+RESULT_FILE = "result.json"
+CHECKPOINT_DIR = "checkpoint"
+RUNS_DIR = "runs"
+
+
+class ExitCode(IntEnum):
+    """Trainer exit codes. The Job's podFailurePolicy maps INVALID to FailJob (never retry);
+    INTERRUPTED (SIGTERM: preemption, node drain) is retried and resumes from a checkpoint."""
+
+    OK = 0
+    INVALID = 42
+    INTERRUPTED = 75  # EX_TEMPFAIL
+
+
+class Stage(str, Enum):
+    INTERMEDIATE = "intermediate"
+    TARGET = "target"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HyperParameters(_Frozen):
+    """Optimisation settings of one run. `batch_size` is the global batch: examples per
+    optimizer step summed over all processes and accumulation steps, so that a result does
+    not depend on how many GPUs computed it."""
+
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-5
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = 32
+    epochs: Annotated[float, Field(gt=0, le=1000)] = 3.0
+    max_steps: Annotated[int | None, Field(ge=1)] = None  # overrides epochs when set
+    max_seq_length: Annotated[int, Field(ge=8, le=8192)] = 128
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.01
+    max_train_examples: Annotated[int | None, Field(ge=1)] = None  # cap on the training set
+    max_eval_examples: Annotated[int | None, Field(ge=1)] = None  # cap per evaluation split
+    # Multi-task runs draw each batch's task with probability ∝ n_task^(1/T):
+    # T=1 is proportional sampling, large T tends to uniform.
+    sampling_temperature: Annotated[float, Field(ge=1, le=100)] = 1.0
+
+
+OffloadMode = Literal["none", "optimizer", "all"]
+
+
+class DeepSpeedSettings(_Frozen):
+    zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
+    offload: OffloadMode = "none"
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> DeepSpeedSettings:
+        if self.offload == "optimizer" and self.zero_stage < 1:
+            raise ValueError(
+                "offload 'optimizer' needs zero_stage 1, 2 or 3 (ZeRO-0 keeps the optimizer on the"
+                " GPU); raise zero_stage or set offload 'none'"
+            )
+        if self.offload == "all" and self.zero_stage != 3:
+            raise ValueError(
+                "offload 'all' (parameters and optimizer) needs zero_stage 3; set zero_stage 3"
+                " or offload 'optimizer'"
+            )
+        return self
+
+
+class Resources(_Frozen):
+    """Where one run executes. `processes_per_node` defaults to the GPU count (one process per
+    GPU), or 1 on CPU; on CPU it may be raised to exercise DeepSpeed with several ranks."""
+
+    gpus_per_node: Annotated[int, Field(ge=0, le=16)] = 0
+    nodes: Annotated[int, Field(ge=1, le=512)] = 1
+    processes_per_node: Annotated[int | None, Field(ge=1, le=64)] = None
+    micro_batch_size: Annotated[int | None, Field(ge=1, le=4096)] = None  # None: derived
+
+    @model_validator(mode="after")
+    def _multi_node_needs_gpus(self) -> Resources:
+        if self.nodes > 1 and self.gpus_per_node == 0:
+            raise ValueError("nodes > 1 needs gpus_per_node >= 1: multi-node CPU runs are not supported")
+        if self.gpus_per_node and self.processes_per_node not in (None, self.gpus_per_node):
+            raise ValueError(
+                f"processes_per_node must equal gpus_per_node ({self.gpus_per_node}) on GPU nodes:"
+                " one process drives one GPU"
+            )
+        return self
+
+    @property
+    def procs_per_node(self) -> int:
+        return self.processes_per_node or max(self.gpus_per_node, 1)
+
+    @property
+    def world_size(self) -> int:
+        return self.procs_per_node * self.nodes
+
+
+class TrackingConfig(_Frozen):
+    """MLflow target. No URI means a local store beside the run's results."""
+
+    tracking_uri: str | None = None
+    experiment_name: str = "xstilts"
+    parent_run_id: str | None = None  # the experiment's MLflow parent run, when known
+
+
+class RunLabels(_Frozen):
+    """Where this run sits in the experiment grid; names for humans, reports and labels.
+    Not part of the run's identity."""
+
+    experiment: str
+    model: str
+    intermediate: str  # a task name, a multi-task group name, or "baseline"
+    target: str | None = None  # None for an intermediate run
+    model_parameters: int | None = None
+
+
+ModelSource = Annotated[str, Field(min_length=1, max_length=512)]
+
+
+class RunConfig(_Frozen):
+    """Everything one training run needs. Serialised to RUN.json for
+    `python -m xstilts.trainer RUN.json`."""
+
+    model: ModelSource  # hub id ("FacebookAI/xlm-roberta-large") or a local directory
+    stage: Stage
+    tasks: Annotated[tuple[str, ...], Field(min_length=1)]
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    hyperparameters: HyperParameters = HyperParameters()
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # Phase 3 starts from its phase-2 run's checkpoint; None starts from `model`.
+    init_from_run: str | None = None
+    eval_languages: tuple[str, ...] = ()  # empty: every language the target task has
+    deepspeed: DeepSpeedSettings = DeepSpeedSettings()
+    resources: Resources = Resources()
+    storage_root: Annotated[str, Field(min_length=1)] = "xstilts-out"
+    task_data: dict[str, str] = Field(default_factory=dict)  # task -> local data directory
+    tracking: TrackingConfig = TrackingConfig()
+    labels: RunLabels | None = None
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_distinct_tasks(cls, tasks: tuple[str, ...]) -> tuple[str, ...]:
+        from xstilts.trainer.tasks import TASKS, unknown_task_message
+
+        for name in tasks:
+            if name not in TASKS:
+                raise ValueError(unknown_task_message(name))
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"tasks {list(tasks)} repeat a task; list each task once")
+        return tasks
+
+    @field_validator("storage_root")
+    @classmethod
+    def _no_traversal(cls, root: str) -> str:
+        if ".." in PurePosixPath(root.split("://", 1)[-1]).parts:
+            raise ValueError(f"storage_root {root!r} contains '..'; give a path without '..'")
+        return root
+
+    @model_validator(mode="after")
+    def _stage_rules(self) -> RunConfig:
+        from xstilts.trainer.tasks import TASKS
+
+        if self.stage is Stage.TARGET:
+            if len(self.tasks) != 1:
+                raise ValueError("a target run trains exactly one task; multi-task is for intermediate runs")
+            task = TASKS[self.tasks[0]]
+            if not task.is_target:
+                raise ValueError(
+                    f"task {task.name!r} is not a target task; targets are:"
+                    f" {', '.join(sorted(n for n, t in TASKS.items() if t.is_target))}"
+                )
+            bad = [lang for lang in self.eval_languages if lang not in task.languages]
+            if bad:
+                raise ValueError(
+                    f"eval_languages {bad} are not languages of {task.name}; it has"
+                    f" {', '.join(task.languages)}"
+                )
+        else:
+            if self.init_from_run is not None:
+                raise ValueError("an intermediate run starts from the pretrained model: drop init_from_run")
+            if self.eval_languages:
+                raise ValueError("eval_languages is for target runs only")
+        for name in self.task_data:
+            if name not in self.tasks:
+                raise ValueError(f"task_data names {name!r}, which is not one of this run's tasks {list(self.tasks)}")
+        return self
+
+    # --- identity -------------------------------------------------------------------------
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine the run's result. Output locations, resources, tracking
+        and labels are left out: the same run requested twice, anywhere, has the same id."""
+        return self.model_dump(
+            mode="json",
+            include={"model", "stage", "tasks", "seed", "hyperparameters", "precision",
+                     "init_from_run", "eval_languages"},
+        )
+
+    @property
+    def run_id(self) -> str:
+        return run_id_of(self.identity())
+
+    # --- locations ------------------------------------------------------------------------
+
+    @property
+    def run_dir(self) -> str:
+        return run_dir(self.storage_root, self.run_id)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return f"{self.run_dir}/{CHECKPOINT_DIR}"
+
+    @property
+    def result_path(self) -> str:
+        return f"{self.run_dir}/{RESULT_FILE}"
+
+    @property
+    def init_checkpoint_dir(self) -> str | None:
+        if self.init_from_run is None:
+            return None
+        return f"{run_dir(self.storage_root, self.init_from_run)}/{CHECKPOINT_DIR}"
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+def run_id_of(identity: dict[str, Any]) -> str:
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:RUN_ID_LENGTH]
+
+
+def run_dir(storage_root: str, run_id: str) -> str:
+    return f"{storage_root.rstrip('/')}/{RUNS_DIR}/{run_id}"
+
+
+# --- ZeRO stage from memory ----------------------------------------------------------------
+
+# Mixed-precision Adam holds 16 bytes per parameter: bf16 weights (2) and gradients (2), fp32
+# master weights (4) and two fp32 moments (8). ZeRO partitions the optimizer state (stage 1),
+# then gradients (2), then weights (3) across the data-parallel ranks.
+BYTES_PER_PARAMETER = 16
+# Share of GPU memory that model states may take; the rest is for activations and buffers.
+MODEL_STATE_SHARE = 0.6
+
+
+def model_state_bytes_per_gpu(parameters: int, world_size: int, zero_stage: int,
+                              offload: OffloadMode = "none") -> float:
+    n, g = float(parameters), float(world_size)
+    if offload == "all":
+        return 0.0 + 2 * n / g  # only the gathered working copy of one layer and bf16 grads
+    if offload == "optimizer":
+        weights = 2 * n / g if zero_stage == 3 else 2 * n
+        grads = 2 * n / g if zero_stage >= 2 else 2 * n
+        return weights + grads
+    if zero_stage == 0:
+        return 16 * n
+    if zero_stage == 1:
+        return 4 * n + 12 * n / g
+    if zero_stage == 2:
+        return 2 * n + 14 * n / g
+    return 16 * n / g
+
+
+def choose_deepspeed(parameters: int, gpu_memory_gb: float, world_size: int) -> DeepSpeedSettings:
+    """The least partitioned setting whose model states fit: ZeRO-0 (plain DDP), ZeRO-2,
+    ZeRO-3, then ZeRO-3 with optimizer offload, then with parameter offload too."""
+    budget = gpu_memory_gb * 2**30 * MODEL_STATE_SHARE
+    candidates: list[tuple[int, OffloadMode]] = [
+        (0, "none"), (2, "none"), (3, "none"), (3, "optimizer"), (3, "all"),
+    ]
+    for stage, offload in candidates:
+        if model_state_bytes_per_gpu(parameters, world_size, stage, offload) <= budget:
+            return DeepSpeedSettings(zero_stage=stage, offload=offload)
+    need = math.ceil(model_state_bytes_per_gpu(parameters, world_size, 3, "all") / 2**30)
+    raise ValueError(
+        f"{parameters:,} parameters do not fit on {world_size} GPU(s) of {gpu_memory_gb:g} GB even"
+        f" with ZeRO-3 and full CPU offload (about {need} GB of model state per GPU against"
+        f" {MODEL_STATE_SHARE:.0%} of memory); add GPUs or nodes"
+    )
+
+
+# --- the record of a finished run ----------------------------------------------------------
+
+
+class RunResult(BaseModel):
+    """result.json, written atomically next to the checkpoint when a run succeeds. It is the
+    record of what happened; MLflow is a view that can be rebuilt from it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str
+    config: RunConfig
+    status: Literal["succeeded"] = "succeeded"
+    # Flat metric names: "dev.accuracy", "xnli.test.accuracy.de", "xnli.test.accuracy.avg"...
+    metrics: dict[str, float]
+    # Per-language test metrics of a target run: {"de": {"accuracy": 0.71}, ...}
+    languages: dict[str, dict[str, float]] = Field(default_factory=dict)
+    primary_metric: str = "accuracy"
+    parameter_count: int
+    tokens_seen: int
+    train_steps: int
+    wall_seconds: float
+    tokens_per_second: float
+    finished_at: str  # ISO 8601, UTC
+    mlflow_run_id: str | None = None
+    versions: dict[str, str] = Field(default_factory=dict)
