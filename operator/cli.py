@@ -12,11 +12,11 @@ import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
-
-from xstilts import __version__
 from xstilts.operator.crd import crd as make_crd
 from xstilts.operator.plan import Plan, PlannedRun, plan
 from xstilts.operator.spec import ExperimentSpec, SpecError, load_spec_text
+
+from xstilts import __version__
 
 EXIT_INVALID = 2
 
@@ -39,7 +39,7 @@ def load_spec(path: Path) -> ExperimentSpec:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        err.print(f"[red]error:[/red] cannot read {path}: {e.strerror or e}")
+        err.print(f"[red]error:[/red] cannot read {path}: {e.strerror or e}", soft_wrap=True)
         raise typer.Exit(EXIT_INVALID) from None
     try:
         return load_spec_text(text, str(path))
@@ -49,9 +49,9 @@ def load_spec(path: Path) -> ExperimentSpec:
 
 
 def print_spec_error(e: SpecError) -> None:
-    err.print(f"[red]{e.source}: {len(e.problems)} problem(s)[/red]")
+    err.print(f"[red]{e.source}: {len(e.problems)} problem(s)[/red]", soft_wrap=True)
     for line in e.problems:
-        err.print(f"  - {line}", markup=False, highlight=False)
+        err.print(f"  - {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _version(value: bool) -> None:

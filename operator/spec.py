@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -21,7 +22,6 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
-
 from xstilts.trainer.config import (
     DeepSpeedSettings,
     HyperParameters,
@@ -51,6 +51,27 @@ def _schema_name(max_length: int) -> Any:
 
 def _schema_enum(values: tuple[str, ...]) -> Any:
     return Field(json_schema_extra={"enum": list(values)})
+
+
+def _intermediate_name(v: str) -> str:
+    return _task_name(v, INTERMEDIATE_TASKS, "intermediate task")
+
+
+def _target_name(v: str) -> str:
+    return _task_name(v, TARGET_TASKS, "target task")
+
+
+IntermediateTaskName = Annotated[str, AfterValidator(_intermediate_name), _schema_enum(INTERMEDIATE_TASKS)]
+TargetTaskName = Annotated[str, AfterValidator(_target_name), _schema_enum(TARGET_TASKS)]
+
+
+class FieldError(ValueError):
+    """A cross-field problem found by a model validator, pinned to the field to fix (pydantic
+    would otherwise report it at the model's own path)."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(message)
 
 
 def dns_label(value: str, *, max_length: int = 63) -> str:
@@ -97,13 +118,17 @@ class ModelResources(_Spec):
     @model_validator(mode="after")
     def _consistent(self) -> ModelResources:
         if self.nodes > 1 and self.gpus == 0:
-            raise ValueError("nodes > 1 needs gpus >= 1: multi-node CPU runs are not supported")
+            raise FieldError("nodes", "nodes > 1 needs gpus >= 1: multi-node CPU runs are not supported")
         if self.gpus and self.processes_per_node not in (None, self.gpus):
-            raise ValueError(f"processesPerNode must equal gpus ({self.gpus}) on GPU nodes")
+            raise FieldError("processesPerNode", f"processesPerNode must equal gpus ({self.gpus}) on GPU nodes")
         if self.zero_stage != "auto":
-            DeepSpeedSettings(zero_stage=self.zero_stage, offload=self.offload)
+            try:
+                DeepSpeedSettings(zero_stage=self.zero_stage, offload=self.offload)
+            except ValidationError as e:
+                raise FieldError("offload", e.errors()[0]["msg"].removeprefix("Value error, ")) from None
         elif self.offload != "none":
-            raise ValueError("offload is chosen by zeroStage 'auto'; set a zeroStage to choose offload yourself")
+            raise FieldError("offload",
+                             "offload is chosen by zeroStage 'auto'; set a zeroStage to choose offload yourself")
         return self
 
     @property
@@ -145,11 +170,14 @@ class ModelSpec(_Spec):
         r = self.resources
         if r.zero_stage == "auto" and r.gpus > 0:
             if self.parameter_count is None:
-                raise ValueError(
+                raise FieldError("parameters",
                     f"resources.zeroStage 'auto' needs the parameter count of {self.pretrained!r}:"
                     " set parameters (e.g. 560000000) or a zeroStage of 0-3"
                 )
-            choose_deepspeed(self.parameter_count, r.gpu_memory_gb, r.world_size)
+            try:
+                choose_deepspeed(self.parameter_count, r.gpu_memory_gb, r.world_size)
+            except ValueError as e:
+                raise FieldError("resources", str(e)) from None
         return self
 
     def deepspeed(self) -> DeepSpeedSettings:
@@ -175,7 +203,7 @@ class MultiTaskGroup(_Spec):
     """Several intermediate tasks trained at once: one encoder, one head per task."""
 
     name: Annotated[str, _schema_name(MAX_SHORT_NAME)]
-    tasks: Annotated[list[Annotated[str, _schema_enum(INTERMEDIATE_TASKS)]], Field(min_length=2)]
+    tasks: Annotated[list[IntermediateTaskName], Field(min_length=2)]
     sampling_temperature: Annotated[float | None, Field(ge=1, le=100)] = None
 
     @field_validator("name")
@@ -188,8 +216,6 @@ class MultiTaskGroup(_Spec):
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, v: list[str]) -> list[str]:
-        for t in v:
-            _task_name(t, INTERMEDIATE_TASKS, "intermediate task")
         if len(set(v)) != len(v):
             raise ValueError(f"tasks {v} list a task twice; list each task once")
         return v
@@ -288,7 +314,8 @@ class SecretRefs(_Spec):
     @classmethod
     def _name(cls, v: str | None) -> str | None:
         if v is not None and (len(v) > 253 or not SECRET_NAME.match(v)):
-            raise ValueError(f"{v!r} is not a Secret name (lowercase DNS-1123 subdomain); give the name, never the value")
+            raise ValueError(
+                f"{v!r} is not a Secret name (lowercase DNS-1123 subdomain); give the name, never the value")
         return v
 
 
@@ -339,9 +366,9 @@ class ExperimentSpec(_Spec):
 
     name: Annotated[str, _schema_name(MAX_EXPERIMENT_NAME)]
     models: Annotated[list[ModelSpec], Field(min_length=1)]
-    intermediate_tasks: list[Annotated[str, _schema_enum(INTERMEDIATE_TASKS)]] = Field(default_factory=list)
+    intermediate_tasks: list[IntermediateTaskName] = Field(default_factory=list)
     multi_task_groups: list[MultiTaskGroup] = Field(default_factory=list)
-    targets: Annotated[list[Annotated[str, _schema_enum(TARGET_TASKS)]], Field(min_length=1)]
+    targets: Annotated[list[TargetTaskName], Field(min_length=1)]
     seeds: Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1)] = [1]
     hyperparameters: HyperParameterSpec = HyperParameterSpec()
     eval_languages: dict[str, list[str]] = Field(default_factory=dict)  # target -> subset
@@ -358,16 +385,12 @@ class ExperimentSpec(_Spec):
     @field_validator("intermediate_tasks")
     @classmethod
     def _intermediate(cls, v: list[str]) -> list[str]:
-        for t in v:
-            _task_name(t, INTERMEDIATE_TASKS, "intermediate task")
         _no_duplicates(v, "intermediate task")
         return v
 
     @field_validator("targets")
     @classmethod
     def _targets(cls, v: list[str]) -> list[str]:
-        for t in v:
-            _task_name(t, TARGET_TASKS, "target task")
         _no_duplicates(v, "target")
         return v
 
@@ -388,29 +411,30 @@ class ExperimentSpec(_Spec):
 
     @model_validator(mode="after")
     def _grid(self) -> ExperimentSpec:
-        _no_duplicates([m.name for m in self.models], "model name")
-        _no_duplicates([g.name for g in self.multi_task_groups], "multi-task group name")
+        _no_duplicates([m.name for m in self.models], "model name", "models")
+        # Run ids hash what determines a result, so one checkpoint listed twice would be one run.
+        _no_duplicates([m.pretrained for m in self.models], "pretrained model", "models")
+        _no_duplicates([g.name for g in self.multi_task_groups], "multi-task group name", "multiTaskGroups")
         clash = set(self.intermediate_tasks) & {g.name for g in self.multi_task_groups}
         if clash:
-            raise ValueError(f"multi-task group names {sorted(clash)} clash with intermediate task names; rename the groups")
+            raise FieldError("multiTaskGroups",
+                             f"group names {sorted(clash)} clash with intermediate task names; rename the groups")
         for model in self.hyperparameters.per_model:
             if model not in {m.name for m in self.models}:
-                raise ValueError(
-                    f"hyperparameters.perModel names model {model!r}, which is not in models"
-                    f" ({', '.join(m.name for m in self.models)})"
+                raise FieldError(f"hyperparameters.perModel.{model}",
+                    f"names model {model!r}, which is not in models ({', '.join(m.name for m in self.models)})"
                 )
         for target, languages in self.eval_languages.items():
             if target not in self.targets:
-                raise ValueError(f"evalLanguages names {target!r}, which is not one of targets {self.targets}")
+                raise FieldError(f"evalLanguages.{target}", f"{target!r} is not one of targets {self.targets}")
             valid = TASKS[target].languages
             bad = [lang for lang in languages if lang not in valid]
             if bad or not languages:
-                raise ValueError(f"evalLanguages[{target}] {languages} must be a non-empty subset of {', '.join(valid)}")
-        if self.intermediate_tasks == [] and self.multi_task_groups == []:
-            pass  # a baseline-only experiment is a valid (if small) grid
+                raise FieldError(f"evalLanguages.{target}",
+                                 f"{languages} must be a non-empty subset of {', '.join(valid)}")
         runs = self.run_count
         if runs > self.planning.max_runs:
-            raise ValueError(
+            raise FieldError("planning.maxRuns",
                 f"the grid has {runs} runs, more than planning.maxRuns ({self.planning.max_runs});"
                 " shrink the grid or raise planning.maxRuns"
             )
@@ -432,10 +456,11 @@ class ExperimentSpec(_Spec):
         return next((g for g in self.multi_task_groups if g.name == name), None)
 
 
-def _no_duplicates(values: list[Any], what: str) -> None:
+def _no_duplicates(values: list[Any], what: str, path: str | None = None) -> None:
     dupes = [v for i, v in enumerate(values) if v in values[:i]]
     if dupes:
-        raise ValueError(f"duplicate {what} {dupes[0]!r}; list each {what} once")
+        message = f"duplicate {what} {dupes[0]!r}; list each {what} once"
+        raise FieldError(path, message) if path else ValueError(message)
 
 
 # --- documents: bare spec or Kubernetes object --------------------------------------------
@@ -484,6 +509,9 @@ def format_errors(error: ValidationError, prefix: str = "") -> list[str]:
                 path += f"[{part}]"
             elif part and not str(part).startswith(("function-", "tagged-union")):
                 path += f".{part}" if path else str(part)
+        cause = e.get("ctx", {}).get("error")
+        if isinstance(cause, FieldError):
+            path = f"{path}.{cause.path}" if path else cause.path
         message = e["msg"].removeprefix("Value error, ")
         bad = e.get("input")
         shown = "" if isinstance(bad, dict | list) or bad is None else f" (got {bad!r})"

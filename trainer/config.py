@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from enum import Enum, IntEnum
+from enum import IntEnum, StrEnum
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
@@ -31,7 +31,7 @@ class ExitCode(IntEnum):
     INTERRUPTED = 75  # EX_TEMPFAIL
 
 
-class Stage(str, Enum):
+class Stage(StrEnum):
     INTERMEDIATE = "intermediate"
     TARGET = "target"
 

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 Row = Mapping[str, Any]
 Example = dict[str, Any]
 
 
-class Format(str, Enum):
+class Format(StrEnum):
     CLASSIFICATION = "classification"
     MULTIPLE_CHOICE = "multiple_choice"
     SPAN_QA = "span_qa"
