@@ -1,0 +1,466 @@
+"""render: one planned run → the Kubernetes objects that execute it (pure).
+
+For each run, in the order they should be created:
+
+1. a ConfigMap holding ``run.json`` (the run's RunConfig, with ``storage_root`` pointing into
+   the pod's storage), mounted read-only at ``/etc/xstilts/run.json``;
+2. for multi-node runs only, a headless Service named like the Job, so that pod ``i`` of the
+   Indexed Job is reachable as ``<job>-<i>.<job>`` and torchrun's static rendezvous finds
+   rank 0 at ``<job>-0.<job>``;
+3. the ``batch/v1`` Job.
+
+All three share the Job's name (derived from the run id by `job_name`), the run's labels and,
+when an owner is given, an ownerReference to the Experiment, so deleting the Experiment
+garbage-collects everything.
+
+The container never runs a shell: its command is an exec array of fixed words plus values
+that the spec validates (GPU counts, the Job's own name). Credentials appear only as Secret
+references. Nothing here reads a clock or the API: the same inputs give the same objects.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from xstilts.operator.plan import Plan, PlannedRun
+from xstilts.operator.spec import ExperimentSpec
+from xstilts.trainer.config import ExitCode, RunConfig
+
+# --- names and labels --------------------------------------------------------------------
+
+LABEL_PREFIX = "xstilts.dev/"
+EXPERIMENT_LABEL = "xstilts.dev/experiment"
+RUN_ID_LABEL = "xstilts.dev/run-id"
+STAGE_LABEL = "xstilts.dev/stage"
+MODEL_LABEL = "xstilts.dev/model"
+INTERMEDIATE_LABEL = "xstilts.dev/intermediate"
+TARGET_LABEL = "xstilts.dev/target"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "xstilts"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# An intermediate run has no target; the label still exists so that `-L xstilts.dev/target`
+# and selectors such as `xstilts.dev/target=none` work uniformly.
+NO_TARGET = "none"
+
+# Indexed Job pods get the hostname `<job>-<index>`, which must itself be a DNS label
+# (≤ 63): with at most 512 nodes the index takes up to 3 digits and a dash.
+MAX_JOB_NAME = 59
+MAX_LABEL_VALUE = 63
+
+_NOT_DNS = re.compile(r"[^a-z0-9-]+")
+_NOT_LABEL_VALUE = re.compile(r"[^A-Za-z0-9._-]+")
+
+# --- in-pod layout -----------------------------------------------------------------------
+
+CONTAINER_NAME = "trainer"
+RUN_CONFIG_KEY = "run.json"
+RUN_CONFIG_DIR = "/etc/xstilts"
+RUN_CONFIG_PATH = f"{RUN_CONFIG_DIR}/{RUN_CONFIG_KEY}"
+# Used when the spec names no storage: the runs PVC that k8s/ overlays create.
+DEFAULT_RUNS_PVC = "xstilts-runs"
+RENDEZVOUS_PORT = 29500
+RUN_AS_USER = 1000
+# Long enough for a ZeRO-3 checkpoint of a 10B model (optimizer state included) to reach
+# shared storage after SIGTERM; the trainer then exits with ExitCode.INTERRUPTED.
+TERMINATION_GRACE_SECONDS = 300
+GPU_RESOURCE = "nvidia.com/gpu"
+# /dev/shm is memory-backed and counts against the container's memory limit. DataLoader
+# workers pass batches through it and NCCL keeps its buffers there: a quarter of the pod's
+# memory, at most 16 GiB per process, is plenty for both and leaves the rest for the model.
+SHM_SHARE = 4
+SHM_MAX_PER_PROCESS = 16 * 2**30
+# The Job controller sets this annotation on each pod of an Indexed Job.
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+# Secret conventions (documented in k8s/README.md): the HF token Secret has a key `token`;
+# the MLflow and S3 Secrets hold environment variables as keys (MLFLOW_TRACKING_USERNAME,
+# MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN; AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+# optionally AWS_ENDPOINT_URL) and are loaded whole with envFrom.
+HF_TOKEN_KEY = "token"
+
+
+class OwnerRef(BaseModel):
+    """The Experiment that owns a run's objects; deleting it cascades to them."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")
+
+    api_version: str = Field(alias="apiVersion")
+    kind: str
+    name: str
+    uid: str
+
+    @classmethod
+    def of(cls, obj: dict[str, Any]) -> OwnerRef:
+        """The reference to an object as the API returned it (needs metadata.uid)."""
+        meta = obj.get("metadata") or {}
+        return cls(apiVersion=obj["apiVersion"], kind=obj["kind"], name=meta["name"], uid=meta["uid"])
+
+    def to_k8s(self) -> dict[str, Any]:
+        return {
+            "apiVersion": self.api_version,
+            "kind": self.kind,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def job_name(experiment: str, run_id: str) -> str:
+    """`<experiment>-<run id>`: stable, unique per run, a DNS-1035 label of at most 59
+    characters (so it also names a Service and leaves room for Indexed Job hostnames).
+
+    The run id (a hex hash) is always kept whole; a long or odd experiment name is
+    lower-cased, stripped of invalid characters and shortened instead. A name that would not
+    start with a letter (Services need one) gets an `x-` prefix."""
+    rid = _NOT_DNS.sub("-", run_id.lower()).strip("-")
+    if not rid:
+        raise ValueError(f"run id {run_id!r} has no letters or digits; a Job name cannot be derived from it")
+    prefix = _NOT_DNS.sub("-", experiment.lower()).strip("-")
+    if not prefix[:1].isalpha():
+        prefix = f"x-{prefix}".rstrip("-")
+    room = MAX_JOB_NAME - len(rid) - 1
+    if room < 1:
+        return f"x-{rid[: MAX_JOB_NAME - 2]}".rstrip("-")
+    prefix = prefix[:room].rstrip("-")
+    return f"{prefix}-{rid}"
+
+
+def label_value(value: str) -> str:
+    """A valid label value: at most 63 characters of [A-Za-z0-9._-], starting and ending
+    with a letter or digit (empty if nothing is left)."""
+    cleaned = _NOT_LABEL_VALUE.sub("-", value)[:MAX_LABEL_VALUE]
+    return cleaned.strip("-._")
+
+
+def run_labels(run: PlannedRun) -> dict[str, str]:
+    """The labels every object of a run carries; `reconcile.ObservedJob.from_k8s` reads
+    EXPERIMENT_LABEL and RUN_ID_LABEL back."""
+    labels = run.labels
+    return {
+        EXPERIMENT_LABEL: label_value(labels.experiment),
+        RUN_ID_LABEL: label_value(run.run_id),
+        STAGE_LABEL: run.config.stage.value,
+        MODEL_LABEL: label_value(labels.model),
+        INTERMEDIATE_LABEL: label_value(labels.intermediate),
+        TARGET_LABEL: label_value(labels.target) if labels.target else NO_TARGET,
+        MANAGED_BY_LABEL: MANAGED_BY,
+    }
+
+
+def experiment_selector(experiment: str) -> str:
+    """The label selector that lists every object xstilts made for an experiment."""
+    return f"{EXPERIMENT_LABEL}={label_value(experiment)},{MANAGED_BY_LABEL}={MANAGED_BY}"
+
+
+# --- storage -----------------------------------------------------------------------------
+
+
+def pod_storage_root(spec: ExperimentSpec) -> str:
+    """The experiment's storage root as a pod sees it: `<mountPath>/<experiment>` on the
+    runs PVC, or `<uri>/<experiment>` in the object store. Run directories are
+    `<root>/runs/<run id>/`, with `result.json` beside the checkpoint."""
+    storage = spec.cluster.storage
+    if storage.uri:
+        return f"{storage.uri.rstrip('/')}/{spec.name}"
+    return f"{storage.mount_path.rstrip('/') or ''}/{spec.name}"
+
+
+def runs_pvc(spec: ExperimentSpec) -> str | None:
+    """The PVC mounted into run pods: the spec's, or DEFAULT_RUNS_PVC when the spec names
+    neither a PVC nor an object store."""
+    storage = spec.cluster.storage
+    if storage.uri:
+        return None
+    return storage.pvc or DEFAULT_RUNS_PVC
+
+
+def pod_run_config(run: PlannedRun, spec: ExperimentSpec) -> RunConfig:
+    """The RunConfig the pod reads: the planned one with its storage root moved into the
+    pod's storage. The run id does not change (storage is not part of a run's identity)."""
+    return run.config.model_copy(update={"storage_root": pod_storage_root(spec)})
+
+
+# --- quantities --------------------------------------------------------------------------
+
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+_FACTORS = {None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+            "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def memory_bytes(quantity: str) -> int:
+    """A memory quantity as the spec allows it ("64Gi", "500M", "1.5Gi") in bytes."""
+    match = _QUANTITY.match(quantity)
+    if not match:
+        raise ValueError(f"memory {quantity!r} is not a quantity such as 64Gi or 500M")
+    return int(float(match.group(1)) * _FACTORS[match.group(2)])
+
+
+def shm_size(memory: str, processes: int) -> str:
+    mebibytes = max(min(memory_bytes(memory) // SHM_SHARE, SHM_MAX_PER_PROCESS * processes) // 2**20, 64)
+    return f"{mebibytes // 1024}Gi" if mebibytes % 1024 == 0 else f"{mebibytes}Mi"
+
+
+# --- the objects -------------------------------------------------------------------------
+
+
+def render_run(run: PlannedRun, spec: ExperimentSpec, owner: OwnerRef | None = None) -> list[dict[str, Any]]:
+    """The objects that execute one run, in creation order: ConfigMap, [headless Service
+    for multi-node runs], Job. Each has `metadata.namespace` = spec.cluster.namespace."""
+    name = job_name(spec.name, run.run_id)
+    labels = run_labels(run)
+    objects = [_config_map(run, spec, name, labels, owner)]
+    if run.config.resources.nodes > 1:
+        objects.append(_headless_service(spec, name, labels, owner))
+    objects.append(_job(run, spec, name, labels, owner))
+    return objects
+
+
+def render_experiment(plan: Plan, spec: ExperimentSpec, owner: OwnerRef | None = None) -> list[dict[str, Any]]:
+    """Every run's objects in plan order (dependencies first), for `submit --dry-run`."""
+    return [obj for run in plan.runs for obj in render_run(run, spec, owner)]
+
+
+def _metadata(spec: ExperimentSpec, name: str, labels: dict[str, str], owner: OwnerRef | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": spec.cluster.namespace, "labels": dict(labels)}
+    if owner is not None:
+        meta["ownerReferences"] = [owner.to_k8s()]
+    return meta
+
+
+def _config_map(run: PlannedRun, spec: ExperimentSpec, name: str, labels: dict[str, str],
+                owner: OwnerRef | None) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(spec, name, labels, owner),
+        # The config is content-addressed by the run id: it never changes, and immutable
+        # ConfigMaps are not watched by kubelets, which matters with thousands of runs.
+        "immutable": True,
+        "data": {RUN_CONFIG_KEY: pod_run_config(run, spec).to_json()},
+    }
+
+
+def _headless_service(spec: ExperimentSpec, name: str, labels: dict[str, str],
+                      owner: OwnerRef | None) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(spec, name, labels, owner),
+        "spec": {
+            "clusterIP": "None",
+            # Rank 0 must resolve before every pod is Ready: the other ranks connect to it
+            # while it is still starting.
+            "publishNotReadyAddresses": True,
+            "selector": {EXPERIMENT_LABEL: labels[EXPERIMENT_LABEL], RUN_ID_LABEL: labels[RUN_ID_LABEL]},
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT,
+                       "protocol": "TCP"}],
+        },
+    }
+
+
+def trainer_command(config: RunConfig, name: str) -> list[str]:
+    """The container's exec array. One process: `python -m xstilts.trainer run.json`;
+    several per node: torchrun; several nodes: torchrun with a static rendezvous on pod 0
+    of the Indexed Job, each pod's rank being its completion index (expanded by the
+    kubelet from the container's environment, not by a shell)."""
+    res = config.resources
+    if res.nodes == 1 and res.procs_per_node == 1:
+        return ["python", "-m", "xstilts.trainer", RUN_CONFIG_PATH]
+    command = ["torchrun", f"--nproc_per_node={res.procs_per_node}", f"--nnodes={res.nodes}"]
+    if res.nodes == 1:
+        command.append("--standalone")
+    else:
+        command += [
+            "--node_rank=$(JOB_COMPLETION_INDEX)",
+            f"--master_addr={name}-0.{name}",
+            f"--master_port={RENDEZVOUS_PORT}",
+        ]
+    # Kubernetes restarts failed pods (within backoffLimit); torchrun restarting workers
+    # inside a pod would hide failures from the podFailurePolicy.
+    command += ["--max_restarts=0", "-m", "xstilts.trainer", RUN_CONFIG_PATH]
+    return command
+
+
+def _env(run: PlannedRun, spec: ExperimentSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    config = run.config
+    storage = spec.cluster.storage
+    secrets = spec.cluster.secrets
+    hf_home = f"{storage.mount_path.rstrip('/')}/.cache/huggingface" if runs_pvc(spec) else "/tmp/huggingface"
+    env: list[dict[str, Any]] = [
+        {"name": "XSTILTS_EXPERIMENT", "value": spec.name},
+        {"name": "XSTILTS_RUN_ID", "value": run.run_id},
+        # The root filesystem is read-only: everything that caches goes to /tmp, except the
+        # hub cache, which lives on the shared runs volume so a 40 GB checkpoint is
+        # downloaded once per cluster, not once per run.
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
+        {"name": "HF_HOME", "value": hf_home},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if config.resources.gpus_per_node == 0:
+        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+    if config.resources.nodes > 1:
+        # The Job controller would inject the same variable into Indexed Job pods (it skips
+        # a container that already declares it); declaring it here makes the template say
+        # where `--node_rank=$(JOB_COMPLETION_INDEX)` comes from, and the kubelet expands it.
+        env.append({"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
+            "fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}})
+    if storage.uri:
+        env.append({"name": "XSTILTS_STORAGE_URI", "value": pod_storage_root(spec)})
+    if spec.mlflow.tracking_uri:
+        env.append({"name": "MLFLOW_TRACKING_URI", "value": spec.mlflow.tracking_uri})
+    if secrets.hf_token:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": secrets.hf_token, "key": HF_TOKEN_KEY}}})
+    env_from = [{"secretRef": {"name": name}} for name in (secrets.mlflow, secrets.s3) if name]
+    return env, env_from
+
+
+def _resources(run: PlannedRun, spec: ExperimentSpec) -> dict[str, Any]:
+    model = _model_resources(run, spec)
+    # requests == limits for every resource: Guaranteed QoS makes run pods the last to be
+    # evicted under node pressure (a multi-day run should not die for a log shipper) and
+    # lets the kubelet's CPU manager pin cores for the data loaders.
+    amounts: dict[str, Any] = {"cpu": model.cpu, "memory": model.memory}
+    if run.config.resources.gpus_per_node:
+        amounts[GPU_RESOURCE] = run.config.resources.gpus_per_node
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def _model_resources(run: PlannedRun, spec: ExperimentSpec) -> Any:
+    name = run.labels.model
+    for model in spec.models:
+        if model.name == name:
+            return model.resources
+    raise ValueError(f"run {run.run_id} names model {name!r}, which is not in the spec's models")
+
+
+def _volumes(run: PlannedRun, spec: ExperimentSpec, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    model = _model_resources(run, spec)
+    volumes: list[dict[str, Any]] = [
+        {"name": "run-config", "configMap": {"name": name}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory",
+                                      "sizeLimit": shm_size(model.memory, run.config.resources.procs_per_node)}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "run-config", "mountPath": RUN_CONFIG_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    pvc = runs_pvc(spec)
+    if pvc:
+        volumes.append({"name": "runs", "persistentVolumeClaim": {"claimName": pvc}})
+        mounts.append({"name": "runs", "mountPath": spec.cluster.storage.mount_path})
+    return volumes, mounts
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    """How a failed pod counts, first matching rule wins:
+
+    - a pod evicted, preempted (Kueue or the scheduler) or drained carries the
+      DisruptionTarget condition → Ignore: not the run's fault, retried without using up
+      backoffLimit, and it resumes from its checkpoint;
+    - the trainer's ExitCode.INVALID (a config that can never work) → FailJob at once;
+    - ExitCode.INTERRUPTED without a disruption condition (SIGTERM from something else)
+      → Count. The retry still resumes from the checkpoint, but an unexplained SIGTERM
+      loop must stop at backoffLimit rather than retry forever, so it is not ignored;
+    - any other exit code → Count (the default).
+    """
+    return {
+        "rules": [
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In",
+                                                  "values": [int(ExitCode.INVALID)]}},
+            {"action": "Count", "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In",
+                                                "values": [int(ExitCode.INTERRUPTED)]}},
+        ]
+    }
+
+
+def pod_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        # The runs volume is written by the trainer: group ownership makes a fresh volume
+        # writable; OnRootMismatch avoids re-chowning terabytes of checkpoints at each start.
+        "fsGroup": RUN_AS_USER,
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _job(run: PlannedRun, spec: ExperimentSpec, name: str, labels: dict[str, str],
+         owner: OwnerRef | None) -> dict[str, Any]:
+    cluster = spec.cluster
+    res = run.config.resources
+    env, env_from = _env(run, spec)
+    volumes, mounts = _volumes(run, spec, name)
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": cluster.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": trainer_command(run.config, name),
+        "env": env,
+        "resources": _resources(run, spec),
+        "volumeMounts": mounts,
+        "securityContext": container_security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if env_from:
+        container["envFrom"] = env_from
+    if res.nodes > 1:
+        container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        # The trainer never talks to the Kubernetes API.
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": pod_security_context(),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if cluster.node_selector:
+        pod_spec["nodeSelector"] = dict(cluster.node_selector)
+    if cluster.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in cluster.tolerations]
+    if res.nodes > 1:
+        pod_spec["subdomain"] = name  # with the Indexed hostname: <job>-<i>.<job>
+    job_spec: dict[str, Any] = {
+        "completions": res.nodes,
+        "parallelism": res.nodes,
+        # One failure of a multi-node run fails every rank (the collective breaks), so each
+        # attempt costs `nodes` failed pods; scale the limit to keep `backoffLimit` attempts.
+        "backoffLimit": cluster.backoff_limit * res.nodes,
+        "podFailurePolicy": pod_failure_policy(),
+        "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
+    }
+    if res.nodes > 1:
+        job_spec["completionMode"] = "Indexed"
+    if cluster.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = cluster.active_deadline_seconds
+    if cluster.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = cluster.ttl_seconds_after_finished
+    metadata = _metadata(spec, name, labels, owner)
+    if cluster.queue:
+        metadata["labels"][KUEUE_QUEUE_LABEL] = cluster.queue
+        # Kueue admits a Job by unsuspending it; created suspended, it never starts pods
+        # before admission even if Kueue's webhook is briefly unavailable.
+        job_spec["suspend"] = True
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
