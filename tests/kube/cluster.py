@@ -36,7 +36,9 @@ and removes the directory.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as _dt
+import functools
 import ipaddress
 import json
 import os
@@ -140,26 +142,35 @@ class _Pki:
     serving_key: Path
     admin_cert: Path
     admin_key: Path
+    front_proxy_ca_cert: Path
+    front_proxy_client_cert: Path
+    front_proxy_client_key: Path
     sa_key: Path
     sa_pub: Path
 
 
 def _write_pki(directory: Path) -> _Pki:
+    """A cluster CA (serving + admin client certs), a front-proxy CA (request
+    header authentication, as kubeadm sets it up) and the service-account key."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     directory.mkdir(parents=True, exist_ok=True)
-    now = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(minutes=5)
-    later = now + _dt.timedelta(days=2)
+    now = _dt.datetime.now(_dt.UTC) - _dt.timedelta(minutes=5)
+    later = now + _dt.timedelta(days=7)
 
     def key_pem(key: Any) -> bytes:
-        return key.private_bytes(
+        pem: bytes = key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
+        return pem
+
+    def cert_pem(cert: x509.Certificate) -> bytes:
+        return cert.public_bytes(serialization.Encoding.PEM)
 
     def write(name: str, data: bytes) -> Path:
         path = directory / name
@@ -173,71 +184,64 @@ def _write_pki(directory: Path) -> _Pki:
             attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
         return x509.Name(attrs)
 
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = name("xstilts-test-ca")
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(later)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
+    def usage(*, ca: bool) -> x509.KeyUsage:
+        return x509.KeyUsage(
+            digital_signature=True,
+            key_encipherment=not ca,
+            key_cert_sign=ca,
+            crl_sign=ca,
+            content_commitment=False,
+            data_encipherment=False,
+            key_agreement=False,
+            encipher_only=False,
+            decipher_only=False,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
 
-    def leaf(subject: x509.Name, usage: Any, sans: x509.SubjectAlternativeName | None) -> tuple[bytes, bytes]:
+    def make_ca(cn: str) -> tuple[x509.Certificate, Any]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(name(cn))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(later)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(usage(ca=True), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        return cert, key
+
+    def leaf(
+        ca: tuple[x509.Certificate, Any],
+        subject: x509.Name,
+        eku: Any,
+        sans: x509.SubjectAlternativeName | None = None,
+    ) -> tuple[bytes, bytes]:
+        ca_cert, ca_key = ca
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
             x509.CertificateBuilder()
             .subject_name(subject)
-            .issuer_name(ca_name)
+            .issuer_name(ca_cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now)
             .not_valid_after(later)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    key_encipherment=True,
-                    content_commitment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-            )
+            .add_extension(usage(ca=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         )
         if sans is not None:
             builder = builder.add_extension(sans, critical=False)
-        cert = builder.sign(ca_key, hashes.SHA256())
-        return cert.public_bytes(serialization.Encoding.PEM), key_pem(key)
+        return cert_pem(builder.sign(ca_key, hashes.SHA256())), key_pem(key)
 
-    service_ip = next(ipaddress.ip_network(SERVICE_CIDR).hosts())
+    ca = make_ca("xstilts-test-ca")
+    front_proxy_ca = make_ca("xstilts-test-front-proxy-ca")
+    service_ip = ipaddress.IPv4Address(next(ipaddress.IPv4Network(SERVICE_CIDR).hosts()))
     serving_sans = x509.SubjectAlternativeName(
         [
             x509.DNSName("localhost"),
@@ -249,9 +253,10 @@ def _write_pki(directory: Path) -> _Pki:
             x509.IPAddress(service_ip),
         ]
     )
-    serving = leaf(name("kube-apiserver"), ExtendedKeyUsageOID.SERVER_AUTH, serving_sans)
+    serving = leaf(ca, name("kube-apiserver"), ExtendedKeyUsageOID.SERVER_AUTH, serving_sans)
     # system:masters: the admin user every component and test talks as.
-    admin = leaf(name("xstilts-admin", "system:masters"), ExtendedKeyUsageOID.CLIENT_AUTH, None)
+    admin = leaf(ca, name("xstilts-admin", "system:masters"), ExtendedKeyUsageOID.CLIENT_AUTH)
+    front_proxy_client = leaf(front_proxy_ca, name("front-proxy-client"), ExtendedKeyUsageOID.CLIENT_AUTH)
 
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     sa_pub = sa_key.public_key().public_bytes(
@@ -259,12 +264,15 @@ def _write_pki(directory: Path) -> _Pki:
     )
 
     return _Pki(
-        ca_cert=write("ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM)),
-        ca_key=write("ca.key", key_pem(ca_key)),
+        ca_cert=write("ca.crt", cert_pem(ca[0])),
+        ca_key=write("ca.key", key_pem(ca[1])),
         serving_cert=write("apiserver.crt", serving[0]),
         serving_key=write("apiserver.key", serving[1]),
         admin_cert=write("admin.crt", admin[0]),
         admin_key=write("admin.key", admin[1]),
+        front_proxy_ca_cert=write("front-proxy-ca.crt", cert_pem(front_proxy_ca[0])),
+        front_proxy_client_cert=write("front-proxy-client.crt", front_proxy_client[0]),
+        front_proxy_client_key=write("front-proxy-client.key", front_proxy_client[1]),
         sa_key=write("sa.key", key_pem(sa_key)),
         sa_pub=write("sa.pub", sa_pub),
     )
@@ -302,6 +310,13 @@ def kwok_stages_yaml(pod_run_seconds: float = 1.0) -> str:
             reason: REASON
             startedAt: {{ $now | Quote }}
       {{ end }}"""
+    pod_ips = (
+        "{{ $podIPs := PodIPsWith .spec.nodeName ( or .spec.hostNetwork false ) "
+        '( or .metadata.uid "" ) ( or .metadata.name "" ) ( or .metadata.namespace "" ) }}'
+    )
+    exit_terminated = container_terminated.replace("EXIT_CODE", "{{ $code }}").replace(
+        "REASON", '{{ if eq $code "0" }}Completed{{ else }}Error{{ end }}'
+    )
     stages = f"""\
 # Node: initialise conditions/addresses/capacity once, then heartbeat (leases
 # are renewed by kwok itself, --node-lease-duration-seconds).
@@ -479,7 +494,7 @@ spec:
       - ip: {{{{ . | Quote }}}}
       {{{{ end }}}}
       {{{{ end }}}}
-      {{{{ $podIPs := PodIPsWith .spec.nodeName ( or .spec.hostNetwork false ) ( or .metadata.uid "" ) ( or .metadata.name "" ) ( or .metadata.namespace "" ) }}}}
+      {pod_ips}
       {{{{ with $podIPs }}}}
       podIP: {{{{ index . 0 | Quote }}}}
       podIPs:
@@ -563,7 +578,7 @@ spec:
         reason: PodCompleted
         type: ContainersReady
       containerStatuses:
-{container_terminated.replace("EXIT_CODE", "{{ $code }}").replace("REASON", '{{ if eq $code "0" }}Completed{{ else }}Error{{ end }}')}
+{exit_terminated}
       phase: {{{{ if eq $code "0" }}}}Succeeded{{{{ else }}}}Failed{{{{ end }}}}
 ---
 # A disrupted pod (eviction/preemption): Failed with DisruptionTarget=True.
@@ -633,7 +648,8 @@ spec:
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -643,7 +659,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         libc = ctypes.CDLL(None, use_errno=True)
         PR_SET_PDEATHSIG = 1
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except Exception:  # noqa: BLE001 - best effort, Linux only
+    except Exception:
         pass
 
 
@@ -652,6 +668,8 @@ class _Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    args: list[str]
+    env: dict[str, str] | None
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -745,6 +763,7 @@ class ControlPlane:
         self.ca_cert: Path | None = None
         self._pki: _Pki | None = None
         self._procs: list[_Proc] = []
+        self._health: dict[str, str] = {}
         self._ssl: ssl.SSLContext | None = None
         self._kubectl = find_kubectl()
 
@@ -765,12 +784,23 @@ class ControlPlane:
             self.workdir = self._given_workdir
         else:
             self.workdir = Path(tempfile.mkdtemp(prefix="xstilts-k8s-"))
-        try:
-            self._start()
-        except BaseException:
-            self.stop(keep_workdir=True if self.keep_workdir else None)
-            raise
-        return self
+        for attempt in range(3):
+            try:
+                self._start()
+                return self
+            except ControlPlaneError as e:
+                self._stop_processes()
+                # A port picked as free may have been taken meanwhile: retry.
+                if "address already in use" in str(e) and attempt < 2:
+                    shutil.rmtree(self.workdir, ignore_errors=True)
+                    self.workdir.mkdir(parents=True, exist_ok=True)
+                    continue
+                self.stop()
+                raise
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
 
     def _start(self) -> None:
         assert self.workdir is not None
@@ -816,6 +846,9 @@ class ControlPlane:
                 f"--etcd-servers={etcd_url}",
                 "--bind-address=127.0.0.1",
                 "--advertise-address=127.0.0.1",
+                # A loopback advertise address is refused by the endpoint reconciler;
+                # nothing here reaches the API through the "kubernetes" Service.
+                "--endpoint-reconciler-type=none",
                 f"--secure-port={api_port}",
                 f"--cert-dir={wd / 'apiserver'}",
                 f"--tls-cert-file={pki.serving_cert}",
@@ -825,6 +858,13 @@ class ControlPlane:
                 f"--service-account-key-file={pki.sa_pub}",
                 f"--service-account-signing-key-file={pki.sa_key}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--requestheader-client-ca-file={pki.front_proxy_ca_cert}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={pki.front_proxy_client_cert}",
+                f"--proxy-client-key-file={pki.front_proxy_client_key}",
                 "--authorization-mode=RBAC",
                 "--allow-privileged=true",
                 "--profiling=false",
@@ -844,8 +884,8 @@ class ControlPlane:
         ]
         self._spawn(
             "kube-controller-manager",
-            common
-            + [
+            [
+                *common,
                 f"--secure-port={kcm_port}",
                 f"--cert-dir={wd / 'kcm'}",
                 "--controllers=*",
@@ -858,7 +898,7 @@ class ControlPlane:
         )
         self._spawn(
             "kube-scheduler",
-            common + [f"--secure-port={sched_port}", f"--cert-dir={wd / 'scheduler'}"],
+            [*common, f"--secure-port={sched_port}", f"--cert-dir={wd / 'scheduler'}"],
         )
 
         stages = wd / "kwok-stages.yaml"
@@ -879,22 +919,16 @@ class ControlPlane:
             env={"HOME": str(kwok_home)},
         )
 
-        self._wait(
-            "kube-controller-manager",
-            deadline,
-            lambda: self._http_ok(f"https://127.0.0.1:{kcm_port}/healthz", insecure=True),
-        )
-        self._wait(
-            "kube-scheduler",
-            deadline,
-            lambda: self._http_ok(f"https://127.0.0.1:{sched_port}/healthz", insecure=True),
-        )
+        self._health["kube-controller-manager"] = f"https://127.0.0.1:{kcm_port}/healthz"
+        self._health["kube-scheduler"] = f"https://127.0.0.1:{sched_port}/healthz"
+        for name in ("kube-controller-manager", "kube-scheduler"):
+            self._wait(name, deadline, functools.partial(self._http_ok, self._health[name], insecure=True))
         # The serviceaccount controller has populated the default namespace:
         # pods can be admitted there.
         self._wait(
             "kube-controller-manager",
             deadline,
-            lambda: self._exists("/api/v1/namespaces/default/serviceaccounts/default"),
+            lambda: self.exists("/api/v1/namespaces/default/serviceaccounts/default"),
             what="default ServiceAccount",
         )
         if self.node_count:
@@ -904,12 +938,40 @@ class ControlPlane:
     def stop(self, keep_workdir: bool | None = None) -> None:
         """Stop every process (SIGTERM to its process group, SIGKILL after 10 s)
         in reverse start order and remove the work directory (unless kept)."""
-        for proc in reversed(self._procs):
-            self._terminate(proc)
-        self._procs.clear()
+        self._stop_processes()
         keep = self.keep_workdir if keep_workdir is None else keep_workdir
         if self.workdir and not keep and self._given_workdir is None:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _stop_processes(self) -> None:
+        for proc in reversed(self._procs):
+            self._terminate(proc)
+        self._procs.clear()
+
+    def restart(self, component: str, timeout: float = 60.0) -> None:
+        """Stop and start one component (``kube-controller-manager``,
+        ``kube-scheduler`` or ``kwok``) with the same flags, and wait until it
+        is healthy again."""
+        if component not in ("kube-controller-manager", "kube-scheduler", "kwok"):
+            raise ValueError(f"cannot restart {component}")
+        (old,) = [p for p in self._procs if p.name == component]
+        self._terminate(old)
+        self._procs.remove(old)
+        self._spawn(component, old.args, old.env)
+        url = self._health.get(component)
+        if url:
+            deadline = time.monotonic() + timeout
+            self._wait(component, deadline, lambda: self._http_ok(url, insecure=True))
+
+    def restart_controller_manager(self) -> None:
+        """Restart kube-controller-manager, so that its garbage collector (and
+        quota monitor) know custom resource types created since it started.
+
+        Without this the garbage collector picks new types up on its own
+        30-second discovery resync, so deleting an owner of a type it does not
+        watch yet cascades only after up to ~30 s (a real cluster does the same;
+        there the CRDs are normally installed long before)."""
+        self.restart("kube-controller-manager")
 
     @staticmethod
     def _terminate(proc: _Proc, grace: float = 10.0) -> None:
@@ -919,23 +981,16 @@ class ControlPlane:
         except ProcessLookupError:
             pgid = None
         if p.poll() is None and pgid is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
         if pgid is not None:
-            try:  # the leader may be gone while others in its group linger
+            # The leader may be gone while others in its group linger.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
 
     def _spawn(self, name: str, args: Sequence[str], env: dict[str, str] | None = None) -> _Proc:
         assert self.workdir is not None
@@ -955,7 +1010,7 @@ class ControlPlane:
                 start_new_session=True,
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
-        proc = _Proc(name, popen, log)
+        proc = _Proc(name, popen, log, list(args), env)
         self._procs.append(proc)
         return proc
 
@@ -1028,8 +1083,8 @@ class ControlPlane:
         else:
             context = self._ssl
         try:
-            with urllib.request.urlopen(url, timeout=2, context=context) as resp:  # noqa: S310
-                return 200 <= resp.status < 300
+            with urllib.request.urlopen(url, timeout=2, context=context) as resp:
+                return bool(200 <= resp.status < 300)
         except (urllib.error.URLError, OSError, ssl.SSLError):
             return False
 
@@ -1044,13 +1099,13 @@ class ControlPlane:
         if data is not None:
             req.add_header("Content-Type", content_type)
         try:
-            with urllib.request.urlopen(req, timeout=30, context=self._ssl) as resp:  # noqa: S310
+            with urllib.request.urlopen(req, timeout=30, context=self._ssl) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
             raise ApiError(e.code, e.read().decode(errors="replace")) from None
         return json.loads(raw) if raw else None
 
-    def _exists(self, path: str) -> bool:
+    def exists(self, path: str) -> bool:
         try:
             self.api("GET", path)
             return True
@@ -1065,7 +1120,8 @@ class ControlPlane:
 
     def add_node(self, node: NodeSpec) -> dict[str, Any]:
         """Create one kwok-managed node."""
-        return self.api("POST", "/api/v1/nodes", node.manifest())
+        created: dict[str, Any] = self.api("POST", "/api/v1/nodes", node.manifest())
+        return created
 
     def add_nodes(self, count: int, *, gpus: int = 8, prefix: str = "kwok-gpu-", **kwargs: Any) -> list[str]:
         """Create ``count`` fake nodes named ``<prefix>0..``, continuing after
@@ -1118,9 +1174,10 @@ class ControlPlane:
             except (ApiError, urllib.error.URLError, OSError) as e:
                 last_exc = e
             if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {timeout}s waiting for {what or predicate}" + (
-                    f" (last error: {last_exc})" if last_exc else ""
-                ))
+                raise TimeoutError(
+                    f"timed out after {timeout}s waiting for {what or predicate}"
+                    + (f" (last error: {last_exc})" if last_exc else "")
+                )
             time.sleep(interval)
 
     def kubectl(
@@ -1151,6 +1208,11 @@ class ControlPlane:
         if check and proc.returncode != 0:
             raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
         return proc
+
+    def apply(self, manifest: str | dict[str, Any], namespace: str | None = None) -> str:
+        """``kubectl apply -f -`` of a YAML/JSON string or an object; returns stdout."""
+        text = manifest if isinstance(manifest, str) else json.dumps(manifest)
+        return self.kubectl("apply", "-f", "-", input=text, namespace=namespace).stdout
 
     def kubectl_json(self, *args: str, namespace: str | None = None) -> Any:
         """``kubectl ARGS -o json``, decoded."""
@@ -1189,14 +1251,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         pod_run_seconds=opts.pod_run_seconds,
         workdir=opts.workdir,
     )
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
     t0 = time.monotonic()
     with cp:
         print(f"ready in {time.monotonic() - t0:.1f}s", flush=True)
         print(f"export KUBECONFIG={cp.kubeconfig}", flush=True)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             signal.pause()
-        except KeyboardInterrupt:
-            pass
     return 0
 
 

@@ -20,16 +20,17 @@ marked automatically.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cluster import (  # noqa: E402
+from cluster import (
     BinariesNotFound,
     ControlPlane,
     find_bin_dir,
@@ -86,10 +87,11 @@ def control_plane() -> Iterator[ControlPlane]:
 def k8s_namespace(control_plane: ControlPlane) -> Iterator[str]:
     """A fresh namespace for one test, deleted (without waiting) afterwards."""
     name = f"t-{uuid.uuid4().hex[:10]}"
-    control_plane.api("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+    control_plane.api("POST", "/api/v1/namespaces", namespace)
     # Pods are admitted only once the serviceaccount controller made "default".
     control_plane.wait_for(
-        lambda: control_plane._exists(f"/api/v1/namespaces/{name}/serviceaccounts/default"),
+        lambda: control_plane.exists(f"/api/v1/namespaces/{name}/serviceaccounts/default"),
         timeout=30,
         what=f"default ServiceAccount in {name}",
     )
@@ -98,6 +100,6 @@ def k8s_namespace(control_plane: ControlPlane) -> Iterator[str]:
 
 
 @pytest.fixture
-def kubectl(control_plane: ControlPlane):
+def kubectl(control_plane: ControlPlane) -> Callable[..., subprocess.CompletedProcess[str]]:
     """``kubectl(*args, input=None, check=True, namespace=None)`` against the test cluster."""
     return control_plane.kubectl
