@@ -16,18 +16,30 @@ from xstilts.operator.spec import API_GROUP, KIND, ExperimentSpec
 PLURAL = "experiments"
 VERSION = "v1alpha1"
 
-# Status fields the controller writes (see reconcile.py); printer columns read them.
+# Status fields the controller writes (reconcile.py makes all but observedGeneration);
+# printer columns read them.
 STATUS_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "phase": {"type": "string"},
+        "phase": {"type": "string", "enum": ["Pending", "Running", "Succeeded", "Failed", "PartiallyFailed"]},
         "observedGeneration": {"type": "integer"},
-        "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "counts": {
+            "type": "object",
+            "description": "runs per state; pending + running + succeeded + failed + blocked = total",
+            "properties": {key: {"type": "integer", "minimum": 0}
+                           for key in ("total", "pending", "running", "succeeded", "failed", "blocked")},
+        },
         "gpuHoursEstimated": {"type": "number"},
         "gpuHoursUsed": {"type": "number"},
-        "bestGain": {"type": "string"},
-        "mlflowExperiment": {"type": "string"},
+        "bestGain": {"type": "string", "description": "largest mean gain so far, e.g. '+3.1 xnli/mnli@large'"},
+        "mlflowExperiment": {"type": "string", "description": "the MLflow experiment name"},
+        "mlflowTrackingUri": {"type": "string"},
         "message": {"type": "string"},
+        "failures": {
+            "type": "object",
+            "description": "run id -> why it failed",
+            "additionalProperties": {"type": "string"},
+        },
         "conditions": {
             "type": "array",
             "items": {
@@ -46,7 +58,8 @@ STATUS_SCHEMA: dict[str, Any] = {
         },
         "runs": {
             "type": "object",
-            "description": "run id -> state",
+            "description": ("run id -> waiting, queued, creating, pending, running, finishing, succeeded,"
+                            " failed or blocked"),
             "additionalProperties": {"type": "string"},
         },
     },

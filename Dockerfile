@@ -1,0 +1,103 @@
+# syntax=docker/dockerfile:1.7
+#
+# Three images from one file (BuildKit), each a target:
+#
+#   docker build --target trainer    -t ghcr.io/xstilts/trainer:0.1.0 .     # runs, on GPU nodes
+#   docker build --target controller -t ghcr.io/xstilts/controller:0.1.0 .  # `xstilts controller`
+#   docker build --target mlflow     -t ghcr.io/xstilts/mlflow:0.1.0 .      # tracking server for k8s/
+#
+# Base images are pinned by tag; Python packages by the versions pyproject.toml pins for
+# [train] (torch, DeepSpeed, transformers, datasets, accelerate, MLflow). Every final stage
+# runs as user 1000 and carries no compiler.
+
+# --- the xstilts wheel, shared by the trainer and the controller ---------------------------
+FROM python:3.11.14-slim-bookworm AS wheel
+WORKDIR /src
+# .dockerignore lets in only the package sources, pyproject.toml and README.md.
+COPY . .
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+# --- controller: the core only (spec, plan, render, reconcile, CLI), no torch ------------
+FROM python:3.11.14-slim-bookworm AS controller
+LABEL org.opencontainers.image.title="xstilts controller" \
+      org.opencontainers.image.description="Reconciles xstilts Experiments into Kubernetes Jobs" \
+      org.opencontainers.image.licenses="Apache-2.0"
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+# pyproject.toml's version (tests/test_dockerfile.py checks they agree).
+ARG XSTILTS_VERSION=0.1.0
+RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
+    pip install --no-cache-dir --find-links=/wheels "xstilts==${XSTILTS_VERSION}"
+USER 1000:1000
+WORKDIR /tmp
+ENTRYPOINT ["xstilts"]
+CMD ["controller"]
+
+# --- mlflow: the tracking server with the PostgreSQL and S3 clients ----------------------
+FROM python:3.11.14-slim-bookworm AS mlflow
+LABEL org.opencontainers.image.title="xstilts mlflow" \
+      org.opencontainers.image.description="MLflow tracking server with PostgreSQL and S3 support" \
+      org.opencontainers.image.licenses="Apache-2.0"
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+ARG MLFLOW_VERSION=3.17.2
+RUN pip install --no-cache-dir "mlflow==${MLFLOW_VERSION}" psycopg2-binary==2.9.13 boto3==1.44.8
+USER 1000:1000
+WORKDIR /tmp
+EXPOSE 5000
+ENTRYPOINT ["mlflow"]
+CMD ["server", "--host=0.0.0.0", "--port=5000"]
+
+# --- trainer build: Python 3.11, torch, DeepSpeed ops compiled against the CUDA toolkit -----
+FROM nvidia/cuda:13.2.1-cudnn-devel-ubuntu24.04 AS trainer-build
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# Compilers for DeepSpeed's C++/CUDA ops; this stage is discarded, only /opt is kept.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ ninja-build \
+    && rm -rf /var/lib/apt/lists/*
+# Ubuntu 24.04 ships Python 3.12; a standalone CPython 3.11 build lives in /opt/python.
+COPY --from=ghcr.io/astral-sh/uv:0.13.8 /uv /usr/local/bin/uv
+ENV UV_PYTHON_INSTALL_DIR=/opt/python \
+    UV_NO_CACHE=1
+RUN uv python install 3.11.14 && uv venv --seed --python 3.11.14 /opt/venv
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+# Versions: the [train] pins of pyproject.toml (tests/test_dockerfile.py checks they agree).
+ARG TORCH_VERSION=2.15.0
+ARG DEEPSPEED_VERSION=0.19.8
+ARG XSTILTS_VERSION=0.1.0
+RUN pip install --no-cache-dir "torch==${TORCH_VERSION}"
+# Prebuilt ops: CPU Adam for ZeRO offload, fused Adam, and the utils ZeRO-3 needs. The
+# runtime image has no nvcc, so nothing is compiled just in time on a GPU node.
+# Architectures: A100 (8.0), H100/H200 (9.0), B200 (10.0). A layer of its own: torch's
+# layer (several GB) stays cached when only DeepSpeed's build changes.
+# hadolint ignore=DL3059
+RUN DS_BUILD_CPU_ADAM=1 DS_BUILD_FUSED_ADAM=1 DS_BUILD_UTILS=1 \
+    TORCH_CUDA_ARCH_LIST="8.0;9.0;10.0" \
+    pip install --no-cache-dir --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}"
+RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
+    pip install --no-cache-dir --find-links=/wheels "xstilts[train]==${XSTILTS_VERSION}"
+
+# --- trainer: the image every run's pod executes --------------------------------------------
+FROM nvidia/cuda:13.2.1-cudnn-runtime-ubuntu24.04 AS trainer
+LABEL org.opencontainers.image.title="xstilts trainer" \
+      org.opencontainers.image.description="One xstilts training run: python -m xstilts.trainer RUN.json" \
+      org.opencontainers.image.licenses="Apache-2.0"
+# libgomp: the OpenMP runtime of DeepSpeed's CPU Adam. The image's default user `ubuntu`
+# holds uid 1000; it becomes `xstilts`, the uid the Jobs run as.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libgomp1 \
+    && rm -rf /var/lib/apt/lists/* \
+    && (userdel --remove ubuntu || true) \
+    && useradd --uid 1000 --user-group --create-home --shell /usr/sbin/nologin xstilts
+COPY --from=trainer-build /opt/python /opt/python
+COPY --from=trainer-build /opt/venv /opt/venv
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+USER 1000:1000
+WORKDIR /tmp
+CMD ["python", "-m", "xstilts.trainer", "--help"]
