@@ -181,6 +181,60 @@ def crd() -> None:
     sys.stdout.write(yaml.safe_dump(make_crd(), sort_keys=False, width=100, allow_unicode=True))
 
 
+OutputDir = Annotated[Path | None, typer.Option(
+    "--output-dir", help="The experiment's storage root (default: xstilts-out/<name>).")]
+TrackingUri = Annotated[str | None, typer.Option(
+    "--tracking-uri", help="MLflow server (default: the spec's, else a SQLite store in the output directory).")]
+
+
+@app.command()
+def run(
+    spec_path: SpecPath,
+    parallel: Annotated[int | None, typer.Option(
+        "--parallel", "-j", min=1, help="Runs at once (default: one per GPU, or per CPU core, at most the"
+        " spec's cluster.maxParallel).")] = None,
+    output_dir: OutputDir = None,
+    tracking_uri: TrackingUri = None,
+    retry_failed: Annotated[bool, typer.Option(
+        "--retry-failed", help="Also retry runs that failed in an earlier invocation.")] = False,
+) -> None:
+    """Execute the experiment on this machine, dependencies first; rerun to resume."""
+    from xstilts.operator.local_cli import run_command
+
+    spec = load_spec(spec_path)
+    raise typer.Exit(run_command(spec, spec_path, parallel, output_dir, tracking_uri, retry_failed, console, err))
+
+
+@app.command()
+def report(
+    spec_path: SpecPath,
+    output_dir: OutputDir = None,
+    formats: Annotated[str, typer.Option("--format", help="Comma-separated: md, html, png, json.")] = "md,html,png",
+    from_mlflow: Annotated[bool, typer.Option(
+        "--from-mlflow", help="Read results from MLflow instead of the result files.")] = False,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Gain over the baseline vs model size: tables and plots under <output-dir>/report/, logged to MLflow."""
+    from xstilts.operator.local_cli import report_command
+
+    spec = load_spec(spec_path)
+    raise typer.Exit(report_command(spec, output_dir, formats, from_mlflow, tracking_uri, console, err))
+
+
+@app.command()
+def ui(
+    spec_path: Annotated[Path | None, typer.Argument(help="Experiment spec (or give --output-dir).")] = None,
+    output_dir: OutputDir = None,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 5000,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+) -> None:
+    """Start the MLflow UI on the experiment's local MLflow store."""
+    from xstilts.operator.local_cli import ui_command
+
+    spec = load_spec(spec_path) if spec_path is not None else None
+    raise typer.Exit(ui_command(spec, output_dir, host, port, console, err))
+
+
 def main() -> None:
     app()
 

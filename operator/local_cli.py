@@ -1,0 +1,169 @@
+"""The bodies of `xstilts run`, `xstilts report` and `xstilts ui` (cli.py declares their
+options): resolve where things live, call the executor or the report, print, and return the
+exit code. Heavy imports (MLflow, matplotlib) happen inside, so `import xstilts.operator.cli`
+stays light."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from xstilts.operator.plan import default_storage_root, plan
+from xstilts.operator.spec import ExperimentSpec
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+DEFAULT_UI_PORT = 5000
+
+
+def storage_root_of(spec: ExperimentSpec, output_dir: Path | None) -> Path:
+    return output_dir if output_dir is not None else Path(default_storage_root(spec))
+
+
+def default_parallel(spec: ExperimentSpec, machine_gpus: int, cpus: int) -> int:
+    """One run per GPU, or per CPU core on a machine without one, at most the spec's
+    cluster.maxParallel."""
+    return max(1, min(spec.cluster.max_parallel, machine_gpus or cpus))
+
+
+def follow_up_commands(spec_path: Path, output_dir: Path | None, tracking_uri: str | None) -> tuple[str, str]:
+    """The `xstilts report` and `xstilts ui` lines to print after a run, with the same options."""
+    where = [] if output_dir is None else ["--output-dir", str(output_dir)]
+    report = ["xstilts", "report", str(spec_path), *where]
+    if tracking_uri:
+        report += ["--tracking-uri", tracking_uri]
+    ui = ["xstilts", "ui", str(spec_path), *where]
+    return shlex.join(report), shlex.join(ui)
+
+
+def run_command(spec: ExperimentSpec, spec_path: Path, parallel: int | None, output_dir: Path | None,
+                tracking_uri: str | None, retry_failed: bool, console: Console, err: Console) -> int:
+    from xstilts.operator.local import (
+        LocalOptions,
+        LocalRunError,
+        detect_gpus,
+        run_experiment,
+        tracking_uri_for,
+    )
+    from xstilts.operator.local_display import display_for, print_outcome
+
+    root = storage_root_of(spec, output_dir)
+    p = plan(spec, str(root))
+    uri = tracking_uri_for(spec, tracking_uri, root)
+    n = parallel or default_parallel(spec, len(detect_gpus()), os.cpu_count() or 1)
+    try:
+        outcome = run_experiment(spec, p, root, uri, LocalOptions(parallel=n, retry_failed=retry_failed),
+                                 display_for(console))
+    except LocalRunError as e:
+        err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
+        return EXIT_INVALID
+    print_outcome(console, outcome, *follow_up_commands(spec_path, output_dir, tracking_uri))
+    if outcome.stopped_by is not None:
+        return 128 + outcome.stopped_by  # 130 after Ctrl-C, as a shell reports it
+    return EXIT_OK if outcome.ok else EXIT_FAILED
+
+
+REPORT_FORMATS_HELP = "Comma-separated: md, html, png, json."
+
+
+def parse_formats(text: str) -> list[str]:
+    from xstilts.operator.results import REPORT_FORMATS
+
+    formats = [f.strip().lower() for f in text.split(",") if f.strip()]
+    bad = [f for f in formats if f not in REPORT_FORMATS]
+    if bad or not formats:
+        raise ValueError(f"--format {text!r}: {', '.join(bad) or 'nothing'} is not a report format;"
+                         f" choose from {', '.join(REPORT_FORMATS)}")
+    return formats
+
+
+def report_command(spec: ExperimentSpec, output_dir: Path | None, formats_text: str, from_mlflow: bool,
+                   tracking_uri: str | None, console: Console, err: Console) -> int:
+    from xstilts.operator.local import parent_run, tracking_uri_for
+    from xstilts.operator.report import build_report, grid_of, tables
+    from xstilts.operator.results import (
+        REPORT_DIR,
+        load_mlflow_results,
+        load_result_files,
+        log_report,
+        write_report,
+    )
+
+    try:
+        formats = parse_formats(formats_text)
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
+        return EXIT_INVALID
+    root = storage_root_of(spec, output_dir)
+    p = plan(spec, str(root))
+    uri = tracking_uri_for(spec, tracking_uri, root)
+    experiment_name = spec.mlflow.experiment_name or spec.name
+    if from_mlflow:
+        loaded = load_mlflow_results(uri, experiment_name, [r.run_id for r in p.runs])
+    else:
+        loaded = load_result_files(p)
+    for problem in loaded.problems:
+        err.print(f"[yellow]warning:[/yellow] {escape(problem)}", soft_wrap=True)
+    report = build_report(loaded.results, grid_of(spec))
+    figures = []
+    if "png" in formats or "html" in formats:
+        from xstilts.operator.report_plots import figures as make_figures
+
+        figures = make_figures(report)
+    paths = write_report(report, figures, root / REPORT_DIR, formats)
+
+    def warn(text: str) -> None:
+        err.print(f"[yellow]warning:[/yellow] {escape(text)}", soft_wrap=True)
+
+    parent = parent_run(uri, experiment_name, spec.name, root, warn)
+    if parent is not None:
+        try:
+            log_report(paths, uri, parent)
+        except Exception as e:  # the files are written; MLflow is only a view of them
+            warn(f"could not log the report to MLflow run {parent}: {type(e).__name__}: {e}")
+    best = tables(report)[0]
+    for row in best.rows:
+        console.print(f"  {escape(row[0])} ({row[1]}): best {escape(row[2])}, {escape(row[3])} points")
+    if report.missing:
+        console.print(f"[yellow]{len(report.missing)} gaps[/yellow] (see Missing in the report), e.g."
+                      f" {escape(report.missing[0])}", soft_wrap=True)
+    console.print(f"report: {', '.join(escape(str(p)) for p in paths)}"
+                  + (f"; logged to MLflow run {parent}" if parent and paths else ""), soft_wrap=True)
+    return EXIT_OK
+
+
+def ui_command(spec: ExperimentSpec | None, output_dir: Path | None, host: str, port: int,
+               console: Console, err: Console) -> int:
+    """`mlflow ui` on the experiment's local store, in the foreground until Ctrl-C."""
+    from xstilts.trainer.tracking import LOCAL_ARTIFACTS, LOCAL_STORE, local_tracking_uri
+
+    if spec is None and output_dir is None:
+        err.print("[red]error:[/red] give a SPEC or --output-dir DIR (the experiment's output directory)")
+        return EXIT_INVALID
+    if spec is not None and spec.mlflow.tracking_uri and output_dir is None:
+        console.print(f"{spec.name} tracks to {escape(spec.mlflow.tracking_uri)}: open that server's UI")
+        return EXIT_OK
+    root = output_dir if output_dir is not None else storage_root_of(spec, None)  # type: ignore[arg-type]
+    if not (root / LOCAL_STORE).exists():
+        err.print(f"[red]error:[/red] no MLflow store at {escape(str(root / LOCAL_STORE))}: run `xstilts run` first,"
+                  " or pass the experiment's --output-dir", soft_wrap=True)
+        return EXIT_INVALID
+    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", local_tracking_uri(root),
+            "--default-artifact-root", (root / LOCAL_ARTIFACTS).resolve().as_uri(),
+            "--host", host, "--port", str(port)]
+    console.print(f"MLflow UI for {escape(str(root))}: [bold]http://{host}:{port}[/bold] (Ctrl-C to stop)")
+    console.file.flush()
+    proc = subprocess.Popen(argv)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # the server got the same Ctrl-C
+        proc.send_signal(signal.SIGINT)
+        proc.wait()
+        return EXIT_OK
