@@ -284,20 +284,27 @@ def trainer_command(config: RunConfig, name: str) -> list[str]:
     return command
 
 
+def literal_env_value(value: str) -> str:
+    """The kubelet expands `$(NAME)` in env values from the variables defined before them:
+    a tracking URI such as `http://host/$(HF_TOKEN)` would otherwise receive the token.
+    `$$` is the escape for a literal `$`."""
+    return value.replace("$", "$$")
+
+
 def _env(run: PlannedRun, spec: ExperimentSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     config = run.config
     storage = spec.cluster.storage
     secrets = spec.cluster.secrets
     hf_home = f"{storage.mount_path.rstrip('/')}/.cache/huggingface" if runs_pvc(spec) else "/tmp/huggingface"
     env: list[dict[str, Any]] = [
-        {"name": "XSTILTS_EXPERIMENT", "value": spec.name},
+        {"name": "XSTILTS_EXPERIMENT", "value": literal_env_value(spec.name)},
         {"name": "XSTILTS_RUN_ID", "value": run.run_id},
         # The root filesystem is read-only: everything that caches goes to /tmp, except the
         # hub cache, which lives on the shared runs volume so a 40 GB checkpoint is
         # downloaded once per cluster, not once per run.
         {"name": "HOME", "value": "/tmp"},
         {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
-        {"name": "HF_HOME", "value": hf_home},
+        {"name": "HF_HOME", "value": literal_env_value(hf_home)},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     if config.resources.gpus_per_node == 0:
@@ -309,9 +316,9 @@ def _env(run: PlannedRun, spec: ExperimentSpec) -> tuple[list[dict[str, Any]], l
         env.append({"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
             "fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}})
     if storage.uri:
-        env.append({"name": "XSTILTS_STORAGE_URI", "value": pod_storage_root(spec)})
+        env.append({"name": "XSTILTS_STORAGE_URI", "value": literal_env_value(pod_storage_root(spec))})
     if spec.mlflow.tracking_uri:
-        env.append({"name": "MLFLOW_TRACKING_URI", "value": spec.mlflow.tracking_uri})
+        env.append({"name": "MLFLOW_TRACKING_URI", "value": literal_env_value(spec.mlflow.tracking_uri)})
     if secrets.hf_token:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
             "name": secrets.hf_token, "key": HF_TOKEN_KEY}}})
