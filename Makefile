@@ -17,9 +17,11 @@ demo: install
 	$(BIN)/xstilts validate examples/demo.yaml
 	$(BIN)/xstilts plan examples/demo.yaml
 
-# The default suite (fast); then the slow tests (DeepSpeed under torchrun, the control plane,
+# Builds the test Kubernetes control plane from Go modules (cached outside the repo), then the
+# default suite, then the slow tests (DeepSpeed under torchrun, the control-plane scenarios,
 # the end-to-end demo), which CI runs too.
 test: install
+	bash scripts/build-control-plane.sh
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest -q
