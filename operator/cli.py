@@ -235,6 +235,28 @@ def ui(
     raise typer.Exit(ui_command(spec, output_dir, host, port, console, err))
 
 
+@app.command()
+def sync(
+    target: Annotated[Path, typer.Argument(
+        help="A storage root, a directory of storage roots, or an experiment spec (its default storage root).")]
+    = Path("xstilts-out"),
+    tracking_uri: Annotated[str | None, typer.Option(
+        "--tracking-uri", help="Upload to this MLflow instead of the one each run was configured with.")] = None,
+) -> None:
+    """Upload what runs buffered while MLflow was unreachable; safe to repeat. Exit 1 if some stays buffered."""
+    from xstilts.operator.plan import default_storage_root
+    from xstilts.trainer.tracking import sync_storage
+
+    if not target.exists():
+        err.print(f"[red]error:[/red] {target} is neither a storage root nor a spec file", soft_wrap=True)
+        raise typer.Exit(EXIT_INVALID)
+    root = target if target.is_dir() else Path(default_storage_root(load_spec(target)))
+    report = sync_storage(root, tracking_uri)
+    for line in report.lines():
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(0 if report.ok else 1)
+
+
 def main() -> None:
     app()
 
