@@ -80,7 +80,8 @@ PRINTER_COLUMNS = [
 def spec_schema() -> dict[str, Any]:
     raw = ExperimentSpec.model_json_schema(by_alias=True, mode="validation")
     definitions = raw.pop("$defs", {})
-    return _structural(raw, definitions)
+    schema: dict[str, Any] = _structural(raw, definitions)
+    return schema
 
 
 def _structural(node: Any, definitions: dict[str, Any]) -> Any:
@@ -98,9 +99,9 @@ def _structural(node: Any, definitions: dict[str, Any]) -> Any:
             non_null = [o for o in options if o.get("type") != "null"]
             rest = {k: v for k, v in node.items() if k != options_key}
             if len(non_null) == 1:  # Optional[X]
-                out = _structural({**non_null[0], **rest}, definitions)
-                out["nullable"] = True
-                return out
+                optional = _structural({**non_null[0], **rest}, definitions)
+                optional["nullable"] = True
+                return optional
             return _int_or_string(rest, definitions)
     out: dict[str, Any] = {}
     for key, value in node.items():

@@ -95,7 +95,7 @@ class OwnerRef(BaseModel):
     def of(cls, obj: dict[str, Any]) -> OwnerRef:
         """The reference to an object as the API returned it (needs metadata.uid)."""
         meta = obj.get("metadata") or {}
-        return cls(apiVersion=obj["apiVersion"], kind=obj["kind"], name=meta["name"], uid=meta["uid"])
+        return cls(api_version=obj["apiVersion"], kind=obj["kind"], name=meta["name"], uid=meta["uid"])
 
     def to_k8s(self) -> dict[str, Any]:
         return {
