@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -142,7 +140,7 @@ def report_command(spec: ExperimentSpec, output_dir: Path | None, formats_text: 
 def ui_command(spec: ExperimentSpec | None, output_dir: Path | None, host: str, port: int,
                console: Console, err: Console) -> int:
     """`mlflow ui` on the experiment's local store, in the foreground until Ctrl-C."""
-    from xstilts.trainer.tracking import LOCAL_ARTIFACTS, LOCAL_STORE, local_tracking_uri
+    from xstilts.trainer.tracking_mlflow import artifact_location, local_tracking_uri, sqlite_path
 
     if spec is None and output_dir is None:
         err.print("[red]error:[/red] give a SPEC or --output-dir DIR (the experiment's output directory)")
@@ -151,19 +149,19 @@ def ui_command(spec: ExperimentSpec | None, output_dir: Path | None, host: str, 
         console.print(f"{spec.name} tracks to {escape(spec.mlflow.tracking_uri)}: open that server's UI")
         return EXIT_OK
     root = output_dir if output_dir is not None else storage_root_of(spec, None)  # type: ignore[arg-type]
-    if not (root / LOCAL_STORE).exists():
-        err.print(f"[red]error:[/red] no MLflow store at {escape(str(root / LOCAL_STORE))}: run `xstilts run` first,"
+    uri = local_tracking_uri(root)
+    db, artifacts = sqlite_path(uri), artifact_location(uri)
+    if db is None or artifacts is None or not db.exists():
+        err.print(f"[red]error:[/red] no MLflow store at {escape(str(db))}: run `xstilts run` first,"
                   " or pass the experiment's --output-dir", soft_wrap=True)
         return EXIT_INVALID
-    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", local_tracking_uri(root),
-            "--default-artifact-root", (root / LOCAL_ARTIFACTS).resolve().as_uri(),
-            "--host", host, "--port", str(port)]
+    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--default-artifact-root", artifacts,
+            "--host", host, "--port", str(port), "--workers", "1"]
     console.print(f"MLflow UI for {escape(str(root))}: [bold]http://{host}:{port}[/bold] (Ctrl-C to stop)")
+    sys.stdout.flush()
     console.file.flush()
-    proc = subprocess.Popen(argv)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:  # the server got the same Ctrl-C
-        proc.send_signal(signal.SIGINT)
-        proc.wait()
-        return EXIT_OK
+    # Browsing runs needs none of the server's background job workers (GenAI features): a
+    # lighter UI on a laptop, unless the environment asks for them.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | dict(os.environ)
+    # The server takes this process's place: Ctrl-C and kill reach it directly, nothing is orphaned.
+    os.execve(sys.executable, argv, env)

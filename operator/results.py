@@ -15,7 +15,8 @@ from pydantic import ValidationError
 from xstilts.operator.plan import Plan
 from xstilts.operator.report import Figure, Report, to_html, to_markdown
 from xstilts.trainer.config import RESULT_FILE, RunResult
-from xstilts.trainer.tracking import RUN_ID_TAG, open_client
+from xstilts.trainer.tracking_buffer import RUN_ID_TAG
+from xstilts.trainer.tracking_mlflow import open_client
 
 REPORT_DIR = "report"
 REPORT_FORMATS = ("md", "html", "png", "json")
