@@ -21,7 +21,10 @@ Rules, all derived from what is observed now (level-triggered):
   (re)created once its dependencies have results: this recreates Jobs deleted by hand;
 - a failed run stays failed: its Job is not retried by reconcile (the Job's own
   backoffLimit and podFailurePolicy already did that), and once the Job's TTL deletes it,
-  the failure is remembered through the previous status's `runs` map;
+  the failure is remembered through the previous status's `runs` and `failures` maps. To
+  retry failed runs, delete their Jobs and drop them from the status, e.g.
+  `kubectl patch experiment NAME --subresource=status --type=json
+  -p '[{"op": "remove", "path": "/status/runs/RUN_ID"}]'`;
 - a phase-3 run is created only when its phase-2 run has a result; if the phase-2 run
   failed (or is blocked), the dependant is `blocked` and never created;
 - at most spec.cluster.maxParallel Jobs are active (pending or running), counting the Jobs
@@ -188,8 +191,10 @@ class ResultSummary:
 
 @dataclass(frozen=True)
 class Observed:
-    """The experiment as seen now: its Jobs (selected by the experiment label), the results
-    found on storage, and the Experiment's current status (None for a new Experiment)."""
+    """The experiment as seen now: its Jobs (selected by `render.experiment_selector`), the
+    results found on storage (`render.result_file` says where), and the Experiment's current
+    status as the API returned it (None for a new Experiment): reconcile reads its `runs`,
+    `failures` and `conditions` to keep failures and transition times."""
 
     jobs: Iterable[ObservedJob] = ()
     results: Mapping[str, ResultSummary] = field(default_factory=dict)

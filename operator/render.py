@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from xstilts.operator.plan import Plan, PlannedRun
 from xstilts.operator.spec import ExperimentSpec
-from xstilts.trainer.config import ExitCode, RunConfig
+from xstilts.trainer.config import RESULT_FILE, ExitCode, RunConfig, run_dir
 
 # --- names and labels --------------------------------------------------------------------
 
@@ -166,6 +166,12 @@ def pod_storage_root(spec: ExperimentSpec) -> str:
     if storage.uri:
         return f"{storage.uri.rstrip('/')}/{spec.name}"
     return f"{storage.mount_path.rstrip('/') or ''}/{spec.name}"
+
+
+def result_file(spec: ExperimentSpec, run_id: str) -> str:
+    """Where a run's result.json lands, as a pod (or the controller, which mounts the runs
+    volume at the same path) sees it; for an object store, its URI."""
+    return f"{run_dir(pod_storage_root(spec), run_id)}/{RESULT_FILE}"
 
 
 def runs_pvc(spec: ExperimentSpec) -> str | None:

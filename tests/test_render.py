@@ -25,6 +25,7 @@ from xstilts.operator.render import (
     memory_bytes,
     render_experiment,
     render_run,
+    result_file,
     shm_size,
 )
 from xstilts.operator.spec import ExperimentSpec, load_spec_text
@@ -182,6 +183,13 @@ def test_config_map_holds_the_run_config_with_the_pod_storage_root() -> None:
     assert mounts["run-config"] == {"name": "run-config", "mountPath": "/etc/xstilts", "readOnly": True}
     assert volumes["runs"]["persistentVolumeClaim"]["claimName"] == "xstilts-runs"
     assert mounts["runs"]["mountPath"] == "/data"
+
+
+def test_result_file_is_where_the_pod_writes_it() -> None:
+    spec, p = load("scaling")
+    run = p.runs[0]
+    config = RunConfig.model_validate_json(render_run(run, spec)[0]["data"]["run.json"])
+    assert result_file(spec, run.run_id) == config.result_path == f"/data/scaling/runs/{run.run_id}/result.json"
 
 
 def test_spec_without_storage_uses_the_default_runs_volume() -> None:
