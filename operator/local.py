@@ -158,10 +158,14 @@ def detect_gpus() -> list[str]:
 # --- run directory files --------------------------------------------------------------------
 
 
-def read_progress(run_dir: Path) -> dict[str, Any] | None:
-    """The trainer's progress.json, or None while there is none (or it is being replaced)."""
+def read_progress(run_dir: Path, since: float = 0.0) -> dict[str, Any] | None:
+    """The trainer's progress.json if written after `since` (epoch seconds: an earlier
+    attempt's file is stale), or None while there is none or it is being replaced."""
+    path = run_dir / PROGRESS_FILE
     try:
-        data = json.loads((run_dir / PROGRESS_FILE).read_text(encoding="utf-8"))
+        if path.stat().st_mtime < since:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -276,6 +280,7 @@ class _Process:
     lock_fd: int
     gpu_ids: list[str]
     started: float  # monotonic
+    started_at: float  # epoch seconds, to tell this attempt's progress.json from an older one
 
 
 @dataclass
@@ -317,6 +322,7 @@ class LocalExecutor:
         self.processes: dict[str, _Process] = {}
         self.observed: list[tuple[float, float]] = []  # (cost, seconds) of finished runs
         self.failed: dict[str, FailedRun] = {}
+        self.signals: list[int] = []  # received, not yet acted on
         self.stop_signal: int | None = None
         self.stop_deadline: float | None = None
         self.waiting_for_lock: set[str] = set()
@@ -351,6 +357,7 @@ class LocalExecutor:
             self._announce()
             while True:
                 self._reap()
+                self._handle_signals()
                 if self.stop_signal is not None:
                     if not self.processes:
                         break
@@ -378,16 +385,23 @@ class LocalExecutor:
                                style="red")
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        if self.stop_signal is None:
-            self.stop_signal = signum
-            self.stop_deadline = time.monotonic() + self.options.stop_grace_seconds
-            self.display.event(
-                f"stopping: asked {len(self.processes)} running run(s) to checkpoint and exit"
-                " (Ctrl-C again to kill them now); rerun the same command to resume", style="yellow")
-            self._kill_all(signal.SIGTERM)
-        else:
-            self.display.event("killing the running runs", style="red")
-            self._kill_all(signal.SIGKILL)
+        # Only note it: the loop acts within a poll interval, outside the handler, so that the
+        # display is never re-entered halfway through drawing.
+        self.signals.append(signum)
+
+    def _handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if self.stop_signal is None:
+                self.stop_signal = signum
+                self.stop_deadline = time.monotonic() + self.options.stop_grace_seconds
+                self.display.event(
+                    f"stopping: asked {len(self.processes)} running run(s) to checkpoint and exit"
+                    " (Ctrl-C again to kill them now); rerun the same command to resume", style="yellow")
+                self._kill_all(signal.SIGTERM)
+            else:
+                self.display.event("killing the running runs", style="red")
+                self._kill_all(signal.SIGKILL)
 
     def _escalate_stop(self) -> None:
         if self.stop_deadline is not None and time.monotonic() > self.stop_deadline:
@@ -441,17 +455,17 @@ class LocalExecutor:
         env = trainer_env(os.environ, placement, gpu_ids,
                           threads_per_process(self.cpus, self.options.parallel, placement.processes))
         log = (run_dir / TRAIN_LOG).open("ab")
-        offset = log.tell()
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
         log.write(f"{ATTEMPT_MARK} {run_id} at {stamp}: {' '.join(argv)}\n".encode())
         log.flush()
+        offset = log.tell()  # this attempt's output starts here
         parent = os.getpid()
         try:
             popen = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                 start_new_session=True, pass_fds=(lock_fd,), preexec_fn=lambda: _die_with_parent(parent),
             )
-        except OSError as e:
+        except (OSError, subprocess.SubprocessError) as e:
             log.close()
             os.close(lock_fd)
             self.free_gpus.extend(gpu_ids)
@@ -459,7 +473,7 @@ class LocalExecutor:
             self._fail(run_id, f"could not start the trainer: {e}", [], run_dir / TRAIN_LOG)
             return
         self.schedule.start(run_id)
-        self.processes[run_id] = _Process(run, popen, log, offset, lock_fd, gpu_ids, time.monotonic())
+        self.processes[run_id] = _Process(run, popen, log, offset, lock_fd, gpu_ids, time.monotonic(), time.time())
         self.display.event(f"start  {run_id} {run_title(run.config.labels, run.config.seed)}")
 
     def _reap(self) -> None:
@@ -509,7 +523,7 @@ class LocalExecutor:
         now = time.monotonic()
         rows, elapsed, etas = [], {}, {}
         for run_id, proc in self.processes.items():
-            progress = read_progress(self._run_dir(run_id))
+            progress = read_progress(self._run_dir(run_id), since=proc.started_at - 1.0)
             elapsed[run_id] = now - proc.started
             eta = progress.get("eta_s") if progress else None
             etas[run_id] = float(eta) if isinstance(eta, int | float) else None

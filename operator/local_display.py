@@ -192,14 +192,10 @@ def print_outcome(console: Console, outcome: Any, report_command: str, ui_comman
         f"[bold]{done + c.get(State.SKIPPED, 0)}/{sum(c.values())}[/bold] runs done ({done} now,"
         f" {c.get(State.SKIPPED, 0)} earlier) in {format_seconds(outcome.elapsed_seconds)};"
         f" {len(outcome.failed)} failed, {len(outcome.blocked)} blocked, {c.get(State.PENDING, 0)} not started")
-    if outcome.failed:
-        table = Table(title="failed runs", title_justify="left", show_edge=False)
-        for column in ("run", "what", "why", "log"):
-            table.add_column(column, overflow="fold")
-        for f in outcome.failed:
-            why = f.reason + (" (earlier; --retry-failed retries it)" if f.earlier else "")
-            table.add_row(f.run_id, escape(f.title), escape(why), escape(str(f.log_path)))
-        console.print(table)
+    for f in outcome.failed:
+        why = f.reason + (" in an earlier invocation; --retry-failed retries it" if f.earlier else "")
+        console.print(f"[red]failed[/red] {f.run_id} {escape(f.title)}: {escape(why)}; log: {escape(str(f.log_path))}",
+                      soft_wrap=True)
     if outcome.blocked:
         console.print("[red]blocked[/red] (a run they need failed): "
                       + ", ".join(f"{run_id} {escape(title)}" for run_id, title, _ in outcome.blocked),
