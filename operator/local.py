@@ -212,7 +212,7 @@ def exit_reason(returncode: int) -> str:
         except ValueError:
             return f"killed by signal {-returncode}"
     known = {ExitCode.INVALID: "invalid config or data", ExitCode.INTERRUPTED: "interrupted"}
-    name = known.get(returncode)  # type: ignore[call-overload]
+    name = known.get(returncode)
     return f"exit {returncode}" + (f" ({name})" if name else "")
 
 

@@ -142,13 +142,16 @@ def ui_command(spec: ExperimentSpec | None, output_dir: Path | None, host: str, 
     """`mlflow ui` on the experiment's local store, in the foreground until Ctrl-C."""
     from xstilts.trainer.tracking_mlflow import artifact_location, local_tracking_uri, sqlite_path
 
-    if spec is None and output_dir is None:
+    if output_dir is not None:
+        root = output_dir
+    elif spec is None:
         err.print("[red]error:[/red] give a SPEC or --output-dir DIR (the experiment's output directory)")
         return EXIT_INVALID
-    if spec is not None and spec.mlflow.tracking_uri and output_dir is None:
+    elif spec.mlflow.tracking_uri:
         console.print(f"{spec.name} tracks to {escape(spec.mlflow.tracking_uri)}: open that server's UI")
         return EXIT_OK
-    root = output_dir if output_dir is not None else storage_root_of(spec, None)  # type: ignore[arg-type]
+    else:
+        root = storage_root_of(spec, None)
     uri = local_tracking_uri(root)
     db, artifacts = sqlite_path(uri), artifact_location(uri)
     if db is None or artifacts is None or not db.exists():

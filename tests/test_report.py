@@ -244,3 +244,35 @@ def test_report_rejects_an_unknown_format(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "pdf is not a report format" in result.output
     assert not (tmp_path / "report").exists()
+
+
+def test_report_from_mlflow_equals_report_from_files(tmp_path: Path) -> None:
+    """The trainer logs each result.json to its MLflow run (RunTracker, the real tracking code);
+    --from-mlflow rebuilds the same report from MLflow alone."""
+    from xstilts.operator.local import with_tracking
+    from xstilts.trainer.tracking import RunTracker, find_or_create_parent_run, local_tracking_uri
+
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(SPEC, encoding="utf-8")
+    out = tmp_path / "out"
+    uri = local_tracking_uri(out)
+    p = with_tracking(plan(the_spec(), str(out)), uri, find_or_create_parent_run(uri, "report-test", "report-test"))
+    results = hand_made_results(p)
+    write_results(p, results)
+    for r in results:
+        tracker = RunTracker(p.by_id[r.run_id].config)
+        tracker.start()
+        tracker.log_artifact(p.by_id[r.run_id].config.result_path)
+        tracker.finish()
+
+    from_files = CliRunner().invoke(app, ["report", str(spec_path), "--output-dir", str(out), "--format", "json"])
+    assert from_files.exit_code == 0, from_files.output
+    expected = json.loads((out / "report" / "report.json").read_text(encoding="utf-8"))
+    for r in results:  # MLflow is now the only source
+        Path(p.by_id[r.run_id].config.result_path).unlink()
+    from_mlflow = CliRunner().invoke(app, ["report", str(spec_path), "--output-dir", str(out), "--format", "json",
+                                           "--from-mlflow"])
+    assert from_mlflow.exit_code == 0, from_mlflow.output
+    got = json.loads((out / "report" / "report.json").read_text(encoding="utf-8"))
+    assert got == expected
+    assert len(got["gains"]) == 6  # small and big × en, de, avg
