@@ -198,3 +198,20 @@ def test_progress_lines() -> None:
                                   State.FAILED: 1}, [row], 61.0, 30.0)
     assert counts_line(view) == ("sched: 3/6 done (2 earlier), 1 running, 1 pending, 1 failed;"
                                  " elapsed 1:01, ~0:30 left")
+
+
+def test_live_view_renders_counts_and_running_runs() -> None:
+    from rich.console import Console
+    from xstilts.operator.local_display import render
+
+    row = RunningRow("abc123def456", "a mnli→pawsx seed 1", {"phase": "train", "step": 5, "total_steps": 20,
+                                                            "loss": 0.7, "eta_s": 30}, 9.0)
+    view = ProgressView("sched", {State.DONE: 2, State.RUNNING: 1, State.PENDING: 3}, [row], 125.0, None,
+                        note="stopping: waiting for 1 run(s) to checkpoint and exit")
+    console = Console(record=True, width=160, force_terminal=False)
+    console.print(render(view))
+    text = console.export_text()
+    assert "sched: 2/6 done, 1 running, 3 pending; elapsed 2:05, ~? left" in text
+    assert "abc123def456" in text and "a mnli→pawsx seed 1" in text
+    assert "train, step 5/20, loss 0.700, ~0:30 left" in text
+    assert "stopping: waiting for 1 run(s)" in text
