@@ -54,6 +54,7 @@ from xstilts.operator.render import (
     render_run,
 )
 from xstilts.operator.spec import BASELINE, ExperimentSpec
+from xstilts.operator.stats import gain_interval
 from xstilts.trainer.config import RunResult, Stage
 
 JobPhase = Literal["pending", "running", "succeeded", "failed"]
@@ -87,6 +88,7 @@ PHASE_PARTIALLY_FAILED = "PartiallyFailed"
 
 # How many failed runs the Degraded condition names before "and N more".
 FAILURES_NAMED = 5
+POINTS = 100.0  # scores are fractions; gains are in points
 
 
 # --- what is observed --------------------------------------------------------------------
@@ -243,8 +245,9 @@ class Decision:
 
 @dataclass(frozen=True, slots=True)
 class Gain:
-    """Mean gain over seeds of an intermediate arm against the baseline, in points of the
-    target's primary metric averaged over its evaluation languages."""
+    """Gain of an intermediate arm over the baseline on one target, in points of the target's
+    primary metric averaged over its languages, over `seeds` seeds (paired by seed when it
+    can be; `stats.gain_interval` decides, as in the report)."""
 
     model: str
     intermediate: str
@@ -257,25 +260,24 @@ class Gain:
 
 
 def gains(plan: Plan, results: Mapping[str, ResultSummary]) -> list[Gain]:
-    """Every (model, intermediate, target) with at least one seed where both the arm and
-    its baseline (same model, target and seed) have results, in plan order."""
-    baseline: dict[tuple[str, str | None, int], float] = {}
-    for run in plan.runs:
-        if run.config.stage is Stage.TARGET and run.labels.intermediate == BASELINE:
-            avg = _average(results.get(run.run_id))
-            if avg is not None:
-                baseline[(run.labels.model, run.labels.target, run.config.seed)] = avg
-    per_arm: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    """Every (model, intermediate, target) whose arm and baseline both have target results,
+    in plan order. The same computation as the report's language-average cells."""
+    scores: dict[tuple[str, str, str], dict[int, float]] = defaultdict(dict)
     for run in plan.runs:
         labels = run.labels
-        if run.config.stage is not Stage.TARGET or labels.intermediate == BASELINE or labels.target is None:
+        if run.config.stage is not Stage.TARGET or labels.target is None:
             continue
         avg = _average(results.get(run.run_id))
-        base = baseline.get((labels.model, labels.target, run.config.seed))
-        if avg is not None and base is not None:
-            per_arm[(labels.model, labels.intermediate, labels.target)].append(100.0 * (avg - base))
-    return [Gain(model, arm, target, fmean(points), len(points))
-            for (model, arm, target), points in per_arm.items()]
+        if avg is not None:
+            scores[(labels.model, labels.intermediate, labels.target)][run.config.seed] = POINTS * avg
+    found = []
+    for (model, arm, target), treated in scores.items():
+        if arm == BASELINE:
+            continue
+        interval = gain_interval(treated, scores.get((model, BASELINE, target), {}))
+        if interval is not None:
+            found.append(Gain(model, arm, target, interval.mean, interval.n))
+    return found
 
 
 def best_gain(plan: Plan, results: Mapping[str, ResultSummary]) -> Gain | None:

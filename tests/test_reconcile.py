@@ -229,7 +229,7 @@ def test_best_gain_is_the_largest_mean_gain_over_seeds() -> None:
         ("small", "baseline", "xnli", 2): 0.70, ("small", "mnli", "xnli", 2): 0.75,
         ("small", "hellaswag", "xnli", 1): 0.71,
         ("big", "baseline", "pawsx", 1): 0.80, ("big", "mnli", "pawsx", 1): 0.79,
-        ("big", "hellaswag", "pawsx", 2): 0.95,  # no baseline for seed 2: not a gain yet
+        ("small", "hellaswag", "pawsx", 1): 0.95,  # no small baseline on pawsx yet: not a gain
     }
     results = {run(m, i, t, s).run_id: result(run(m, i, t, s).run_id, v) for (m, i, t, s), v in scores.items()}
     by_arm = {(g.model, g.intermediate, g.target): (round(g.points, 6), g.seeds) for g in gains(PLAN, results)}
@@ -240,6 +240,29 @@ def test_best_gain_is_the_largest_mean_gain_over_seeds() -> None:
     assert decide([], list(results.values())).status["bestGain"] == "+4.0 xnli/mnli@small"
     assert best_gain(PLAN, {}) is None
     assert "bestGain" not in decide().status
+
+
+def test_gains_agree_with_the_report() -> None:
+    from xstilts.operator.report import AVG, build_report, grid_of
+    from xstilts.trainer.tasks import TASKS
+
+    def run_result(planned: PlannedRun, accuracy: float) -> RunResult:
+        languages = TASKS[planned.labels.target or ""].languages
+        return RunResult(
+            run_id=planned.run_id, config=planned.config, metrics={},
+            languages={lang: {"accuracy": accuracy + i / 1000} for i, lang in enumerate(languages)},
+            parameter_count=10**8, tokens_seen=1, train_steps=1, wall_seconds=1.0, tokens_per_second=1.0,
+            finished_at="2025-06-01T10:00:00Z")
+
+    accuracies = {("baseline", 1): 0.70, ("baseline", 2): 0.72, ("mnli", 1): 0.74, ("mnli", 2): 0.73,
+                  ("hellaswag", 2): 0.69}
+    records = [run_result(run("small", arm, "xnli", seed), acc) for (arm, seed), acc in accuracies.items()]
+    found = gains(PLAN, {r.run_id: ResultSummary.from_result(r) for r in records})
+    report = build_report(records, grid_of(SPEC))
+    assert {(g.intermediate, g.seeds) for g in found} == {("mnli", 2), ("hellaswag", 1)}
+    for gain in found:
+        cell = report.cell(gain.model, gain.intermediate, gain.target, AVG)
+        assert cell is not None and gain.points == pytest.approx(cell.gain.mean)
 
 
 def test_mlflow_experiment_link() -> None:
