@@ -82,7 +82,12 @@ HF_TOKEN_KEY = "token"
 
 
 class OwnerRef(BaseModel):
-    """The Experiment that owns a run's objects; deleting it cascades to them."""
+    """The Experiment that owns a run's objects; deleting it cascades to them.
+
+    `namespace` is the owner's own namespace (not part of the ownerReference): an owner and
+    what it owns must share a namespace, or the garbage collector deletes the owned objects
+    as orphans. When it is set, render places the run's objects there, whatever
+    spec.cluster.namespace says."""
 
     model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")
 
@@ -90,12 +95,14 @@ class OwnerRef(BaseModel):
     kind: str
     name: str
     uid: str
+    namespace: str | None = None
 
     @classmethod
     def of(cls, obj: dict[str, Any]) -> OwnerRef:
         """The reference to an object as the API returned it (needs metadata.uid)."""
         meta = obj.get("metadata") or {}
-        return cls(api_version=obj["apiVersion"], kind=obj["kind"], name=meta["name"], uid=meta["uid"])
+        return cls(api_version=obj["apiVersion"], kind=obj["kind"], name=meta["name"], uid=meta["uid"],
+                   namespace=meta.get("namespace"))
 
     def to_k8s(self) -> dict[str, Any]:
         return {
@@ -214,7 +221,7 @@ def shm_size(memory: str, processes: int) -> str:
 
 def render_run(run: PlannedRun, spec: ExperimentSpec, owner: OwnerRef | None = None) -> list[dict[str, Any]]:
     """The objects that execute one run, in creation order: ConfigMap, [headless Service
-    for multi-node runs], Job. Each has `metadata.namespace` = spec.cluster.namespace."""
+    for multi-node runs], Job, all in `run_namespace(spec, owner)`."""
     name = job_name(spec.name, run.run_id)
     labels = run_labels(run)
     objects = [_config_map(run, spec, name, labels, owner)]
@@ -229,8 +236,14 @@ def render_experiment(plan: Plan, spec: ExperimentSpec, owner: OwnerRef | None =
     return [obj for run in plan.runs for obj in render_run(run, spec, owner)]
 
 
+def run_namespace(spec: ExperimentSpec, owner: OwnerRef | None = None) -> str:
+    """The owner's namespace when known (ownerReferences cannot cross namespaces), else
+    spec.cluster.namespace."""
+    return owner.namespace if owner is not None and owner.namespace else spec.cluster.namespace
+
+
 def _metadata(spec: ExperimentSpec, name: str, labels: dict[str, str], owner: OwnerRef | None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "namespace": spec.cluster.namespace, "labels": dict(labels)}
+    meta: dict[str, Any] = {"name": name, "namespace": run_namespace(spec, owner), "labels": dict(labels)}
     if owner is not None:
         meta["ownerReferences"] = [owner.to_k8s()]
     return meta

@@ -293,9 +293,17 @@ def test_objects_without_an_owner_have_no_owner_references() -> None:
     assert all("ownerReferences" not in o["metadata"] for o in render_run(p.runs[0], spec))
 
 
-def test_owner_ref_from_an_api_object() -> None:
-    obj = {"apiVersion": "xstilts.dev/v1alpha1", "kind": "Experiment", "metadata": {"name": "demo", "uid": "u-1"}}
-    assert OwnerRef.of(obj).to_k8s()["uid"] == "u-1"
+def test_objects_live_in_their_owners_namespace() -> None:
+    spec, p = load("demo")
+    obj = {"apiVersion": "xstilts.dev/v1alpha1", "kind": "Experiment",
+           "metadata": {"name": "demo", "namespace": "team-a", "uid": "u-1"}}
+    owner = OwnerRef.of(obj)
+    assert owner.to_k8s() == {"apiVersion": "xstilts.dev/v1alpha1", "kind": "Experiment", "name": "demo",
+                              "uid": "u-1", "controller": True, "blockOwnerDeletion": True}
+    # An ownerReference cannot cross namespaces: the Experiment's namespace wins over the spec's.
+    assert spec.cluster.namespace == "default"
+    assert {o["metadata"]["namespace"] for o in render_run(p.runs[0], spec, owner)} == {"team-a"}
+    assert {o["metadata"]["namespace"] for o in render_run(p.runs[0], spec)} == {"default"}
 
 
 def test_render_is_deterministic() -> None:
