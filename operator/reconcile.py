@@ -444,7 +444,8 @@ def _gpu_hours_used(plan: Plan, results: Mapping[str, ResultSummary], jobs: Mapp
     for run_id, job in jobs.items():
         if run_id in results or job.start_time is None or not job.gpus:
             continue
-        end = job.completion_time or (now if job.active else None)
+        # A pending Job holds no GPU yet (its pods are not running, or Kueue holds it).
+        end = job.completion_time or (now if job.phase == "running" else None)
         if end is not None:
             seconds += max(0.0, (_aware(end) - _aware(job.start_time)).total_seconds()) * job.gpus
     return seconds / 3600.0

@@ -212,9 +212,10 @@ def test_condition_transition_times_move_only_when_the_status_changes() -> None:
 
 
 def test_gpu_hours_used_counts_results_and_job_lifetimes() -> None:
-    done, running, failed = (r.run_id for r in PLAN.runs[:3])
+    done, running, failed, pending = (r.run_id for r in PLAN.runs[:4])
     d = decide(
         [job(running, "running", start_time=NOW - timedelta(hours=2), gpus=2),
+         job(pending, "pending", start_time=NOW - timedelta(hours=7), gpus=2),  # holds no GPU yet
          job(failed, "failed", start_time=NOW - timedelta(hours=5), completion_time=NOW - timedelta(hours=4), gpus=2),
          job(done, "succeeded", start_time=NOW - timedelta(hours=9), completion_time=NOW, gpus=2)],
         [result(done, gpu_seconds=3 * 3600)],
