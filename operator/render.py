@@ -25,12 +25,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from xstilts.operator.plan import Plan, PlannedRun
-from xstilts.operator.spec import ExperimentSpec
+from xstilts.operator.spec import ExperimentSpec, ModelResources
 from xstilts.trainer.config import RESULT_FILE, ExitCode, RunConfig, run_dir
 
 # --- names and labels --------------------------------------------------------------------
 
-LABEL_PREFIX = "xstilts.dev/"
 EXPERIMENT_LABEL = "xstilts.dev/experiment"
 RUN_ID_LABEL = "xstilts.dev/run-id"
 STAGE_LABEL = "xstilts.dev/stage"
@@ -172,7 +171,7 @@ def pod_storage_root(spec: ExperimentSpec) -> str:
     storage = spec.cluster.storage
     if storage.uri:
         return f"{storage.uri.rstrip('/')}/{spec.name}"
-    return f"{storage.mount_path.rstrip('/') or ''}/{spec.name}"
+    return f"{storage.mount_path.rstrip('/')}/{spec.name}"
 
 
 def result_file(spec: ExperimentSpec, run_id: str) -> str:
@@ -212,6 +211,8 @@ def memory_bytes(quantity: str) -> int:
 
 
 def shm_size(memory: str, processes: int) -> str:
+    """The /dev/shm size limit: SHM_SHARE of the memory, at most SHM_MAX_PER_PROCESS per
+    process, at least 64 MiB."""
     mebibytes = max(min(memory_bytes(memory) // SHM_SHARE, SHM_MAX_PER_PROCESS * processes) // 2**20, 64)
     return f"{mebibytes // 1024}Gi" if mebibytes % 1024 == 0 else f"{mebibytes}Mi"
 
@@ -356,7 +357,7 @@ def _resources(run: PlannedRun, spec: ExperimentSpec) -> dict[str, Any]:
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
-def _model_resources(run: PlannedRun, spec: ExperimentSpec) -> Any:
+def _model_resources(run: PlannedRun, spec: ExperimentSpec) -> ModelResources:
     name = run.labels.model
     for model in spec.models:
         if model.name == name:
