@@ -196,6 +196,7 @@ tracker.finish()
 """
 
 
+@pytest.mark.slow  # two interpreters importing mlflow: 7-20 s on a busy machine
 def test_two_processes_can_open_a_fresh_local_store_at_once(tmp_path):
     # Without the lock, MLflow's schema migration of a new SQLite file races and one fails.
     configs = [c for c in plan_runs(tmp_path / "out", "race") if c.stage is Stage.TARGET]

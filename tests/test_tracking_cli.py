@@ -51,8 +51,8 @@ def test_sync_uploads_every_buffered_run_and_repeating_it_does_nothing(mlflow_se
     assert all(history(client, r.info.run_id, "train.loss") == [(1, 0.5)] for r in runs)
 
 
-def test_sync_of_a_spec_uses_its_storage_root_and_the_runs_own_server(mlflow_server, unique_experiment, tmp_path,
-                                                                      monkeypatch):
+def test_sync_of_a_spec_syncs_its_default_storage_root(mlflow_server, unreachable_mlflow_uri, unique_experiment,
+                                                      tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = tmp_path / "spec.yaml"
     spec.write_text(textwrap.dedent(f"""
@@ -60,17 +60,16 @@ def test_sync_of_a_spec_uses_its_storage_root_and_the_runs_own_server(mlflow_ser
         models: [{{name: tiny, pretrained: tiny/xlmr, parameters: 1000000}}]
         intermediateTasks: [mnli]
         targets: [xnli]
-        mlflow: {{trackingUri: '{mlflow_server.uri}'}}
+        mlflow: {{trackingUri: '{unreachable_mlflow_uri}'}}
         """))
-    mlflow_server.stop()
-    configs = buffer_runs(Path("xstilts-out") / unique_experiment, unique_experiment, mlflow_server.uri)
-    mlflow_server.start()
+    configs = buffer_runs(Path("xstilts-out") / unique_experiment, unique_experiment, unreachable_mlflow_uri)
+    buffer_runs(tmp_path / "elsewhere", "other", unreachable_mlflow_uri)  # not this spec's: left alone
 
-    result = CliRunner().invoke(app, ["sync", str(spec)])
+    result = CliRunner().invoke(app, ["sync", str(spec), "--tracking-uri", mlflow_server.uri])
     assert result.exit_code == 0, result.output
     assert f"{len(configs)} buffered run(s): {len(configs)} synced" in result.output
-    experiment = MlflowClient(mlflow_server.uri).get_experiment_by_name(unique_experiment)
-    assert experiment is not None
+    assert "elsewhere" not in result.output
+    assert MlflowClient(mlflow_server.uri).get_experiment_by_name(unique_experiment) is not None
 
 
 def test_sync_exits_1_and_keeps_the_records_while_mlflow_is_down(unreachable_mlflow_uri, tmp_path):

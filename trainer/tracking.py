@@ -6,41 +6,49 @@ run per training run, tagged `xstilts.run_id=<run id>` and linked by `mlflow.par
 Runs are found by these tags, never remembered, so a retried or resumed run (same run id)
 writes to the same MLflow run.
 
-Outages. Every write first goes to MLflow; if MLflow cannot be reached, the tracker goes
+Outages. Every write goes to MLflow first; if MLflow cannot be reached, the tracker goes
 offline and appends every call (start, params, metrics with step and timestamp, tags,
 artifacts by path, finish status) to `<run_dir>/mlflow-buffer.jsonl`. Training never waits
-long: HTTP retries and timeouts are cut to seconds (`tracking_mlflow.HTTP_DEFAULTS`), and while offline
-the tracker tries to reconnect only every `retry_after_seconds` (doubling up to 10 minutes).
-Reconnecting, `finish()` and `xstilts sync` replay the buffer with `sync_run_dir`:
+long: HTTP retries and timeouts are cut to seconds (`tracking_mlflow.CLIENT_DEFAULTS`: a
+refused connection costs milliseconds, a hung server about 20 s), and while offline the
+tracker tries again only every `retry_after_seconds`, doubling up to 10 minutes.
+Reconnecting, `finish()` and `xstilts sync` replay the buffer (`tracking_sync`):
 
 - Replay is idempotent. A metric point whose (key, step) MLflow already has is skipped, a
-  param that MLflow already holds with the same value is skipped, tags and artifacts are
-  overwritten with the same content. So a crash in the middle of a sync, or a second sync of
-  the same records, duplicates nothing.
-- The buffer is append-only; a sibling marker `mlflow-buffer.synced.json` holds the byte
-  offset up to which records have reached MLflow and is replaced atomically (write, fsync,
-  rename) only after they did. Nothing is lost if sync crashes: the records after the marker
-  are replayed next time. A flock on `mlflow-buffer.lock` keeps two syncs of one buffer apart.
-- Records MLflow refuses for good (a param changed value, a malformed key) are counted as
-  rejected and left in the buffer file for inspection; they do not block later records.
+  param MLflow already holds with the same value is skipped, tags and artifacts are written
+  again with the same content. A crash in the middle of a sync, or a second sync of the same
+  records, duplicates nothing.
+- The buffer is append-only; a marker beside it (`mlflow-buffer.synced.json`) holds the byte
+  offset up to which records have reached MLflow, and is replaced atomically (write, fsync,
+  rename) only after they did. If sync crashes, the records after the marker are replayed
+  next time: nothing is lost. A flock on `mlflow-buffer.lock` keeps two syncs of one buffer
+  apart (the second reports "busy").
+- Records MLflow refuses for good (a param that changed value, an invalid key) are reported
+  and stay in the buffer file for inspection; they do not block the records after them.
 
 One point per step. MLflow's metric history is append-only, so a resumed run that re-logs a
 step (it restarts from an older checkpoint) must not log it again: the first value logged for
 a (key, step) stays and later ones are skipped, live and in replay. On a deterministic resume
-the values are the same anyway. Metrics logged without a step count as step 0.
+the values are equal anyway. Metrics logged without a step count as step 0.
 
 Store. A RunConfig without a tracking URI uses `sqlite:///<storage_root>/mlflow.db`, with
-artifacts under `<storage_root>/mlartifacts`. MLflow 3 deprecates the file store (`./mlruns`);
-SQLite is its default backend, and it serialises concurrent writers (several local runs
-logging at once) with its file lock. What SQLite cannot do is let two processes create the
-schema at once (its alembic migration races), so opening a SQLite store holds a flock beside
-the database while MLflow creates or checks the tables.
+artifacts under `<storage_root>/mlartifacts` (the same store `xstilts run` sets up). MLflow 3
+deprecates the file store (`./mlruns`) and defaults to SQLite, which serialises concurrent
+writers (several local runs logging at once) with its own lock. What SQLite cannot do is let
+two processes create the schema at once (MLflow's alembic migration races and one fails), so
+opening a SQLite store holds a flock beside the database while MLflow creates or checks the
+tables. A storage root in an object store (s3://...) keeps the buffer, and the local store if
+no URI is given, in the local temp dir instead.
 
-URIs may carry credentials (`https://user:token@host`); buffers and log lines keep only the
-URI without them, and replay takes credentials from MLflow's own environment variables
-(MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN).
+Secrets. URIs may carry credentials (`https://user:token@host`). Buffers, log lines and sync
+reports keep the URI without them, MLflow's printing of run URLs is turned off, and replay
+takes credentials from MLflow's own environment variables (MLFLOW_TRACKING_USERNAME,
+MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN), which is where Secrets should put them.
 
-mlflow is imported lazily: the operator's CLI imports this module without the training stack.
+Modules: `tracking_buffer` (the buffer file and its records; no mlflow), `tracking_mlflow`
+(clients, finding or creating experiments and runs, idempotent writes), `tracking_sync`
+(replay and its report), and this one (the tracker the trainer uses). mlflow is imported
+lazily everywhere: the operator's CLI imports `sync_storage` without the training stack.
 """
 
 from __future__ import annotations
@@ -215,7 +223,7 @@ class RunTracker:
             except Exception as e:
                 if is_rejection(e):
                     log.warning("MLflow refused a %s record of run %s: %s", record["kind"], self._identity.run_id,
-                                first_line(e))
+                                first_line(e, self._uri))
                     return
                 self._go_offline(e)
         self._append_start()
@@ -249,7 +257,7 @@ class RunTracker:
         if not self._outage:
             self._outage = True
             log.warning("MLflow at %s is unreachable (%s); run %s goes on and buffers its records in %s",
-                        redact_uri(self._uri), first_line(error), self._identity.run_id, self._buffer.path)
+                        redact_uri(self._uri), first_line(error, self._uri), self._identity.run_id, self._buffer.path)
         self._run = None
         self._next_attempt = time.monotonic() + self._interval
         self._interval = min(self._interval * 2, MAX_RETRY_INTERVAL)

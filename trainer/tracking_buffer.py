@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -58,6 +59,18 @@ def redact_uri(uri: str) -> str:
     host = parts.hostname or ""
     netloc = f"{host}:{parts.port}" if parts.port else host
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def scrub(text: str, uri: str | None) -> str:
+    """`text` (an MLflow error quotes the URL it called) without the credentials of `uri`."""
+    if not uri:
+        return text
+    parts = urlsplit(uri)
+    if "@" in parts.netloc:
+        text = text.replace(parts.netloc.rsplit("@", 1)[0] + "@", "")
+    if parts.password:
+        text = text.replace(parts.password, "***")
+    return text
 
 
 @contextlib.contextmanager
@@ -170,20 +183,23 @@ class Buffer:
         except FileNotFoundError:
             return False
 
-    def _synced_offset(self) -> int:
+    def _synced_offset(self, data: bytes) -> int:
+        """How much of `data` (the buffer's bytes) has reached MLflow. A marker left by an
+        earlier buffer file (deleted, then begun again) names another first line: it does
+        not apply."""
         try:
             marker = json.loads(self.marker.read_text(encoding="utf-8"))
-            inode = os.stat(self.path).st_ino
         except (OSError, ValueError):
             return 0
-        # A marker of an older buffer file (deleted and started again) does not apply.
-        if not isinstance(marker, dict) or marker.get("inode") != inode:
+        if not isinstance(marker, dict) or marker.get("head") != _head(data):
             return 0
         offset = marker.get("offset")
-        return offset if isinstance(offset, int) and offset >= 0 else 0
+        return offset if _is_int(offset) and 0 <= offset <= len(data) else 0
 
     def mark_synced(self, offset: int) -> None:
-        body = json.dumps({"offset": offset, "inode": os.stat(self.path).st_ino, "synced_at": now_ms()})
+        with open(self.path, "rb") as handle:
+            head = _head(handle.readline())
+        body = json.dumps({"offset": offset, "head": head, "synced_at": now_ms()})
         fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=f".{SYNCED_MARKER}.")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -201,9 +217,7 @@ class Buffer:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return Pending(None, [], 0)
-        synced = self._synced_offset()
-        if synced > len(data):
-            synced = 0
+        synced = self._synced_offset(data)
         context: dict[str, Any] | None = None
         records: list[tuple[int, dict[str, Any]]] = []
         corrupt, start = 0, 0
@@ -222,11 +236,13 @@ class Buffer:
         return Pending(context, records, corrupt)
 
     def has_pending(self) -> bool:
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            return False
-        return size > self._synced_offset() and bool(self.pending().records)
+        return bool(self.pending().records)
+
+
+def _head(data: bytes) -> str:
+    """A fingerprint of the buffer's first line (its first start record, which holds the time
+    the run started): it tells one buffer file from a later one at the same path."""
+    return hashlib.sha256(data[: data.find(b"\n") + 1] if b"\n" in data else data).hexdigest()[:16]
 
 
 def _str_map(value: Any) -> bool:

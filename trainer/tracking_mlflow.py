@@ -17,6 +17,7 @@ from xstilts.trainer.tracking_buffer import (
     RUN_ID_TAG,
     RunIdentity,
     file_lock,
+    scrub,
 )
 
 if TYPE_CHECKING:
@@ -24,13 +25,16 @@ if TYPE_CHECKING:
 
 LOCAL_STORE = "mlflow.db"
 LOCAL_ARTIFACTS = "mlartifacts"
-# MLflow's defaults (7 retries with exponential backoff, 120 s timeout) make a dead server cost
-# minutes per call. Anything that does not get through is buffered and replayed, so one quick
-# retry is enough. Set only where the environment does not already choose.
-HTTP_DEFAULTS = {
+# Set only where the environment does not already choose. MLflow's HTTP defaults (7 retries
+# with exponential backoff, 120 s timeout) make a dead server cost minutes per call; anything
+# that does not get through is buffered and replayed, so one quick retry is enough (a hung
+# server costs about 2 x 10 s per attempt). And MLflow prints each finished run's URL, with any
+# credentials the tracking URI carries, to stdout: not into training logs.
+CLIENT_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 # MLflow error codes that mean "the server understood and refuses": replaying cannot help.
 # Everything else (connection errors, timeouts, 5xx, rate limits, auth) may heal, so it is
@@ -66,7 +70,7 @@ def artifact_location(uri: str) -> str | None:
 
 def open_client(tracking_uri: str) -> MlflowClient:
     """An MlflowClient with short HTTP timeouts; a SQLite store is created under a lock."""
-    for name, value in HTTP_DEFAULTS.items():
+    for name, value in CLIENT_DEFAULTS.items():
         os.environ.setdefault(name, value)
     from mlflow import MlflowClient
 
@@ -81,8 +85,9 @@ def is_rejection(error: BaseException) -> bool:
     return getattr(error, "error_code", None) in _REJECTIONS
 
 
-def first_line(error: BaseException, limit: int = 240) -> str:
-    text = str(error).strip().splitlines()
+def first_line(error: BaseException, uri: str | None = None, limit: int = 240) -> str:
+    """The error's first line, for a log line or a report, without the credentials of `uri`."""
+    text = scrub(str(error), uri).strip().splitlines()
     line = text[0] if text else type(error).__name__
     return line if len(line) <= limit else line[: limit - 1] + "…"
 

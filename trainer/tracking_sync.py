@@ -147,10 +147,10 @@ def _sync_one(run_dir: Path, tracking_uri: str | None) -> RunSync:
                 except Exception as e:
                     if not is_rejection(e):
                         raise
-                    result.counts.rejected.append(f"{record['kind']} record: {first_line(e)}")
+                    result.counts.rejected.append(f"{record['kind']} record: {first_line(e, tracking_uri)}")
                 synced_to = end
         except Exception as e:  # MLflow unreachable or failing: keep what is not yet synced
-            result.status, result.error = "failed", first_line(e)
+            result.status, result.error = "failed", first_line(e, tracking_uri)
         if synced_to is not None:
             buffer.mark_synced(synced_to)
         return result
