@@ -194,7 +194,7 @@ class Buffer:
         if not isinstance(marker, dict) or marker.get("head") != _head(data):
             return 0
         offset = marker.get("offset")
-        return offset if _is_int(offset) and 0 <= offset <= len(data) else 0
+        return offset if isinstance(offset, int) and 0 <= offset <= len(data) else 0
 
     def mark_synced(self, offset: int) -> None:
         with open(self.path, "rb") as handle:
