@@ -91,7 +91,8 @@ def midway(spec: ExperimentSpec, p: Plan) -> tuple[list[dict], dict[str, ResultS
         job["status"] = ({"succeeded": 1, "conditions": [{"type": phase, "status": "True"}]} if phase
                          else {"active": 1, "ready": 1, "startTime": "2025-01-01T00:00:00Z"})
         jobs.append(job)
-    return jobs, {r.run_id: ResultSummary(r.run_id, {"avg": 0.5}) for r in done}
+    # Scores differ from run to run, as real ones do, so that no two gains are alike.
+    return jobs, {r.run_id: ResultSummary(r.run_id, {"avg": 0.5 + (i % 997) / 10_000}) for i, r in enumerate(done)}
 
 
 def reconcile_timings(spec: ExperimentSpec, p: Plan, t_plan: float, repeats: int) -> None:
@@ -107,7 +108,9 @@ def reconcile_timings(spec: ExperimentSpec, p: Plan, t_plan: float, repeats: int
 
     t_parse = best_of(repeats, lambda: [ObservedJob.from_k8s(j) for j in job_objects])
     t_fresh = best_of(repeats, lambda: reconcile(spec, p, Observed(), now))
-    t_mid = best_of(repeats, lambda: reconcile(spec, p, observed, now))
+    # The first reconcile that sees these results computes every gain; later ones reuse them.
+    t_mid = best_of(1, lambda: reconcile(spec, p, observed, now))
+    t_again = best_of(repeats, lambda: reconcile(spec, p, observed, now))
     t_bare = best_of(repeats, bare_pass)
     t_render = best_of(1, lambda: render_experiment(p, spec))
     created = len(reconcile(spec, p, observed, now).creates)
@@ -115,6 +118,7 @@ def reconcile_timings(spec: ExperimentSpec, p: Plan, t_plan: float, repeats: int
     print(f"parse {len(job_objects)} Jobs:          {t_parse:.3f} s")
     print(f"reconcile, fresh:        {t_fresh:.3f} s")
     print(f"reconcile, midway:       {t_mid:.3f} s  ({created} runs rendered and created)")
+    print(f"  again, same results:   {t_again:.3f} s")
     print(f"baseline (bare pass):    {t_bare:.4f} s")
     print(f"ratio reconcile / bare:  {t_mid / t_bare:.0f}x")
     print(f"render all {n} runs:   {t_render:.3f} s  (submit --dry-run; not in the goal)")

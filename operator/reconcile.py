@@ -42,6 +42,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from statistics import fmean
 from typing import Any, Literal
 
@@ -274,10 +275,20 @@ def gains(plan: Plan, results: Mapping[str, ResultSummary]) -> list[Gain]:
     for (model, arm, target), treated in scores.items():
         if arm == BASELINE:
             continue
-        interval = gain_interval(treated, scores.get((model, BASELINE, target), {}))
-        if interval is not None:
-            found.append(Gain(model, arm, target, interval.mean, interval.n))
+        baseline = scores.get((model, BASELINE, target), {})
+        gain = _seed_gain(tuple(sorted(treated.items())), tuple(sorted(baseline.items())))
+        if gain is not None:
+            found.append(Gain(model, arm, target, *gain))
     return found
+
+
+@lru_cache(maxsize=1 << 16)
+def _seed_gain(treated: tuple[tuple[int, float], ...],
+               baseline: tuple[tuple[int, float], ...]) -> tuple[float, int] | None:
+    """Mean gain and seed count of one cell. gain_interval also computes a t interval (a few
+    milliseconds each); the cache makes a resync whose results did not change cost nothing."""
+    interval = gain_interval(dict(treated), dict(baseline))
+    return None if interval is None else (interval.mean, interval.n)
 
 
 def best_gain(plan: Plan, results: Mapping[str, ResultSummary]) -> Gain | None:
