@@ -173,6 +173,30 @@ def test_a_run_resumed_while_mlflow_is_down_logs_each_step_once(mlflow_server, u
     assert client.get_run(mlflow_run_id).info.status == "FINISHED"
 
 
+def test_two_attempts_buffered_in_one_outage_give_one_point_per_step(mlflow_server, unreachable_mlflow_uri,
+                                                                    unique_experiment, tmp_path):
+    config = target_run(tmp_path, unique_experiment, unreachable_mlflow_uri)
+    first = RunTracker(config)
+    first.start()
+    for step in range(1, 5):
+        first.log_metrics({"train.loss": float(step), "train.lr": 0.1}, step=step)
+    first.finish("KILLED")
+    retry = RunTracker(config)  # resumes from the step-2 checkpoint, MLflow still down
+    retry.start()
+    for step in range(3, 7):
+        retry.log_metrics({"train.loss": 100.0 + step, "train.lr": 0.2}, step=step)
+    retry.log_metrics({"train.loss": 999.0, "train.lr": 0.9}, step=6)  # step 6 again, same batch
+    retry.finish()
+
+    (done,) = sync_run_dir(Path(config.run_dir), tracking_uri=mlflow_server.uri).runs
+    assert (done.counts.metrics_logged, done.counts.metrics_skipped) == (12, 6)
+    client = MlflowClient(mlflow_server.uri)
+    assert history(client, done.mlflow_run_id, "train.loss") == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 105.0), (6, 106.0)]
+    assert [s for s, _ in history(client, done.mlflow_run_id, "train.lr")] == [1, 2, 3, 4, 5, 6]
+    assert client.get_run(done.mlflow_run_id).info.status == "FINISHED"  # the last attempt's status
+
+
 def test_a_torn_buffer_line_is_skipped_and_nothing_after_it_is_lost(mlflow_server, unreachable_mlflow_uri,
                                                                    unique_experiment, tmp_path):
     config = target_run(tmp_path, unique_experiment, unreachable_mlflow_uri)

@@ -218,7 +218,7 @@ class RunWriter:
         if kind == "params":
             self.log_params(record["params"], counts)
         elif kind == "metrics":
-            self.log_metrics(record["metrics"], int(record["step"]), int(record["timestamp"]), counts)
+            self.log_metrics([record], counts)
         elif kind == "tags":
             self.set_tags(record["tags"], counts)
         elif kind == "artifact":
@@ -247,20 +247,26 @@ class RunWriter:
             self.params.update(chunk)
             counts.params_logged += len(chunk)
 
-    def log_metrics(self, metrics: dict[str, float], step: int, timestamp: int, counts: Counts) -> None:
+    def log_metrics(self, records: list[dict[str, Any]], counts: Counts) -> None:
+        """Metric records, in as few requests as MLflow allows. A (key, step) that MLflow, or an
+        earlier record of the batch, already has is skipped: the first value stays."""
         from mlflow.entities import Metric
 
-        points = []
-        for key, value in metrics.items():
-            if step in self._steps(key):
-                counts.metrics_skipped += 1
-            else:
-                points.append(Metric(key, float(value), timestamp, step))
+        points: list[Metric] = []
+        batch: dict[str, set[int]] = {}
+        for record in records:
+            step, timestamp = int(record["step"]), int(record["timestamp"])
+            for key, value in record["metrics"].items():
+                if step in self._steps(key) or step in batch.setdefault(key, set()):
+                    counts.metrics_skipped += 1
+                else:
+                    batch[key].add(step)
+                    points.append(Metric(key, float(value), timestamp, step))
         for i in range(0, len(points), _METRICS_PER_BATCH):
             chunk = points[i:i + _METRICS_PER_BATCH]
             self.client.log_batch(self.run_id, metrics=chunk)
             for point in chunk:
-                self._steps(point.key).add(step)
+                self._steps(point.key).add(point.step)
             counts.metrics_logged += len(chunk)
 
     def set_tags(self, tags: dict[str, str], counts: Counts) -> None:

@@ -4,9 +4,10 @@ executor and controller."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from xstilts.trainer.config import RUNS_DIR
 from xstilts.trainer.tracking_buffer import BUFFER_FILE, BUFFER_LOCK, Buffer, RunIdentity, file_lock
@@ -23,6 +24,9 @@ from xstilts.trainer.tracking_mlflow import (
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+
+# Bounds a replay request and how much is replayed again after a crash.
+METRICS_RECORDS_PER_BATCH = 500
 
 
 SyncStatus = Literal["synced", "up-to-date", "busy", "failed"]
@@ -127,11 +131,12 @@ def _sync_one(run_dir: Path, tracking_uri: str | None) -> RunSync:
         context = pending.context
         synced_to: int | None = None
         try:
-            for end, record in pending.records:
-                if record["kind"] == "start":
-                    context, run = record, None
+            for group in _batches(pending.records):
+                end, first = group[-1][0], group[0][1]
+                if first["kind"] == "start":
+                    context, run = first, None
                 if context is None:  # its start record was lost: no way to know the run
-                    result.counts.rejected.append(f"{record['kind']} record with no start record before it")
+                    result.counts.rejected.append(f"{len(group)} {first['kind']} record(s) with no start record")
                     synced_to = end
                     continue
                 try:
@@ -142,15 +147,36 @@ def _sync_one(run_dir: Path, tracking_uri: str | None) -> RunSync:
                             clients[uri] = open_client(uri)
                         run = RunWriter(clients[uri], resolve_run(clients[uri], identity, artifact_location(uri)))
                         result.mlflow_run_id = run.run_id
-                    if record["kind"] != "start":
-                        run.apply(record, run_dir, result.counts)
+                    if first["kind"] == "metrics":
+                        run.log_metrics([record for _, record in group], result.counts)
+                    elif first["kind"] != "start":
+                        run.apply(first, run_dir, result.counts)
                 except Exception as e:
                     if not is_rejection(e):
                         raise
-                    result.counts.rejected.append(f"{record['kind']} record: {first_line(e, tracking_uri)}")
+                    result.counts.rejected.append(f"{first['kind']} record: {first_line(e, tracking_uri)}")
                 synced_to = end
         except Exception as e:  # MLflow unreachable or failing: keep what is not yet synced
             result.status, result.error = "failed", first_line(e, tracking_uri)
         if synced_to is not None:
             buffer.mark_synced(synced_to)
         return result
+
+
+def _batches(records: list[tuple[int, dict[str, Any]]]) -> Iterator[list[tuple[int, dict[str, Any]]]]:
+    """Runs of consecutive metrics records (replayed as one request each, up to
+    METRICS_RECORDS_PER_BATCH records), and every other record on its own."""
+    batch: list[tuple[int, dict[str, Any]]] = []
+    for item in records:
+        if item[1]["kind"] == "metrics" and len(batch) < METRICS_RECORDS_PER_BATCH:
+            batch.append(item)
+            continue
+        if batch:
+            yield batch
+            batch = []
+        if item[1]["kind"] == "metrics":
+            batch.append(item)
+        else:
+            yield [item]
+    if batch:
+        yield batch
