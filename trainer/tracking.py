@@ -189,14 +189,15 @@ class RunTracker:
         self._record(record)
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Set the run's terminal status, then try to replay whatever is still buffered."""
+        """Set the run's terminal status, then try to replay whatever is still buffered; not
+        for KILLED (a preempted run within its grace period: the retry replays at its start)."""
         if status not in TERMINAL_STATUSES:
             raise ValueError(f"status {status!r} is not one of {', '.join(TERMINAL_STATUSES)}")
         if not self.enabled or self._finished:
             return
         self._record({"kind": "finish", "status": status, "time": now_ms()})
         self._finished = True
-        if self._buffer.has_pending():
+        if status != "KILLED" and self._buffer.has_pending():
             self._connect(starting=False)
         if self._buffer.has_pending():
             log.warning("MLflow records of run %s stay buffered in %s; run `xstilts sync` once %s is reachable",
