@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from enum import IntEnum, StrEnum
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
@@ -130,6 +131,20 @@ class RunLabels(_Frozen):
 
 
 ModelSource = Annotated[str, Field(min_length=1, max_length=512)]
+RUN_ID = re.compile(rf"[0-9a-f]{{{RUN_ID_LENGTH}}}")
+# Characters that no path or hub id of a run may hold: the OS rejects NUL in a path only when
+# the path is first used (a crash mid-run instead of an invalid config), and line breaks would
+# forge lines in logs.
+CONTROL_CHARACTERS = frozenset(map(chr, [*range(32), 127]))
+
+
+def _plain_path(what: str, value: str) -> str:
+    """`value` unchanged, or ValueError if it holds control characters or a '..' segment."""
+    if CONTROL_CHARACTERS & set(value):
+        raise ValueError(f"{what} {value!r} contains control characters; give a plain path")
+    if ".." in PurePosixPath(value.split("://", 1)[-1]).parts:
+        raise ValueError(f"{what} {value!r} contains '..'; give a path without '..'")
+    return value
 
 
 class RunConfig(_Frozen):
@@ -142,7 +157,8 @@ class RunConfig(_Frozen):
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
     hyperparameters: HyperParameters = HyperParameters()
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    # Phase 3 starts from its phase-2 run's checkpoint; None starts from `model`.
+    # Phase 3 starts from its phase-2 run's checkpoint; None starts from `model`. A run id,
+    # never a path: the checkpoint it names is always inside this storage root.
     init_from_run: str | None = None
     eval_languages: tuple[str, ...] = ()  # empty: every language the target task has
     deepspeed: DeepSpeedSettings = DeepSpeedSettings()
@@ -167,9 +183,29 @@ class RunConfig(_Frozen):
     @field_validator("storage_root")
     @classmethod
     def _no_traversal(cls, root: str) -> str:
-        if ".." in PurePosixPath(root.split("://", 1)[-1]).parts:
-            raise ValueError(f"storage_root {root!r} contains '..'; give a path without '..'")
-        return root
+        return _plain_path("storage_root", root)
+
+    @field_validator("init_from_run")
+    @classmethod
+    def _a_run_id(cls, run_id: str | None) -> str | None:
+        if run_id is not None and not RUN_ID.fullmatch(run_id):
+            raise ValueError(f"init_from_run {run_id!r} is not a run id ({RUN_ID_LENGTH} hex digits, as `xstilts plan`"
+                             " lists them)")
+        return run_id
+
+    @field_validator("model")
+    @classmethod
+    def _plain_model(cls, model: str) -> str:
+        return _plain_path("model", model)
+
+    @field_validator("task_data")
+    @classmethod
+    def _plain_data_paths(cls, task_data: dict[str, str]) -> dict[str, str]:
+        for task, path in task_data.items():
+            if not path:
+                raise ValueError(f"task_data[{task!r}] is empty; give the task's data directory")
+            _plain_path(f"task_data[{task!r}]", path)
+        return task_data
 
     @model_validator(mode="after")
     def _stage_rules(self) -> RunConfig:
