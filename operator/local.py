@@ -38,6 +38,7 @@ from xstilts.operator.schedule import (
 from xstilts.operator.spec import ExperimentSpec
 from xstilts.trainer.config import ExitCode, Resources, RunLabels, TrackingConfig
 from xstilts.trainer.tracking import find_or_create_parent_run, local_tracking_uri
+from xstilts.trainer.tracking_mlflow import open_client
 
 RUN_CONFIG_FILE = "run.json"  # the RunConfig the executor hands to the trainer
 TRAIN_LOG = "train.log"  # the run's stdout and stderr, every attempt appended
@@ -582,4 +583,22 @@ def run_experiment(spec: ExperimentSpec, p: Plan, storage_root: Path, tracking_u
         p = with_tracking(p, tracking_uri, parent)
         write_run_configs(p)
         executor = LocalExecutor(p, options, display, machine_gpus)
-        return executor.execute()
+        if parent is not None:
+            set_parent_status(tracking_uri, parent, "RUNNING")
+        outcome = executor.execute()
+        if parent is not None:
+            status = "KILLED" if outcome.stopped_by is not None else "FINISHED" if outcome.ok else "FAILED"
+            set_parent_status(tracking_uri, parent, status)
+        return outcome
+
+
+def set_parent_status(tracking_uri: str, parent_run_id: str, status: str) -> None:
+    """The parent run shows the experiment's state in the MLflow UI: RUNNING while `xstilts run`
+    works, then FINISHED, FAILED (some run failed) or KILLED (stopped). Cosmetic: MLflow
+    being unreachable here changes nothing else."""
+    with contextlib.suppress(Exception):
+        client = open_client(tracking_uri)
+        if status == "RUNNING":
+            client.update_run(parent_run_id, status=status)
+        else:
+            client.set_terminated(parent_run_id, status=status)

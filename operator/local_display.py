@@ -71,8 +71,8 @@ def counts_line(view: ProgressView) -> str:
         parts.append(f"{c[State.FAILED]} failed")
     if c.get(State.BLOCKED):
         parts.append(f"{c[State.BLOCKED]} blocked")
-    left = "" if view.remaining is None and c.get(State.PENDING, 0) + c.get(State.RUNNING, 0) == 0 else (
-        f", ~{format_seconds(view.remaining)} left")
+    to_do = c.get(State.PENDING, 0) + c.get(State.RUNNING, 0)
+    left = f", ~{format_seconds(view.remaining)} left" if to_do else ""
     return f"{view.experiment}: " + ", ".join(parts) + f"; elapsed {format_seconds(view.elapsed)}{left}"
 
 

@@ -60,6 +60,7 @@ def load_mlflow_results(tracking_uri: str, experiment_name: str, run_ids: Iterab
     its run, tagged with the xstilts run id. The newest MLflow run per xstilts run counts."""
     from mlflow.exceptions import MlflowException
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per record otherwise
     client = open_client(tracking_uri)
     loaded = Loaded()
     experiment = client.get_experiment_by_name(experiment_name)
