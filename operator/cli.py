@@ -12,6 +12,7 @@ import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
+from xstilts.operator.cluster_cli import register as register_cluster_commands
 from xstilts.operator.crd import crd as make_crd
 from xstilts.operator.plan import Plan, PlannedRun, plan
 from xstilts.operator.spec import ExperimentSpec, SpecError, load_spec_text
@@ -255,6 +256,10 @@ def sync(
     for line in report.lines():
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(0 if report.ok else 1)
+
+
+# submit, status, logs, delete, controller (their imports of the Kubernetes client are lazy).
+register_cluster_commands(app)
 
 
 def main() -> None:
