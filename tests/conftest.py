@@ -8,4 +8,4 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-pytest_plugins: list[str] = ["fixtures.mlflow_server"]
+pytest_plugins: list[str] = ["fixtures.mlflow_server", "fixtures.tiny_hub"]

@@ -57,6 +57,9 @@ class Task:
     train_examples: int = 0  # size of the real training set, for GPU-hour estimates
     tokens_per_example: int = 64  # typical tokens per example (all choices for multiple choice)
     default_max_seq_length: int = 128
+    # Span QA: some questions have no answer in the context (SQuAD v2.0), so predicting
+    # "no answer" is allowed when it scores higher than every span.
+    no_answer: bool = False
 
     @property
     def is_multilingual(self) -> bool:
@@ -153,7 +156,7 @@ _TASK_LIST = [
     Task("squad_v2", Format.SPAN_QA, "SQuAD v2.0 question answering with unanswerable questions",
          (HubSource("rajpurkar/squad_v2", None, {"train": "train", "validation": "validation"}),),
          _squad, metric="f1", train_examples=130_319, tokens_per_example=160,
-         default_max_seq_length=384),
+         default_max_seq_length=384, no_answer=True),
     Task("hellaswag", Format.MULTIPLE_CHOICE, "HellaSwag commonsense sentence completion",
          (HubSource("Rowan/hellaswag", None, {"train": "train", "validation": "validation"}),),
          _hellaswag, train_examples=39_905, tokens_per_example=4 * 70),

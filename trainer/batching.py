@@ -1,0 +1,179 @@
+"""Batches: length-grouped training batches, multi-task sampling, evaluation batches by
+token budget, and the collator that pads each batch only to its own longest row.
+
+Padding to the batch's own longest row (dynamic padding) and putting rows of similar length
+together (length grouping) is where the throughput over pad-to-max-length comes from; see
+benchmarks/train_throughput.py.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from xstilts.trainer.features import IGNORE
+
+MEGABATCH_FACTOR = 50  # rows sorted together: enough to find similar lengths, few enough to stay random
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.Random,
+                           megabatch_factor: int = MEGABATCH_FACTOR) -> list[list[int]]:
+    """One pass over all rows in batches of similar length: a random permutation cut into
+    megabatches of `megabatch_factor` batches, each sorted by length and cut into batches; the
+    batch order is then shuffled, with the longest batch first so that a batch too big for
+    memory fails at the first step, not hours in."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    mega = batch_size * megabatch_factor
+    batches: list[list[int]] = []
+    for at in range(0, len(order), mega):
+        group = sorted(order[at: at + mega], key=lambda i: -lengths[i])
+        batches += [group[b: b + batch_size] for b in range(0, len(group), batch_size)]
+    rng.shuffle(batches)
+    longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]) * len(batches[b]))
+    batches[0], batches[longest] = batches[longest], batches[0]
+    return batches
+
+
+def task_probabilities(sizes: Sequence[int], temperature: float) -> list[float]:
+    """P(task) ∝ n_task^(1/T): T=1 proportional to size, T→∞ uniform."""
+    weights = [n ** (1.0 / temperature) for n in sizes]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+class MultiTaskBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Micro-batches for the training loop, each from one task, as indices into the tasks'
+    train sets laid end to end (`offsets`).
+
+    Each draw picks a task with `task_probabilities` and takes the next `group` micro-batches
+    of that task's length-grouped stream (a fresh shuffled pass whenever one runs out). `group`
+    is the data-parallel world size: the data loader deals consecutive batches to the ranks in
+    turn, so every rank trains the same task at each micro-step. The order depends only on
+    (seed, epoch), so a resumed run skips exactly the batches it already trained on.
+    """
+
+    def __init__(self, task_lengths: Sequence[Sequence[int]], micro_batch_size: int, batches_per_epoch: int,
+                 temperature: float = 1.0, seed: int = 0, group: int = 1) -> None:
+        if batches_per_epoch % group:
+            raise ValueError(f"batches_per_epoch {batches_per_epoch} is not a multiple of group {group}")
+        self.task_lengths = [list(lengths) for lengths in task_lengths]
+        self.offsets = [sum(len(t) for t in self.task_lengths[:i]) for i in range(len(self.task_lengths))]
+        self.micro_batch_size = micro_batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.probabilities = task_probabilities([len(t) for t in self.task_lengths], temperature)
+        self.seed = seed
+        self.group = group
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = random.Random(f"{self.seed}:{self.epoch}")
+        streams = [self._stream(t, rng) for t in range(len(self.task_lengths))]
+        tasks = range(len(self.task_lengths))
+        for _ in range(self.batches_per_epoch // self.group):
+            task = rng.choices(tasks, weights=self.probabilities)[0]
+            for _ in range(self.group):
+                yield next(streams[task])
+
+    def _stream(self, task: int, rng: random.Random) -> Iterator[list[int]]:
+        task_rng = random.Random(rng.random())
+        offset = self.offsets[task]
+        while True:
+            for batch in length_grouped_batches(self.task_lengths[task], self.micro_batch_size, task_rng):
+                yield [offset + i for i in batch]
+
+
+def eval_batches(lengths: Sequence[int], max_tokens: int, max_rows: int) -> list[list[int]]:
+    """Rows sorted by length (longest first) and packed into batches of at most `max_tokens`
+    padded tokens and `max_rows` rows: evaluation wastes almost nothing on padding."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = lengths[current[0]] if current else lengths[i]
+        if current and ((len(current) + 1) * width > max_tokens or len(current) >= max_rows):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+# --- collation ----------------------------------------------------------------------------------
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int, width: int) -> torch.Tensor:
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return int(math.ceil(n / multiple) * multiple)
+
+
+class Collator:
+    """Pads a single-task batch of feature rows to its longest row (rounded up to
+    `pad_to_multiple_of`, 8 on GPUs for tensor cores) and builds the attention mask.
+    Multiple-choice rows become (batch, choices, width)."""
+
+    LABEL_KEYS = ("label", "labels", "start_positions", "end_positions")
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1) -> None:
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        first = rows[0]
+        choices = isinstance(first["input_ids"][0], list)
+        flat = [c for r in rows for c in r["input_ids"]] if choices else [r["input_ids"] for r in rows]
+        width = _round_up(max(len(r) for r in flat), self.pad_to_multiple_of)
+        input_ids = _pad(flat, self.pad_token_id, width)
+        attention_mask = _pad([[1] * len(r) for r in flat], 0, width)
+        if choices:
+            input_ids = input_ids.view(len(rows), -1, width)
+            attention_mask = attention_mask.view(len(rows), -1, width)
+        batch: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "task_index" in first:
+            batch["task_index"] = torch.tensor([r["task_index"] for r in rows], dtype=torch.long)
+        if "label" in first:
+            batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+        if "labels" in first:
+            batch["labels"] = _pad([r["labels"] for r in rows], IGNORE, width)
+        for key in ("start_positions", "end_positions"):
+            if key in first:
+                batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.long)
+        return batch
+
+
+class TrainSet(torch.utils.data.Dataset[dict[str, Any]]):
+    """The training features of one or more tasks laid end to end; each row carries its
+    task's index, which selects the head."""
+
+    COLUMNS = ("input_ids", "label", "labels", "start_positions", "end_positions")
+
+    def __init__(self, parts: Sequence[Any]) -> None:
+        self.parts = [p.select_columns([c for c in self.COLUMNS if c in p.column_names]) for p in parts]
+        self.offsets = [sum(len(p) for p in self.parts[:i]) for i in range(len(self.parts))]
+        self.total = sum(len(p) for p in self.parts)
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        task = bisect.bisect_right(self.offsets, index) - 1
+        row = dict(self.parts[task][index - self.offsets[task]])
+        row["task_index"] = task
+        return row

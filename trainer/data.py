@@ -1,0 +1,206 @@
+"""Raw data of a run: which splits it needs, where each lives (local JSON-lines files or the
+Hugging Face hub), reading them, normalising rows to the task format's examples, and a
+fingerprint of the data for the tokenized-data cache.
+
+Local layout (trainer/tasks.py): `<dir>/<split>.jsonl`, or `<dir>/<language>/<split>.jsonl` for
+a multilingual target. Hub: `datasets.load_dataset(source.path, source.config, split=...)` for
+every source of the task, concatenated.
+
+No torch import: `check_local_files` runs before the training stack is loaded, so a run with a
+missing file fails in a second with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xstilts.trainer.config import RunConfig, Stage
+from xstilts.trainer.tasks import TASKS, Example, Format, Row, Task
+
+TRAIN, VALIDATION, TEST = "train", "validation", "test"
+ENGLISH = "en"
+
+
+class DataError(ValueError):
+    """The run's data is missing or malformed: the run is invalid, retrying cannot help."""
+
+
+@dataclass(frozen=True)
+class SplitRef:
+    """One split of one task in one language."""
+
+    task: str
+    split: str
+    language: str = ENGLISH
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}/{self.split}" + (f"/{self.language}" if TASKS[self.task].is_multilingual else "")
+
+
+def training_splits(config: RunConfig) -> list[SplitRef]:
+    return [SplitRef(t, TRAIN) for t in config.tasks]
+
+
+def dev_splits(config: RunConfig) -> list[SplitRef]:
+    """English dev sets: model selection."""
+    return [SplitRef(t, VALIDATION) for t in config.tasks]
+
+
+def eval_languages(config: RunConfig) -> tuple[str, ...]:
+    if config.stage is not Stage.TARGET:
+        return ()
+    return config.eval_languages or TASKS[config.tasks[0]].languages
+
+
+def test_splits(config: RunConfig) -> list[SplitRef]:
+    """Zero-shot test sets of a target run, one per language; none for an intermediate run."""
+    return [SplitRef(config.tasks[0], TEST, lang) for lang in eval_languages(config)]
+
+
+def required_splits(config: RunConfig) -> list[SplitRef]:
+    return training_splits(config) + dev_splits(config) + test_splits(config)
+
+
+# --- local files ----------------------------------------------------------------------------
+
+
+def local_path(data_dir: str | Path, ref: SplitRef) -> Path:
+    base = Path(data_dir)
+    if TASKS[ref.task].is_multilingual:
+        base = base / ref.language
+    return base / f"{ref.split}.jsonl"
+
+
+def check_local_files(config: RunConfig) -> None:
+    """Every local file the run will read exists; else a DataError naming the first missing
+    one, the task_data entry it comes from and the layout expected."""
+    for ref in required_splits(config):
+        data_dir = config.task_data.get(ref.task)
+        if data_dir is None:
+            if not TASKS[ref.task].hub:
+                raise DataError(
+                    f"task {ref.task!r} has no hub dataset: set task_data[{ref.task!r}] to a directory of"
+                    f" {TRAIN}.jsonl and {VALIDATION}.jsonl files")
+            continue
+        path = local_path(data_dir, ref)
+        if not path.is_file():
+            layout = "<dir>/<language>/<split>.jsonl" if TASKS[ref.task].is_multilingual else "<dir>/<split>.jsonl"
+            raise DataError(
+                f"missing data file {path} for {ref.name}: task_data[{ref.task!r}] = {data_dir!r} must hold"
+                f" {layout}")
+
+
+def read_jsonl(path: Path) -> Iterator[Row]:
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: a row must be a JSON object, got {type(row).__name__}")
+            yield row
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- the hub --------------------------------------------------------------------------------
+
+
+def hub_datasets(task: Task, ref: SplitRef) -> list[Any]:
+    """The task's hub datasets for one split (several sources: ANLI+), loaded with
+    `datasets.load_dataset`. Sources without that split are skipped."""
+    import datasets
+
+    loaded = []
+    for source in task.hub:
+        split_name = source.splits.get(ref.split)
+        if split_name is None:
+            continue
+        name = source.config.format(lang=ref.language) if source.config else None
+        loaded.append(datasets.load_dataset(source.path, name, split=split_name))
+    if not loaded:
+        raise DataError(f"task {task.name!r} has no hub split {ref.split!r}; give local files with task_data")
+    return loaded
+
+
+# --- one split, raw --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RawSplit:
+    """Where a split's rows come from and a fingerprint of their content. Rows are read
+    lazily: a cache hit on the tokenized data never reads them."""
+
+    ref: SplitRef
+    where: str
+    fingerprint: str
+    _path: Path | None = None
+    _hub: tuple[Any, ...] = ()
+
+    def rows(self) -> Iterator[Row]:
+        if self._path is not None:
+            yield from read_jsonl(self._path)
+        for dataset in self._hub:
+            yield from dataset
+
+
+def open_split(config: RunConfig, ref: SplitRef) -> RawSplit:
+    task = TASKS[ref.task]
+    data_dir = config.task_data.get(ref.task)
+    if data_dir is not None:
+        path = local_path(data_dir, ref)
+        if not path.is_file():
+            raise DataError(f"missing data file {path} for {ref.name}")
+        return RawSplit(ref, str(path), f"file:{file_digest(path)}", _path=path)
+    loaded = hub_datasets(task, ref)
+    fingerprint = "hub:" + ",".join(str(getattr(d, "_fingerprint", "")) for d in loaded)
+    where = "+".join(s.path for s in task.hub)
+    return RawSplit(ref, f"{where} ({ref.split}, {ref.language})", fingerprint, _hub=tuple(loaded))
+
+
+# --- normalisation ---------------------------------------------------------------------------
+
+
+def normalize_rows(task: Task, rows: Iterable[Row], where: str) -> list[Example]:
+    """The task's normalised examples; rows the task drops (unlabeled) are skipped. A row that
+    does not fit the schema is a DataError naming the row and the problem."""
+    examples: list[Example] = []
+    for number, row in enumerate(rows, 1):
+        try:
+            example = task.normalize(row)
+        except KeyError as e:
+            raise DataError(f"{where}: row {number} has no column {e.args[0]!r} ({task.name} needs"
+                            f" the columns of its hub dataset)") from None
+        except (ValueError, TypeError, AttributeError) as e:
+            raise DataError(f"{where}: row {number}: {e}") from None
+        if example is None:
+            continue
+        _check_example(task, example, where, number)
+        examples.append(example)
+    if not examples:
+        raise DataError(f"{where}: no usable rows")
+    return examples
+
+
+def _check_example(task: Task, example: Example, where: str, number: int) -> None:
+    if task.format is Format.CLASSIFICATION and not 0 <= example["label"] < len(task.labels):
+        raise DataError(f"{where}: row {number} has label {example['label']}; {task.name} labels are"
+                        f" 0..{len(task.labels) - 1} ({', '.join(task.labels)})")
+    if task.format is Format.MULTIPLE_CHOICE and not 0 <= example["label"] < len(example["choices"]):
+        raise DataError(f"{where}: row {number} has label {example['label']} but"
+                        f" {len(example['choices'])} choices")

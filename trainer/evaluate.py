@@ -1,0 +1,158 @@
+"""Evaluation: English dev sets for model selection, then the zero-shot test set of every
+language of a target task.
+
+Rows are sorted by length and packed into big batches by token budget (`eval_batches`), so
+almost nothing is spent on padding. Under data parallelism (DDP, DeepSpeed) the batches are
+dealt to the ranks in turn and every rank runs the same number of forward passes (a rank with
+fewer batches repeats one and drops its output): ZeRO-3 gathers each layer's weights
+collectively, so a rank that stopped early would leave the others waiting forever. Each rank
+reduces its model outputs to small per-row predictions before they are gathered.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from xstilts.trainer.batching import Collator, eval_batches
+from xstilts.trainer.features import Encoded
+from xstilts.trainer.metrics import Span, accuracy, answer_text, best_span, mean, squad_scores, token_accuracy
+from xstilts.trainer.tasks import Format, Task
+
+Forward = Callable[[dict[str, torch.Tensor]], Mapping[str, torch.Tensor]]
+
+
+@dataclass
+class Predictor:
+    """Runs a model over feature rows on this rank's share of the batches."""
+
+    forward: Forward  # the model (or its DeepSpeed / DDP wrapper) called on a padded batch
+    collator: Collator
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    max_tokens: int = 32768  # padded tokens per evaluation batch
+    max_rows: int = 512
+
+    def predict(self, encoded: Encoded, task_index: int, rows: Sequence[int]) -> list[Any]:
+        """One prediction per row of `rows` (indices into encoded.features), in that order:
+        a class id, a list of tag ids, or a Span."""
+        features = encoded.features
+        fmt = encoded.task.format
+        lengths = features.select(rows)["length"]
+        if fmt is Format.MULTIPLE_CHOICE:  # the model sees choices x width tokens per row
+            n_choices = len(features[rows[0]]["input_ids"]) if rows else 1
+            lengths = [n * n_choices for n in lengths]
+        batches = [[rows[i] for i in b] for b in eval_batches(lengths, self.max_tokens, self.max_rows)]
+        rounds = math.ceil(len(batches) / self.world_size) if batches else 0
+        mine = batches[self.rank::self.world_size]
+        results: list[tuple[int, Any]] = []
+        for r in range(rounds):
+            padding_round = r >= len(mine)
+            batch = mine[r] if not padding_round else batches[0]
+            outputs = self._run(features, batch, task_index)
+            if not padding_round:
+                results += zip(batch, _reduce(fmt, features, batch, outputs), strict=True)
+        by_row = dict(_gather(results, self.world_size))
+        return [by_row[i] for i in rows]
+
+    def _run(self, features: Any, batch: list[int], task_index: int) -> dict[str, torch.Tensor]:
+        picked = features.select(batch)
+        rows = [{**row, "task_index": task_index} for row in picked]
+        inputs = self.collator(rows)
+        model_inputs = {k: inputs[k].to(self.device) for k in ("input_ids", "attention_mask", "task_index")}
+        with torch.no_grad():
+            outputs = self.forward(model_inputs)
+        return {k: v.detach().float().cpu() for k, v in outputs.items() if k != "loss" and v is not None}
+
+
+def _reduce(fmt: Format, features: Any, batch: list[int], outputs: dict[str, torch.Tensor]) -> list[Any]:
+    """Per-row predictions from a batch's outputs: small enough to gather across ranks."""
+    if fmt in (Format.CLASSIFICATION, Format.MULTIPLE_CHOICE):
+        return outputs["logits"].argmax(-1).tolist()
+    picked = features.select(batch)
+    if fmt is Format.TAGGING:
+        tags = outputs["logits"].argmax(-1).tolist()
+        return [row[: n] for row, n in zip(tags, picked["length"], strict=True)]
+    spans = []
+    for i, (n, offsets) in enumerate(zip(picked["length"], picked["offsets"], strict=True)):
+        spans.append(best_span(outputs["start_logits"][i, :n].tolist(), outputs["end_logits"][i, :n].tolist(),
+                               offsets))
+    return spans
+
+
+def _gather(results: list[tuple[int, Any]], world_size: int) -> list[tuple[int, Any]]:
+    if world_size == 1:
+        return results
+    everyone: list[list[tuple[int, Any]] | None] = [None] * world_size
+    torch.distributed.all_gather_object(everyone, results)
+    return [item for part in everyone for item in (part or [])]
+
+
+def capped_rows(encoded: Encoded, max_examples: int | None) -> list[int]:
+    """Feature rows of the first `max_examples` examples (all windows of each span-QA
+    example), or every row."""
+    if max_examples is None:
+        return list(range(len(encoded.features)))
+    return [i for i, e in enumerate(encoded.features["example_index"]) if e < max_examples]
+
+
+def score(task: Task, encoded: Encoded, rows: Sequence[int], predictions: Sequence[Any]) -> dict[str, float]:
+    """The task's metrics of predictions for `rows`."""
+    features = encoded.features.select(rows)
+    if task.format in (Format.CLASSIFICATION, Format.MULTIPLE_CHOICE):
+        return {"accuracy": accuracy(list(predictions), features["label"])}
+    if task.format is Format.TAGGING:
+        return {"accuracy": token_accuracy(list(predictions), features["labels"])}
+    windows: dict[int, list[Span]] = defaultdict(list)
+    for example_index, span in zip(features["example_index"], predictions, strict=True):
+        windows[example_index].append(span)
+    examples = encoded.examples
+    answers: dict[str, str] = {}
+    golds: dict[str, list[str]] = {}
+    for example_index, spans in windows.items():
+        example = examples[example_index]
+        answers[example["id"]] = answer_text(example["context"], spans, task.no_answer)
+        golds[example["id"]] = list(example["answers"]["text"])
+    return squad_scores(answers, golds)
+
+
+def evaluate_split(predictor: Predictor, encoded: Encoded, task_index: int,
+                   max_examples: int | None = None) -> dict[str, float]:
+    rows = capped_rows(encoded, max_examples)
+    return score(encoded.task, encoded, rows, predictor.predict(encoded, task_index, rows))
+
+
+# --- naming the numbers ------------------------------------------------------------------------
+
+
+def selection_metric(tasks: Sequence[Task]) -> str:
+    """The name of the dev number that selects the best checkpoint: the tasks' primary metric,
+    or "score" (the mean of each task's primary metric) when a multi-task run mixes metrics."""
+    names = {t.metric for t in tasks}
+    return names.pop() if len(names) == 1 else "score"
+
+
+def dev_metrics(tasks: Sequence[Task], per_task: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Flat dev metric names: "dev.<metric>" for one task; for several, "dev.<task>.<metric>"
+    of each and "dev.<selection metric>", the mean of their primary metrics."""
+    if len(tasks) == 1:
+        return {f"dev.{m}": v for m, v in per_task[tasks[0].name].items()}
+    out = {f"dev.{t}.{m}": v for t, values in per_task.items() for m, v in values.items()}
+    out[f"dev.{selection_metric(tasks)}"] = mean([per_task[t.name][t.metric] for t in tasks])
+    return out
+
+
+def test_metrics(target: str, per_language: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """"<target>.test.<metric>.<lang>" for every language and ".avg", their mean."""
+    out: dict[str, float] = {}
+    metrics = sorted({m for values in per_language.values() for m in values})
+    for m in metrics:
+        for lang, values in per_language.items():
+            out[f"{target}.test.{m}.{lang}"] = values[m]
+        out[f"{target}.test.{m}.avg"] = mean([values[m] for values in per_language.values()])
+    return out

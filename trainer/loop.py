@@ -1,0 +1,134 @@
+"""The Hugging Face `Trainer`, fitted to xstilts runs:
+
+- StiltsTrainer: the training data loader comes from the multi-task, length-grouped batch
+  sampler; `evaluate` (called by the Trainer for model selection) scores every English dev set
+  with evaluate.py's length-batched, rank-sharded predictor and names the numbers
+  "eval_<metric>" for the Trainer and "dev.<metric>" for MLflow.
+- RunCallback: progress.json, training loss and learning rate to MLflow, and the stop at a
+  step boundary when a signal came (all ranks agree, save a checkpoint together, then stop).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+from xstilts.trainer.batching import Collator, MultiTaskBatchSampler, TrainSet
+from xstilts.trainer.evaluate import Predictor, dev_metrics, evaluate_split
+from xstilts.trainer.features import Encoded
+from xstilts.trainer.interrupt import Interruption, RunInterrupted
+from xstilts.trainer.results import ProgressFile, eta_seconds
+from xstilts.trainer.tasks import Task
+
+MAX_EVAL_ROWS = 1024
+
+
+class RunCallback(TrainerCallback):
+    def __init__(self, progress: ProgressFile, tracker: Any, interruption: Interruption) -> None:
+        self.progress = progress
+        self.tracker = tracker
+        self.interruption = interruption
+        self.tokens_at_start = 0
+        self.step_at_start = 0
+        self.started = time.monotonic()
+        self.loss: float | None = None
+        self.stopping = False
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # a resumed run starts from the checkpoint's counts: rates and ETA are this attempt's
+        self.tokens_at_start = state.num_input_tokens_seen
+        self.step_at_start = state.global_step
+        self.started = time.monotonic()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        done, todo = state.global_step - self.step_at_start, state.max_steps - self.step_at_start
+        self.progress.update(
+            force=state.global_step >= state.max_steps, step=state.global_step, total_steps=state.max_steps,
+            epoch=round(state.epoch or 0.0, 3), loss=self.loss, tokens_seen=int(state.num_input_tokens_seen),
+            eta_s=eta_seconds(time.monotonic() - self.started, done, todo), phase="train")
+        if self._stop_agreed(args):
+            self.stopping = True
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.stopping:  # the checkpoint that a retry resumes from is written: leave now
+            raise RunInterrupted(self.interruption.requested or signal.SIGTERM)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
+               **kwargs: Any) -> None:
+        logs = logs or {}
+        if "loss" in logs:
+            self.loss = round(float(logs["loss"]), 5)
+        train = {f"train.{k}": float(logs[k]) for k in ("loss", "learning_rate", "grad_norm") if k in logs}
+        if train:
+            self.tracker.log_metrics(train, step=state.global_step)
+
+    def _stop_agreed(self, args: Any) -> bool:
+        """Whether any rank got a signal: every rank must stop at the same step, since saving
+        a checkpoint (and every ZeRO step) is collective."""
+        requested = self.interruption.requested is not None
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            flag = torch.tensor([int(requested)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            requested = bool(flag.item())
+        return requested
+
+
+class StiltsTrainer(Trainer):
+    def __init__(self, *, model: Any, args: Any, train_set: TrainSet, sampler: MultiTaskBatchSampler,
+                 collator: Collator, dev: Sequence[Encoded], tasks: Sequence[Task], eval_cap: int | None,
+                 tracker: Any, progress: ProgressFile, eval_tokens: int, callback: RunCallback) -> None:
+        super().__init__(model=model, args=args, train_dataset=train_set, data_collator=collator,
+                         eval_dataset={e.ref.task: e.features for e in dev}, callbacks=[callback])
+        self.batch_sampler = sampler
+        self.dev = list(dev)
+        self.tasks = list(tasks)
+        self.eval_cap = eval_cap
+        self.tracker = tracker
+        self.progress = progress
+        self.eval_tokens = eval_tokens
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset, batch_sampler=self.batch_sampler, collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+        # accelerate deals the sampler's batches to the ranks in turn (see MultiTaskBatchSampler)
+        return self.accelerator.prepare(loader)
+
+    def predictor(self) -> Predictor:
+        model = self.model_wrapped
+
+        def forward(batch: dict[str, torch.Tensor]) -> Any:
+            with self.autocast_smart_context_manager():
+                return model(**batch)
+
+        return Predictor(forward, self.data_collator, self.args.device, self.args.process_index,
+                         self.args.world_size, max_tokens=self.eval_tokens,
+                         max_rows=min(MAX_EVAL_ROWS, self.eval_tokens))
+
+    def evaluate_split(self, encoded: Encoded, task_index: int) -> dict[str, float]:
+        model = self.model_wrapped
+        was_training = model.training
+        model.eval()
+        try:
+            return evaluate_split(self.predictor(), encoded, task_index, self.eval_cap)
+        finally:
+            if was_training:
+                model.train()
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        self.progress.update(force=True, phase="eval")
+        per_task = {e.ref.task: self.evaluate_split(e, i) for i, e in enumerate(self.dev)}
+        flat = dev_metrics(self.tasks, per_task)
+        self.tracker.log_metrics(flat, step=self.state.global_step)
+        metrics = {f"{metric_key_prefix}_{k.removeprefix('dev.').replace('.', '_')}": v for k, v in flat.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self.progress.update(force=True, phase="train")
+        return metrics

@@ -1,0 +1,326 @@
+"""One training run, end to end: check, load data, build the model, train with the Hugging Face
+`Trainer` (DeepSpeed ZeRO when the config asks for it), keep the best checkpoint by English dev
+metric, save the final model, evaluate every test language, and write result.json.
+
+Run directory (`config.run_dir`):
+    config.json      the resolved RunConfig
+    progress.json    live progress (results.ProgressFile)
+    checkpoints/     the Trainer's checkpoint-N directories: resume state and best-model candidates
+    checkpoint/      the final model (model.save_checkpoint): what a phase-3 run starts from
+    result.json      the RunResult, written last and only on success
+
+Resume: a run started again finds the newest complete checkpoint-N and continues from it with
+the Trainer's `resume_from_checkpoint` (model, optimizer, scheduler, RNG and data order; the
+sampler's order depends only on seed and epoch, so the skipped batches are the ones trained).
+
+SIGTERM / SIGINT (preemption, node drain, Ctrl-C): during training the ranks agree at the end of
+the step in which any of them got the signal, save a checkpoint together and stop; outside
+training the run stops at once. Either way `RunInterrupted` reaches __main__, which exits with
+ExitCode.INTERRUPTED so that the run is retried, and the retry resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xstilts.trainer.config import RunConfig, RunResult, Stage
+from xstilts.trainer.data import check_local_files, dev_splits, open_split, test_splits, training_splits
+from xstilts.trainer.interrupt import Interruption, RunInterrupted
+from xstilts.trainer.schedule import InvalidRun, check_batch_layout
+from xstilts.trainer.tasks import TASKS, Format, Task
+
+log = logging.getLogger("xstilts.trainer")
+
+CHECKPOINTS_DIR = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+EVAL_BATCH_FACTOR = 4  # evaluation batches hold this many times the training micro batch's tokens
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun launch (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Distributed:
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+                   int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def precheck(config: RunConfig, world_size: int) -> None:
+    """Everything that can be checked without the training stack: batch layout, local data
+    files, the phase-2 checkpoint. Raises InvalidRun or DataError."""
+    check_batch_layout(config, world_size)
+    check_local_files(config)
+    init_dir = config.init_checkpoint_dir
+    if init_dir is not None and "://" not in init_dir and not (Path(init_dir) / "config.json").is_file():
+        raise InvalidRun(f"init_from_run {config.init_from_run!r} has no checkpoint at {init_dir};"
+                         " run that intermediate run first")
+
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def newest_checkpoint(checkpoints_dir: str | Path) -> str | None:
+    """The newest checkpoint-N the Trainer finished writing (it writes trainer_state.json last)."""
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        return None
+    done = [(int(m.group(1)), p) for p in root.iterdir()
+            if (m := _CHECKPOINT.match(p.name)) and (p / TRAINER_STATE).is_file()]
+    return str(max(done)[1]) if done else None
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunData:
+    train: list[Any]  # Encoded, one per task
+    dev: list[Any]
+    test: list[Any]  # target runs: one per evaluation language
+    tasks: list[Task] = field(default_factory=list)
+
+
+def cap_rows(encoded: Any, max_examples: int | None, seed_text: str) -> Any:
+    """Features of a random (fixed for the data, not the run's seed) subset of examples."""
+    features = encoded.features
+    if max_examples is None:
+        return features
+    example_ids = features["example_index"]
+    n_examples = max(example_ids) + 1
+    if n_examples <= max_examples:
+        return features
+    kept = set(random.Random(seed_text).sample(range(n_examples), max_examples))
+    return features.select([i for i, e in enumerate(example_ids) if e in kept])
+
+
+def load_run_data(config: RunConfig, tokenizer: Any, cache_dir: Path) -> RunData:
+    from xstilts.trainer.features import load_encoded, tokenizer_fingerprint
+
+    tokenizer_id = tokenizer_fingerprint(tokenizer)
+    max_length = config.hyperparameters.max_seq_length
+
+    def encoded(ref: Any, train_labels: Sequence[str] | None = None) -> Any:
+        return load_encoded(open_split(config, ref), tokenizer, tokenizer_id, max_length, cache_dir, train_labels)
+
+    train = [encoded(ref) for ref in training_splits(config)]
+    labels = {e.ref.task: e.labels for e in train}
+    dev = [encoded(ref, labels[ref.task]) for ref in dev_splits(config)]
+    test = [encoded(ref, labels[ref.task]) for ref in test_splits(config)]
+    return RunData(train, dev, test, [TASKS[t] for t in config.tasks])
+
+
+def row_tokens(train: Sequence[Any], max_length: int) -> int:
+    """Tokens of the widest row: max length × the most choices of a multiple-choice task."""
+    widest = 1
+    for e in train:
+        if e.task.format is Format.MULTIPLE_CHOICE:
+            widest = max(widest, len(e.features[0]["input_ids"]))
+    return widest * max_length
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def run(config: RunConfig, interruption: Interruption | None = None, cache_dir: Path | None = None) -> RunResult:
+    """Train and evaluate one run; returns its RunResult (written to result.json by rank 0).
+    Raises InvalidRun / DataError for a run that cannot succeed, RunInterrupted on a signal."""
+    from xstilts.trainer.features import default_cache_dir
+    from xstilts.trainer.results import write_config
+
+    started = time.monotonic()
+    interruption = interruption or Interruption()
+    dist = Distributed.from_env()
+    precheck(config, dist.world_size)
+
+    import torch
+    from xstilts.trainer.schedule import check_runtime
+
+    cuda = torch.cuda.is_available()
+    check_runtime(config, cuda, _deepspeed_available())
+    if dist.is_main:
+        write_config(config)
+    tracker = _tracker(config, dist.is_main)
+    tracker.start()
+    try:
+        result = _train_and_evaluate(config, dist, interruption, cache_dir or default_cache_dir(), tracker, started)
+    except RunInterrupted:
+        tracker.finish("KILLED")
+        raise
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
+    return result
+
+
+def _deepspeed_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+class _NoTracker:
+    """Stands in when MLflow tracking cannot be imported (a trainer without mlflow installed)."""
+
+    mlflow_run_id = None
+
+    def start(self) -> None:
+        return None
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: str | Path) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+def _tracker(config: RunConfig, enabled: bool) -> Any:
+    try:
+        from xstilts.trainer.tracking import RunTracker
+    except ImportError as e:
+        log.warning("MLflow tracking is off: %s", e)
+        return _NoTracker()
+    return RunTracker(config, enabled=enabled)
+
+
+def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Interruption, cache_dir: Path,
+                        tracker: Any, started: float) -> RunResult:
+    import torch
+    from transformers import AutoTokenizer, set_seed
+    from xstilts.trainer.batching import Collator, MultiTaskBatchSampler, TrainSet
+    from xstilts.trainer.evaluate import dev_metrics, selection_metric, test_metrics
+    from xstilts.trainer.loop import RunCallback, StiltsTrainer
+    from xstilts.trainer.model import HeadSpec, build_model, encoder_parameter_count, save_checkpoint
+    from xstilts.trainer.results import ProgressFile, utc_now, versions, write_result
+    from xstilts.trainer.schedule import deepspeed_config, mixed_precision, plan_schedule
+
+    hp = config.hyperparameters
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    data = load_run_data(config, tokenizer, cache_dir)
+    train_parts = [cap_rows(e, hp.max_train_examples, f"{e.ref.name}:{hp.max_train_examples}") for e in data.train]
+    schedule = plan_schedule(config, dist.world_size, [len(p) for p in train_parts],
+                             row_tokens(data.train, hp.max_seq_length))
+    cuda = torch.cuda.is_available()
+    precision = mixed_precision(config, cuda, cuda and torch.cuda.is_bf16_supported())
+    selection = selection_metric(data.tasks)
+    run_dir = Path(config.run_dir)
+    args = _training_arguments(config, schedule, precision, cuda, deepspeed_config(config), selection,
+                               run_dir / CHECKPOINTS_DIR)
+
+    set_seed(config.seed)
+    specs = [HeadSpec(e.ref.task, e.task.format, e.labels if e.task.format in (Format.CLASSIFICATION, Format.TAGGING)
+                      else ()) for e in data.train]
+    model = build_model(config.init_checkpoint_dir or config.model, specs, config.seed)
+    parameters = encoder_parameter_count(model)
+    tracker.log_params(_params(config, schedule, parameters, precision, dist.world_size))
+
+    collator = Collator(tokenizer.pad_token_id, pad_to_multiple_of=8 if cuda else 1)
+    sampler = MultiTaskBatchSampler([p["length"] for p in train_parts], schedule.micro_batch_size,
+                                    schedule.micro_batches_per_epoch, hp.sampling_temperature, config.seed,
+                                    group=dist.world_size)
+    progress = ProgressFile(run_dir / "progress.json", enabled=dist.is_main)
+    progress.update(force=True, total_steps=schedule.total_steps, phase="train")
+    callback = RunCallback(progress, tracker, interruption)
+    trainer = StiltsTrainer(
+        model=model, args=args, train_set=TrainSet(train_parts), sampler=sampler, collator=collator,
+        dev=data.dev, tasks=data.tasks, eval_cap=hp.max_eval_examples, tracker=tracker, progress=progress,
+        eval_tokens=EVAL_BATCH_FACTOR * schedule.micro_batch_size * row_tokens(data.train, hp.max_seq_length),
+        callback=callback,
+    )
+    resume = newest_checkpoint(run_dir / CHECKPOINTS_DIR)
+    if resume:
+        log.info("resuming from %s", resume)
+    train_started = time.monotonic()
+    with interruption.deferring():
+        trainer.train(resume_from_checkpoint=resume)
+    train_seconds = time.monotonic() - train_started
+    tokens_this_attempt = trainer.state.num_input_tokens_seen - callback.tokens_at_start
+
+    state_dict = _full_state_dict(trainer)
+    if dist.is_main:
+        save_checkpoint(trainer.model, config.checkpoint_dir, tokenizer, state_dict)
+    del state_dict
+
+    progress.update(force=True, phase="eval")
+    per_task = {e.ref.task: trainer.evaluate_split(e, i) for i, e in enumerate(data.dev)}
+    metrics = dev_metrics(data.tasks, per_task)
+    languages: dict[str, dict[str, float]] = {}
+    if config.stage is Stage.TARGET:
+        languages = {e.ref.language: trainer.evaluate_split(e, 0) for e in data.test}
+        metrics |= test_metrics(config.tasks[0], languages)
+    result = RunResult(
+        run_id=config.run_id, config=config, metrics=metrics, languages=languages, primary_metric=selection,
+        parameter_count=parameters, tokens_seen=int(trainer.state.num_input_tokens_seen),
+        train_steps=int(trainer.state.global_step), wall_seconds=round(time.monotonic() - started, 2),
+        tokens_per_second=round(tokens_this_attempt / max(train_seconds, 1e-9), 1), finished_at=utc_now(),
+        mlflow_run_id=tracker.mlflow_run_id, versions=versions(),
+    )
+    if dist.is_main:
+        tracker.log_metrics(metrics | {"tokens_seen": float(result.tokens_seen),
+                                       "tokens_per_second": result.tokens_per_second},
+                            step=result.train_steps)
+        path = write_result(result)
+        tracker.log_artifact(path)
+        tracker.log_artifact(run_dir / "config.json")
+        progress.update(force=True, phase="eval", step=result.train_steps, eta_s=0.0)
+    return result
+
+
+def _params(config: RunConfig, schedule: Any, parameters: int, precision: str, world_size: int) -> dict[str, Any]:
+    from xstilts.trainer.tracking import config_params
+
+    return {**config_params(config), "parameter_count": parameters, "precision_resolved": precision,
+            "world_size": world_size, "micro_batch_size": schedule.micro_batch_size,
+            "gradient_accumulation_steps": schedule.accumulation, "total_steps": schedule.total_steps}
+
+
+def _training_arguments(config: RunConfig, schedule: Any, precision: str, cuda: bool, ds: dict[str, Any] | None,
+                        selection: str, output_dir: Path) -> Any:
+    from transformers import TrainingArguments
+
+    hp = config.hyperparameters
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=schedule.micro_batch_size,
+        per_device_eval_batch_size=schedule.micro_batch_size,
+        gradient_accumulation_steps=schedule.accumulation,
+        learning_rate=hp.learning_rate, weight_decay=hp.weight_decay,
+        lr_scheduler_type="linear", warmup_steps=hp.warmup_ratio,  # a float below 1 is a ratio
+        max_steps=schedule.total_steps,
+        eval_strategy="steps", eval_steps=schedule.eval_steps,
+        save_strategy="steps", save_steps=schedule.eval_steps, save_total_limit=2,
+        load_best_model_at_end=True, metric_for_best_model=f"eval_{selection}", greater_is_better=True,
+        logging_strategy="steps", logging_steps=schedule.logging_steps, report_to="none", disable_tqdm=True,
+        seed=config.seed, bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not cuda,
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        deepspeed=ds, remove_unused_columns=False,
+        label_names=["labels", "start_positions", "end_positions"],
+        include_num_input_tokens_seen="non_padding",
+        # one head per task: the heads of the other tasks get no gradient in a step
+        ddp_find_unused_parameters=len(config.tasks) > 1,
+        dataloader_pin_memory=cuda, dataloader_num_workers=2 if cuda else 0,
+    )
+
+
+def _full_state_dict(trainer: Any) -> dict[str, Any] | None:
+    """The whole model's state on rank 0; under ZeRO-3 gathered from the shards (every rank
+    must take part)."""
+    if trainer.is_deepspeed_enabled:
+        return dict(trainer.accelerator.get_state_dict(trainer.model_wrapped))
+    return None
