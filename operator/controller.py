@@ -881,6 +881,8 @@ def configure_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%Y-%m-%dT%H:%M:%S")
     logging.Formatter.converter = time.gmtime
+    # urllib3 warns about each retried connection; the controller reports failures itself.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
 def default_identity() -> str:

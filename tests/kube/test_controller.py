@@ -1,0 +1,401 @@
+"""The Experiment controller against a real control plane (etcd, kube-apiserver,
+kube-controller-manager, kube-scheduler; kwok plays the GPU nodes and runs pods to
+completion in about a second).
+
+The controller runs as a subprocess (`python -m xstilts.operator.cli controller`) under the
+ServiceAccount and Role of k8s/base/controller-rbac.yaml, so a call its Role does not grant
+fails here as it would in a cluster. Trainers do not run: `ResultWriter` writes the
+result.json of each run whose Job completed, where the controller reads results.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cluster import ControlPlane
+from controller_harness import (
+    ControllerProcess,
+    ResultWriter,
+    controller_kubeconfig,
+    events,
+    get_experiment,
+    install_crd,
+    job_active,
+    list_jobs,
+    parse_time,
+    planned,
+    small_experiment,
+    xstilts,
+)
+from xstilts.operator.render import KUEUE_QUEUE_LABEL, RUN_ID_LABEL, job_name
+
+pytestmark = [pytest.mark.k8s, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Env:
+    cp: ControlPlane
+    namespace: str
+    kubeconfig: Path  # the controller's ServiceAccount
+    results: Path
+    tmp: Path
+
+    def controller(self, identity: str = "controller-a", **kwargs: Any) -> ControllerProcess:
+        return ControllerProcess(self.kubeconfig, self.namespace, self.results, self.tmp / f"{identity}.log",
+                                 identity=identity, **kwargs)
+
+    def apply(self, obj: dict[str, Any]) -> str:
+        path = self.tmp / f"{obj['metadata']['name']}.yaml"
+        path.write_text(yaml.safe_dump(obj, sort_keys=False))
+        return self.cp.kubectl("apply", "-f", str(path), namespace=self.namespace).stdout
+
+    def xstilts(self, *args: str) -> Any:
+        """The CLI as the cluster admin (the test's kubeconfig)."""
+        return xstilts(*args, kubeconfig=self.cp.kubeconfig)
+
+
+@pytest.fixture
+def env(control_plane: ControlPlane, k8s_namespace: str, tmp_path: Path) -> Env:
+    install_crd(control_plane)
+    kubeconfig = controller_kubeconfig(control_plane, k8s_namespace, tmp_path / "controller.kubeconfig")
+    results = tmp_path / "results"
+    results.mkdir()
+    return Env(control_plane, k8s_namespace, kubeconfig, results, tmp_path)
+
+
+def converge(env: Env, writer: ResultWriter, controllers: list[ControllerProcess], *, max_parallel: int,
+             timeout: float = 180.0, until: str = "Succeeded") -> dict[str, Any]:
+    """Play the trainers (write results of completed Jobs) until the Experiment reaches
+    `until`; check on the way that no more than max_parallel Jobs are ever active."""
+    deadline = time.monotonic() + timeout
+    most_active = 0
+    while True:
+        jobs = list_jobs(env.cp, writer.namespace, writer.name)
+        active = sum(1 for j in jobs if job_active(j))
+        most_active = max(most_active, active)
+        assert active <= max_parallel, f"{active} Jobs active, maxParallel is {max_parallel}"
+        writer.write_finished(jobs)
+        experiment = get_experiment(env.cp, writer.namespace, writer.name)
+        if (experiment.get("status") or {}).get("phase") == until:
+            return experiment
+        if not any(c.running for c in controllers):
+            pytest.fail("the controller exited:\n" + "\n".join(c.output()[-3000:] for c in controllers))
+        if time.monotonic() > deadline:
+            pytest.fail(f"not {until} after {timeout}s; status: {json.dumps(experiment.get('status'))[:2000]}\n"
+                        + "\n".join(c.output()[-3000:] for c in controllers))
+        time.sleep(0.3)
+
+
+def created_events(env: Env) -> Counter[str]:
+    """JobCreated Events per Job name, counting repeats (an Event's count)."""
+    counts: Counter[str] = Counter()
+    for event in events(env.cp, env.namespace, "JobCreated"):
+        job = event["message"].split()[2]  # "created Job <name> for run ..."
+        counts[job] += int(event.get("count") or 1)
+    return counts
+
+
+def test_apply_creates_waves_and_unlocks_phase_3(env: Env) -> None:
+    obj = small_experiment("tiny", env.namespace, seeds=(1, 2), max_parallel=3)
+    _, plan = planned(obj)
+    assert len(plan.runs) == 6
+    assert "experiment.xstilts.dev/tiny created" in env.apply(obj)
+    writer = ResultWriter(env.cp, obj, env.results)
+    with env.controller() as controller:
+        experiment = converge(env, writer, [controller], max_parallel=3)
+        jobs = list_jobs(env.cp, env.namespace, "tiny")
+
+        # Every run ran once, under its own Job name.
+        assert sorted(j["metadata"]["name"] for j in jobs) == sorted(job_name("tiny", r.run_id) for r in plan.runs)
+        assert created_events(env) == Counter({job_name("tiny", r.run_id): 1 for r in plan.runs})
+        # The first wave: the three earliest Jobs need no phase-2 checkpoint.
+        first = sorted(jobs, key=lambda j: (j["metadata"]["creationTimestamp"], j["metadata"]["name"]))[:3]
+        assert all(not plan.by_id[j["metadata"]["labels"][RUN_ID_LABEL]].depends_on for j in first)
+        # Phase 3 started only after its phase-2 result existed.
+        for job in jobs:
+            run = plan.by_id[job["metadata"]["labels"][RUN_ID_LABEL]]
+            for parent in run.depends_on:
+                assert parse_time(job["metadata"]["creationTimestamp"]) >= int(writer.written_at[parent])
+
+        status = experiment["status"]
+        assert status["counts"] == {"total": 6, "pending": 0, "running": 0, "succeeded": 6, "failed": 0, "blocked": 0}
+        assert status["observedGeneration"] == experiment["metadata"]["generation"]
+        assert status["bestGain"].startswith("+3.0 xnli/mnli@m0")
+        assert {c["type"]: c["status"] for c in status["conditions"]} == {
+            "Ready": "True", "Progressing": "False", "Degraded": "False"}
+        assert events(env.cp, env.namespace, "Succeeded")
+
+        # kubectl shows the printer columns.
+        table = env.cp.kubectl("get", "experiments", namespace=env.namespace).stdout.splitlines()
+        assert table[0].split() == ["NAME", "PHASE", "RUNS", "SUCCEEDED", "RUNNING", "FAILED", "GPU-H", "AGE"]
+        assert table[1].split()[:6] == ["tiny", "Succeeded", "6", "6", "0", "0"]
+        wide = env.cp.kubectl("get", "experiments", "-o", "wide", namespace=env.namespace).stdout
+        assert "BEST-GAIN" in wide and "+3.0" in wide
+
+        # `xstilts status` reads the same.
+        shown = env.xstilts("status", "tiny", "-n", env.namespace, "-o", "json")
+        assert shown.returncode == 0, shown.stderr
+        view = json.loads(shown.stdout)
+        assert view["phase"] == "Succeeded" and view["progress"] == 1.0
+        assert [r["state"] for r in view["rows"]] == ["succeeded"] * 6
+        table_text = env.xstilts("status", "tiny", "-n", env.namespace).stdout
+        assert "6/6 runs succeeded (100%)" in table_text
+
+        # Health, readiness, metrics; and every API call is one the Role grants.
+        assert controller.get("/healthz")[0] == 200
+        assert controller.get("/readyz")[0] == 200
+        metrics = controller.metrics()
+        assert metrics["xstilts_jobs_created_total"] == 6
+        assert metrics["xstilts_leader"] == 1
+        assert metrics['xstilts_reconcile_total{result="ok"}'] > 0
+        assert 'xstilts_reconcile_total{result="error"}' not in metrics, controller.output()[-3000:]
+        controller.assert_calls_declared()
+
+        # SIGTERM: a clean exit that hands the Lease back.
+        assert controller.stop(signal.SIGTERM) == 0
+    lease = env.cp.kubectl_json("get", "lease", "xstilts-controller", namespace=env.namespace)
+    assert not lease["spec"].get("holderIdentity")
+    assert "released Lease" in controller.output()
+
+
+def test_killed_and_restarted_controller_duplicates_nothing_and_loses_nothing(env: Env) -> None:
+    obj = small_experiment("restart", env.namespace, seeds=(1, 2, 3), intermediates=("mnli", "qqp"), max_parallel=4)
+    _, plan = planned(obj)
+    assert len(plan.runs) == 15
+    env.apply(obj)
+    writer = ResultWriter(env.cp, obj, env.results)
+    first = env.controller("controller-a").start()
+    try:
+        deadline = time.monotonic() + 120
+        while len(writer.written_at) < 5:  # midway
+            writer.write_finished()
+            assert time.monotonic() < deadline, first.output()[-3000:]
+            time.sleep(0.3)
+    finally:
+        first.kill()  # SIGKILL: no cleanup, the Lease stays held until it expires
+    before = {j["metadata"]["name"]: j["metadata"]["uid"] for j in list_jobs(env.cp, env.namespace, "restart")}
+    assert 5 <= len(before) < 15
+    time.sleep(2)
+    writer.write_finished()  # Jobs that completed while no controller ran
+    with env.controller("controller-b") as second:
+        experiment = converge(env, writer, [second], max_parallel=4)
+        second.assert_calls_declared()
+    jobs = list_jobs(env.cp, env.namespace, "restart")
+    # Nothing duplicated: one Job per run, each created once, and no Job of the first
+    # controller replaced by the second.
+    assert sorted(j["metadata"]["name"] for j in jobs) == sorted(job_name("restart", r.run_id) for r in plan.runs)
+    assert created_events(env) == Counter({job_name("restart", r.run_id): 1 for r in plan.runs})
+    after = {j["metadata"]["name"]: j["metadata"]["uid"] for j in jobs}
+    assert all(after[name] == uid for name, uid in before.items())
+    # Nothing lost: every run succeeded.
+    assert experiment["status"]["counts"]["succeeded"] == 15
+    assert set(experiment["status"]["runs"]) == set(plan.by_id)
+
+
+def test_job_deleted_by_hand_is_recreated_unless_its_run_finished(env: Env) -> None:
+    obj = small_experiment("handdel", env.namespace, seeds=(1,), max_parallel=3)
+    _, plan = planned(obj)
+    intermediate = next(r for r in plan.runs if not r.depends_on and r.labels.target is None)
+    baseline = next(r for r in plan.runs if not r.depends_on and r.labels.target is not None)
+    env.apply(obj)
+    writer = ResultWriter(env.cp, obj, env.results)
+    with env.controller() as controller:
+        names = {job_name("handdel", r.run_id) for r in (intermediate, baseline)}
+        env.cp.wait_for(lambda: {j["metadata"]["name"] for j in list_jobs(env.cp, env.namespace, "handdel")
+                                 if not job_active(j)} >= names, timeout=60, what="both first Jobs completed")
+        uid = {j["metadata"]["name"]: j["metadata"]["uid"] for j in list_jobs(env.cp, env.namespace, "handdel")}
+        # The intermediate run has no result yet: deleting its Job loses the run, so the
+        # controller creates it again.
+        writer.write(baseline.run_id)
+        for run in (intermediate, baseline):
+            env.cp.kubectl("delete", "job", job_name("handdel", run.run_id), "--wait=true", namespace=env.namespace)
+
+        def recreated() -> bool:
+            jobs = {j["metadata"]["name"]: j for j in list_jobs(env.cp, env.namespace, "handdel")}
+            job = jobs.get(job_name("handdel", intermediate.run_id))
+            return job is not None and job["metadata"]["uid"] != uid[job["metadata"]["name"]]
+
+        env.cp.wait_for(recreated, timeout=30, what="the deleted Job recreated")
+        # The baseline run has its result: its Job stays deleted (checked across a resync).
+        time.sleep(6)
+        names_now = {j["metadata"]["name"] for j in list_jobs(env.cp, env.namespace, "handdel")}
+        assert job_name("handdel", baseline.run_id) not in names_now
+        experiment = converge(env, writer, [controller], max_parallel=3)
+        assert experiment["status"]["counts"]["succeeded"] == 3
+        assert created_events(env)[job_name("handdel", intermediate.run_id)] == 2
+
+
+def test_deleting_the_experiment_garbage_collects_its_jobs(env: Env) -> None:
+    obj = small_experiment("gc", env.namespace, seeds=(1, 2), max_parallel=3)
+    env.apply(obj)
+    with env.controller():
+        env.cp.wait_for(lambda: len(list_jobs(env.cp, env.namespace, "gc")) >= 3, timeout=60, what="Jobs")
+        deleted = env.xstilts("delete", "gc", "-n", env.namespace)
+        assert deleted.returncode == 0, deleted.stderr
+        assert "experiment.xstilts.dev/gc deleted" in deleted.stdout
+
+        def gone() -> bool:
+            selector = "xstilts.dev/experiment=gc"
+            jobs = env.cp.kubectl_json("get", "jobs,configmaps", "-l", selector, namespace=env.namespace)["items"]
+            return not jobs
+
+        env.cp.wait_for(gone, timeout=90, interval=1.0, what="Jobs and ConfigMaps garbage-collected")
+        missing = env.xstilts("status", "gc", "-n", env.namespace)
+        assert missing.returncode == 1
+        assert missing.stderr.strip() == (f"error: experiment gc not found in namespace {env.namespace} (no Experiment"
+                                          " object and no Jobs labelled xstilts.dev/experiment=gc)")
+
+
+def test_api_server_rejects_invalid_objects_and_controller_reports_the_rest(env: Env) -> None:
+    def rejected(mutate: Any) -> str:
+        obj = small_experiment("bad", env.namespace)
+        mutate(obj)
+        path = env.tmp / "bad.yaml"
+        path.write_text(yaml.safe_dump(obj))
+        result = env.cp.kubectl("apply", "-f", str(path), namespace=env.namespace, check=False)
+        assert result.returncode != 0, result.stdout
+        return result.stderr
+
+    message = rejected(lambda o: o["spec"].update(intermediateTasks=["mnli", "nope"]))
+    assert 'spec.intermediateTasks[1]: Unsupported value: "nope"' in message
+    message = rejected(lambda o: o["spec"]["models"][0]["resources"].update(gpus=-1))
+    assert "spec.models[0].resources.gpus: Invalid value: -1: spec.models[0].resources.gpus in body should be" \
+        " greater than or equal to 0" in message
+    message = rejected(lambda o: o["spec"].update(name="other"))
+    assert "metadata.name must equal spec.name" in message
+    message = rejected(lambda o: o["spec"].update(colour="blue"))
+    assert 'unknown field "spec.colour"' in message
+
+    # What the schema cannot say (a seed listed twice) the controller reports.
+    obj = small_experiment("dupes", env.namespace, seeds=(1, 1))
+    env.apply(obj)
+    with env.controller() as controller:
+        def failed() -> dict[str, Any] | None:
+            status = get_experiment(env.cp, env.namespace, "dupes").get("status") or {}
+            return status if status.get("phase") == "Failed" else None
+
+        status = env.cp.wait_for(failed, timeout=60, what="phase Failed")
+        assert status["message"] == "invalid spec: spec.seeds: duplicate seed 1; list each seed once"
+        assert {c["type"]: c["reason"] for c in status["conditions"]}["Ready"] == "InvalidSpec"
+        warnings = events(env.cp, env.namespace, "InvalidSpec")
+        assert [e["message"] for e in warnings] == [status["message"]]
+        time.sleep(6)  # a resync later: still no Job, and no second Event
+        assert list_jobs(env.cp, env.namespace, "dupes") == []
+        assert [e.get("count", 1) for e in events(env.cp, env.namespace, "InvalidSpec")] == [1]
+        assert controller.metrics()['xstilts_reconcile_total{result="invalid"}'] >= 1
+
+
+def test_scaling_example_creates_its_first_wave(env: Env) -> None:
+    obj = yaml.safe_load((REPO / "examples" / "scaling.yaml").read_text())
+    obj["metadata"]["namespace"] = env.namespace
+    _, plan = planned(obj)
+    assert len(plan.runs) == 168
+    env.apply(obj)
+    with env.controller() as controller:
+        env.cp.wait_for(lambda: len(list_jobs(env.cp, env.namespace, "scaling")) >= 16, timeout=60, what="16 Jobs")
+        time.sleep(3)
+        jobs = list_jobs(env.cp, env.namespace, "scaling")
+        assert len(jobs) == 16  # maxParallel: 16
+        for job in jobs:
+            run = plan.by_id[job["metadata"]["labels"][RUN_ID_LABEL]]
+            assert not run.depends_on
+            # The spec names a Kueue queue: created suspended, for Kueue to admit.
+            assert job["spec"]["suspend"] is True
+            assert job["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "gpu-research"
+            assert job["metadata"]["namespace"] == env.namespace
+        status = get_experiment(env.cp, env.namespace, "scaling")["status"]
+        assert status["counts"]["total"] == 168 and status["counts"]["pending"] == 168
+        assert status["phase"] == "Pending"
+        assert list(status["runs"].values()).count("pending") == 16
+        controller.assert_calls_declared()
+    shown = env.xstilts("status", "scaling", "-n", env.namespace)
+    assert shown.returncode == 0, shown.stderr
+    assert "0/168 runs succeeded" in shown.stdout
+
+
+def test_submit_without_controller_continues_pass_by_pass(env: Env) -> None:
+    obj = small_experiment("direct", env.namespace, seeds=(1, 2), max_parallel=3)
+    spec_file = env.tmp / "direct-spec.yaml"
+    spec_file.write_text(yaml.safe_dump(obj["spec"], sort_keys=False))  # a bare spec, not an object
+    _, plan = planned(obj)
+    writer = ResultWriter(env.cp, obj, env.results)
+    passes = 0
+    deadline = time.monotonic() + 180
+    while True:
+        passes += 1
+        result = env.xstilts("submit", str(spec_file), "--no-controller", "-n", env.namespace,
+                             "--results-dir", str(env.results))
+        assert result.returncode == 0, result.stderr
+        jobs = list_jobs(env.cp, env.namespace, "direct")
+        assert sum(1 for j in jobs if job_active(j)) <= 3
+        if passes == 1:
+            assert result.stdout.count("created\n") == 3
+            assert all(not plan.by_id[j["metadata"]["labels"][RUN_ID_LABEL]].depends_on for j in jobs)
+        if "every run has succeeded" in result.stdout:
+            break
+        assert time.monotonic() < deadline, result.stdout
+        time.sleep(1)
+        writer.write_finished()
+    jobs = list_jobs(env.cp, env.namespace, "direct")
+    assert sorted(j["metadata"]["name"] for j in jobs) == sorted(job_name("direct", r.run_id) for r in plan.runs)
+    assert all(not j["metadata"].get("ownerReferences") for j in jobs)
+    shown = json.loads(env.xstilts("status", "direct", "-n", env.namespace, "-o", "json").stdout)
+    assert shown["controller"] is False and shown["counts"]["succeeded"] == 6
+    deleted = env.xstilts("delete", "direct", "-n", env.namespace)
+    assert deleted.returncode == 0 and "deleted the 6 Jobs" in deleted.stdout
+    assert list_jobs(env.cp, env.namespace, "direct") == []
+
+
+def test_a_standby_takes_over_when_the_leader_stops(env: Env) -> None:
+    obj = small_experiment("ha", env.namespace, seeds=(1, 2, 3), max_parallel=2)
+    env.apply(obj)
+    writer = ResultWriter(env.cp, obj, env.results)
+    with env.controller("replica-a") as a, env.controller("replica-b") as b:
+        env.cp.wait_for(lambda: a.metrics().get("xstilts_leader") == 1 or b.metrics().get("xstilts_leader") == 1,
+                        timeout=30, what="a leader")
+        leader, standby = (a, b) if a.metrics().get("xstilts_leader") == 1 else (b, a)
+        assert standby.get("/readyz")[0] == 200  # a standby is ready: it reached the API
+        assert standby.metrics().get("xstilts_jobs_created_total", 0) == 0
+        env.cp.wait_for(lambda: writer.write_finished(), timeout=60, what="a first result")
+        assert leader.stop(signal.SIGTERM) == 0
+        env.cp.wait_for(lambda: standby.metrics().get("xstilts_leader") == 1, timeout=10,
+                        what="the standby leading")  # at once: the Lease was released, not left to expire
+        experiment = converge(env, writer, [standby], max_parallel=2)
+    assert experiment["status"]["counts"]["succeeded"] == 9
+    assert sum(created_events(env).values()) == 9
+    lease = env.cp.kubectl_json("get", "lease", "xstilts-controller", namespace=env.namespace)
+    assert lease["spec"]["leaseTransitions"] >= 1
+
+
+def test_cluster_commands_fail_in_one_line(env: Env, tmp_path: Path) -> None:
+    unreachable = tmp_path / "unreachable.kubeconfig"
+    config = json.loads(env.kubeconfig.read_text())
+    config["clusters"][0]["cluster"]["server"] = "https://127.0.0.1:9"
+    unreachable.write_text(json.dumps(config))
+    for args in (["status", "x", "-n", "y"], ["submit", str(REPO / "examples" / "demo.yaml")],
+                 ["delete", "x"], ["controller", "--health-port=0"]):
+        result = xstilts(*args, kubeconfig=unreachable)
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        assert result.stderr.startswith("error: ") and "cannot reach the Kubernetes API at https://127.0.0.1:9" \
+            in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+    # The controller's ServiceAccount may not touch Secrets, nor another namespace.
+    forbidden = xstilts("status", "x", "-n", "default", kubeconfig=env.kubeconfig)
+    assert forbidden.returncode == 1
+    assert 'cannot get resource "experiments"' in forbidden.stderr or "forbidden" in forbidden.stderr
+    assert len(forbidden.stderr.strip().splitlines()) == 1
+
+    logs = env.xstilts("logs", "nothing", "abc", "-n", env.namespace)
+    assert logs.returncode == 1
+    assert logs.stderr.startswith(f"error: no Job for run abc of experiment nothing in namespace {env.namespace}")
