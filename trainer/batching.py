@@ -47,49 +47,60 @@ def task_probabilities(sizes: Sequence[int], temperature: float) -> list[float]:
 
 
 class MultiTaskBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Micro-batches for the training loop, each from one task, as indices into the tasks'
-    train sets laid end to end (`offsets`).
+    """Micro-batches for the training loop, as indices into the tasks' train sets laid end to
+    end (`offsets`).
 
-    Each draw picks a task with `task_probabilities` and takes the next `group` micro-batches
-    of that task's length-grouped stream (a fresh shuffled pass whenever one runs out). `group`
-    is the data-parallel world size: the data loader deals consecutive batches to the ranks in
-    turn, so every rank trains the same task at each micro-step. The order depends only on
-    (seed, epoch), so a resumed run skips exactly the batches it already trained on.
+    Each optimizer step draws a task with `task_probabilities` and takes the next global batch
+    (`batch_size` rows) of that task's length-grouped stream (a fresh shuffled pass whenever one
+    runs out; a pass's last, short batch is topped up with random rows of the task). The global
+    batch is cut into `batch_size / micro_batch_size` micro-batches of neighbouring lengths;
+    the data loader deals them to the ranks in turn and each rank accumulates its share. So the
+    rows of every step, and the task, are the same whatever the number of ranks, and a result
+    does not depend on how many GPUs computed it. The order depends only on (seed, epoch): a
+    resumed run skips exactly the batches it already trained on.
     """
 
-    def __init__(self, task_lengths: Sequence[Sequence[int]], micro_batch_size: int, batches_per_epoch: int,
-                 temperature: float = 1.0, seed: int = 0, group: int = 1) -> None:
-        if batches_per_epoch % group:
-            raise ValueError(f"batches_per_epoch {batches_per_epoch} is not a multiple of group {group}")
+    def __init__(self, task_lengths: Sequence[Sequence[int]], batch_size: int, micro_batch_size: int,
+                 steps_per_epoch: int, temperature: float = 1.0, seed: int = 0) -> None:
+        if batch_size % micro_batch_size:
+            raise ValueError(f"batch_size {batch_size} is not a multiple of micro_batch_size {micro_batch_size}")
         self.task_lengths = [list(lengths) for lengths in task_lengths]
         self.offsets = [sum(len(t) for t in self.task_lengths[:i]) for i in range(len(self.task_lengths))]
+        self.batch_size = batch_size
         self.micro_batch_size = micro_batch_size
-        self.batches_per_epoch = batches_per_epoch
+        self.steps_per_epoch = steps_per_epoch
         self.probabilities = task_probabilities([len(t) for t in self.task_lengths], temperature)
         self.seed = seed
-        self.group = group
         self.epoch = 0
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        return self.batch_size // self.micro_batch_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.batches_per_epoch
+        return self.steps_per_epoch * self.micro_batches_per_step
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = random.Random(f"{self.seed}:{self.epoch}")
-        streams = [self._stream(t, rng) for t in range(len(self.task_lengths))]
+        streams = [self._stream(t, random.Random(rng.random())) for t in range(len(self.task_lengths))]
         tasks = range(len(self.task_lengths))
-        for _ in range(self.batches_per_epoch // self.group):
+        for _ in range(self.steps_per_epoch):
             task = rng.choices(tasks, weights=self.probabilities)[0]
-            for _ in range(self.group):
-                yield next(streams[task])
+            rows = next(streams[task])
+            for at in range(0, self.batch_size, self.micro_batch_size):
+                yield rows[at: at + self.micro_batch_size]
 
     def _stream(self, task: int, rng: random.Random) -> Iterator[list[int]]:
-        task_rng = random.Random(rng.random())
+        lengths = self.task_lengths[task]
         offset = self.offsets[task]
         while True:
-            for batch in length_grouped_batches(self.task_lengths[task], self.micro_batch_size, task_rng):
+            for batch in length_grouped_batches(lengths, self.batch_size, rng):
+                if len(batch) < self.batch_size:
+                    batch = batch + rng.choices(range(len(lengths)), k=self.batch_size - len(batch))
+                batch.sort(key=lambda i: -lengths[i])
                 yield [offset + i for i in batch]
 
 

@@ -61,11 +61,6 @@ class Schedule:
     eval_steps: int
     logging_steps: int
 
-    @property
-    def micro_batches_per_epoch(self) -> int:
-        """Micro-batches the sampler yields per epoch, over all ranks."""
-        return self.steps_per_epoch * self.accumulation * self.world_size
-
 
 def plan_schedule(config: RunConfig, world_size: int, train_sizes: Sequence[int], row_tokens: int) -> Schedule:
     """Steps from epochs (or max_steps), the micro batch and accumulation from the global

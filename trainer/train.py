@@ -21,6 +21,7 @@ ExitCode.INTERRUPTED so that the run is retried, and the retry resumes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -185,6 +186,7 @@ class _NoTracker:
         return None
 
     def log_params(self, params: dict[str, Any]) -> None: ...
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: str | Path) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
@@ -222,18 +224,24 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
     run_dir = Path(config.run_dir)
     args = _training_arguments(config, schedule, precision, cuda, deepspeed_config(config), selection,
                                run_dir / CHECKPOINTS_DIR)
+    # Set up the process group now: under ZeRO-3 `from_pretrained` partitions the weights as it
+    # loads them (deepspeed.zero.Init), which asks deepspeed.comm for the world size.
+    _ = args.device
+    if config.deepspeed.zero_stage == 3:
+        import deepspeed
+
+        deepspeed.init_distributed()
 
     set_seed(config.seed)
     specs = [HeadSpec(e.ref.task, e.task.format, e.labels if e.task.format in (Format.CLASSIFICATION, Format.TAGGING)
                       else ()) for e in data.train]
     model = build_model(config.init_checkpoint_dir or config.model, specs, config.seed)
     parameters = encoder_parameter_count(model)
-    tracker.log_params(_params(config, schedule, parameters, precision, dist.world_size))
+    _log_params(tracker, config, schedule, parameters, precision, dist.world_size)
 
     collator = Collator(tokenizer.pad_token_id, pad_to_multiple_of=8 if cuda else 1)
-    sampler = MultiTaskBatchSampler([p["length"] for p in train_parts], schedule.micro_batch_size,
-                                    schedule.micro_batches_per_epoch, hp.sampling_temperature, config.seed,
-                                    group=dist.world_size)
+    sampler = MultiTaskBatchSampler([p["length"] for p in train_parts], hp.batch_size, schedule.micro_batch_size,
+                                    schedule.steps_per_epoch, hp.sampling_temperature, config.seed)
     progress = ProgressFile(run_dir / "progress.json", enabled=dist.is_main)
     progress.update(force=True, total_steps=schedule.total_steps, phase="train")
     callback = RunCallback(progress, tracker, interruption)
@@ -282,12 +290,20 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
     return result
 
 
-def _params(config: RunConfig, schedule: Any, parameters: int, precision: str, world_size: int) -> dict[str, Any]:
-    from xstilts.trainer.tracking import config_params
+def _log_params(tracker: Any, config: RunConfig, schedule: Any, parameters: int, precision: str,
+                world_size: int) -> None:
+    """The run's params (the RunConfig flattened, parameter count, resolved precision, steps).
+    How the batch was laid out over processes is a tag, not a param: MLflow params cannot
+    change, and a resumed run may get another number of GPUs."""
+    params: dict[str, Any] = {"parameter_count": parameters, "precision_resolved": precision,
+                              "total_steps": schedule.total_steps}
+    with contextlib.suppress(ImportError):
+        from xstilts.trainer.tracking import config_params
 
-    return {**config_params(config), "parameter_count": parameters, "precision_resolved": precision,
-            "world_size": world_size, "micro_batch_size": schedule.micro_batch_size,
-            "gradient_accumulation_steps": schedule.accumulation, "total_steps": schedule.total_steps}
+        params = config_params(config) | params
+    tracker.log_params(params)
+    tracker.set_tags({"xstilts.world_size": world_size, "xstilts.micro_batch_size": schedule.micro_batch_size,
+                      "xstilts.gradient_accumulation_steps": schedule.accumulation})
 
 
 def _training_arguments(config: RunConfig, schedule: Any, precision: str, cuda: bool, ds: dict[str, Any] | None,
@@ -322,5 +338,6 @@ def _full_state_dict(trainer: Any) -> dict[str, Any] | None:
     """The whole model's state on rank 0; under ZeRO-3 gathered from the shards (every rank
     must take part)."""
     if trainer.is_deepspeed_enabled:
-        return dict(trainer.accelerator.get_state_dict(trainer.model_wrapped))
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # None on ranks other than 0
+        return dict(state) if state is not None else None
     return None
