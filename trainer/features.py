@@ -16,18 +16,21 @@ Every row also has "example_index" (its example) and "length". Span QA keeps its
 The cache key is (tokenizer identity, task, split, language, max length, label set, data
 fingerprint, FEATURES_VERSION), so reruns and other runs of the same model family reuse the
 work; entries are written to a temporary directory and renamed into place, so concurrent runs
-never read a half-written entry.
+never read a half-written entry, and a lock file lets one process (rank) tokenize while the
+others wait and then read its entry.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,11 +230,25 @@ def load_encoded(raw: RawSplit, tokenizer: Any, tokenizer_id: str, max_length: i
     labels = () if learns_tags else split_labels(task, train_labels)
     entry = cache_dir / cache_key(tokenizer_id, raw, max_length, labels)
     if not (entry / "meta.json").is_file():
-        _write_entry(entry, task, raw, tokenizer, max_length, labels, learns_tags)
+        # One process tokenizes while the others (the other ranks, a concurrent run) wait for it.
+        with _file_lock(cache_dir / f"{entry.name}.lock"):
+            if not (entry / "meta.json").is_file():
+                _write_entry(entry, task, raw, tokenizer, max_length, labels, learns_tags)
     meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
     features = datasets.load_from_disk(str(entry / "features"))
     examples = datasets.load_from_disk(str(entry / "examples")) if (entry / "examples").is_dir() else None
     return Encoded(raw.ref, features, tuple(meta["labels"]), examples)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _write_entry(entry: Path, task: Task, raw: RawSplit, tokenizer: Any, max_length: int,

@@ -120,7 +120,8 @@ def answer_text(context: str, spans: Sequence[Span], no_answer: bool) -> str:
         return ""
     if best.score == float("-inf"):
         return ""
-    return context[best.start_char: best.end_char]
+    # Metaspace tokenizers (XLM-R's) count the space before a word into its first piece
+    return context[best.start_char: best.end_char].strip()
 
 
 def mean(values: Sequence[float]) -> float:
