@@ -23,7 +23,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -280,6 +282,70 @@ class ResultWriter:
                 self.write(run_id)
                 new.append(run_id)
         return new
+
+
+@dataclass
+class Env:
+    cp: ControlPlane
+    namespace: str
+    kubeconfig: Path  # the controller's ServiceAccount
+    results: Path
+    tmp: Path
+
+    def controller(self, identity: str = "controller-a", **kwargs: Any) -> ControllerProcess:
+        return ControllerProcess(self.kubeconfig, self.namespace, self.results, self.tmp / f"{identity}.log",
+                                 identity=identity, **kwargs)
+
+    def apply(self, obj: dict[str, Any]) -> str:
+        path = self.tmp / f"{obj['metadata']['name']}.yaml"
+        path.write_text(yaml.safe_dump(obj, sort_keys=False))
+        return self.cp.kubectl("apply", "-f", str(path), namespace=self.namespace).stdout
+
+    def xstilts(self, *args: str) -> Any:
+        """The CLI as the cluster admin (the test's kubeconfig)."""
+        return xstilts(*args, kubeconfig=self.cp.kubeconfig)
+
+
+def make_env(control_plane: ControlPlane, k8s_namespace: str, tmp_path: Path) -> Env:
+    """A test's namespace with the CRD installed, the controller's RBAC and kubeconfig."""
+    install_crd(control_plane)
+    kubeconfig = controller_kubeconfig(control_plane, k8s_namespace, tmp_path / "controller.kubeconfig")
+    results = tmp_path / "results"
+    results.mkdir()
+    return Env(control_plane, k8s_namespace, kubeconfig, results, tmp_path)
+
+
+def converge(env: Env, writer: ResultWriter, controllers: list[ControllerProcess], *, max_parallel: int,
+             timeout: float = 180.0, until: str = "Succeeded", interval: float = 0.3) -> dict[str, Any]:
+    """Play the trainers (write results of completed Jobs) until the Experiment reaches
+    `until`; check on the way that no more than max_parallel Jobs are ever active."""
+    deadline = time.monotonic() + timeout
+    most_active = 0
+    while True:
+        jobs = list_jobs(env.cp, writer.namespace, writer.name)
+        active = sum(1 for j in jobs if job_active(j))
+        most_active = max(most_active, active)
+        assert active <= max_parallel, f"{active} Jobs active, maxParallel is {max_parallel}"
+        writer.write_finished(jobs)
+        experiment = get_experiment(env.cp, writer.namespace, writer.name)
+        if (experiment.get("status") or {}).get("phase") == until:
+            return experiment
+        if not any(c.running for c in controllers):
+            raise AssertionError("the controller exited:\n" + "\n".join(c.output()[-3000:] for c in controllers))
+        if time.monotonic() > deadline:
+            status = json.dumps(experiment.get("status"))[:2000]
+            raise AssertionError(f"not {until} after {timeout}s; status: {status}\n"
+                                 + "\n".join(c.output()[-3000:] for c in controllers))
+        time.sleep(interval)
+
+
+def created_events(env: Env) -> Counter[str]:
+    """JobCreated Events per Job name, counting repeats (an Event's count)."""
+    counts: Counter[str] = Counter()
+    for event in events(env.cp, env.namespace, "JobCreated"):
+        job = event["message"].split()[2]  # "created Job <name> for run ..."
+        counts[job] += int(event.get("count") or 1)
+    return counts
 
 
 def events(cp: ControlPlane, namespace: str, reason: str | None = None) -> list[dict[str, Any]]:
