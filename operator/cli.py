@@ -42,6 +42,9 @@ def load_spec(path: Path) -> ExperimentSpec:
     except OSError as e:
         err.print(f"[red]error:[/red] cannot read {path}: {e.strerror or e}", soft_wrap=True)
         raise typer.Exit(EXIT_INVALID) from None
+    except UnicodeDecodeError as e:
+        err.print(f"[red]error:[/red] cannot read {path}: not UTF-8 text (byte {e.start})", soft_wrap=True)
+        raise typer.Exit(EXIT_INVALID) from None
     try:
         return load_spec_text(text, str(path))
     except SpecError as e:

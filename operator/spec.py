@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 from xstilts.trainer.config import (
+    CONTROL_CHARACTERS,
     DeepSpeedSettings,
     HyperParameters,
     OffloadMode,
@@ -41,6 +42,10 @@ DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 MAX_EXPERIMENT_NAME = 40
 MAX_SHORT_NAME = 30
 SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+# Kubernetes label syntax (node selectors, toleration keys): a key is an optional DNS-subdomain
+# prefix and '/' and a name; values are at most 63 characters.
+LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
 
 
 def _schema_name(max_length: int) -> Any:
@@ -65,6 +70,23 @@ IntermediateTaskName = Annotated[str, AfterValidator(_intermediate_name), _schem
 TargetTaskName = Annotated[str, AfterValidator(_target_name), _schema_enum(TARGET_TASKS)]
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+MAX_SHOWN = 80  # characters of a bad value quoted in an error
+
+
+def shown_value(value: Any) -> str:
+    """repr(value), cut to MAX_SHOWN characters: a 1 MB name must not make a 1 MB error."""
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN - 1]}…"
+
+
+def path_part(key: str) -> str:
+    """A key as a field path shows it: `.name`, or `['odd key']` for a key that is not a
+    plain word (map keys and unknown fields are the user's, and may hold dots, spaces,
+    quotes or line breaks)."""
+    return f".{key}" if len(key) <= 63 and _PLAIN_KEY.fullmatch(key) else f"[{shown_value(key)}]"
+
+
 class FieldError(ValueError):
     """A cross-field problem found by a model validator, pinned to the field to fix (pydantic
     would otherwise report it at the model's own path)."""
@@ -77,7 +99,7 @@ class FieldError(ValueError):
 def dns_label(value: str, *, max_length: int = 63) -> str:
     if len(value) > max_length or not DNS_LABEL.match(value):
         raise ValueError(
-            f"{value!r} is not a valid name: use at most {max_length} lowercase letters, digits"
+            f"{shown_value(value)} is not a valid name: use at most {max_length} lowercase letters, digits"
             " and '-', starting and ending with a letter or digit (DNS-1123 label), e.g. 'xlmr-large'"
         )
     return value
@@ -153,8 +175,8 @@ class ModelSpec(_Spec):
     @field_validator("pretrained")
     @classmethod
     def _pretrained(cls, v: str) -> str:
-        if ".." in PurePosixPath(v).parts or any(c in v for c in "\n\r\0"):
-            raise ValueError(f"{v!r} is not a hub id or a plain path (no '..', no control characters)")
+        if ".." in PurePosixPath(v).parts or CONTROL_CHARACTERS & set(v):
+            raise ValueError(f"{shown_value(v)} is not a hub id or a plain path (no '..', no control characters)")
         return v
 
     @property
@@ -171,7 +193,7 @@ class ModelSpec(_Spec):
         if r.zero_stage == "auto" and r.gpus > 0:
             if self.parameter_count is None:
                 raise FieldError("parameters",
-                    f"resources.zeroStage 'auto' needs the parameter count of {self.pretrained!r}:"
+                    f"resources.zeroStage 'auto' needs the parameter count of {shown_value(self.pretrained)}:"
                     " set parameters (e.g. 560000000) or a zeroStage of 0-3"
                 )
             try:
@@ -195,7 +217,7 @@ class ModelSpec(_Spec):
 def _task_name(v: str, allowed: tuple[str, ...], what: str) -> str:
     if v not in allowed:
         hint = f" ({v!r} is a {'target' if v in TARGET_TASKS else 'intermediate'} task)" if v in TASKS else ""
-        raise ValueError(f"unknown {what} {v!r}{hint}; valid: {', '.join(allowed)}")
+        raise ValueError(f"unknown {what} {shown_value(v)}{hint}; valid: {', '.join(allowed)}")
     return v
 
 
@@ -268,12 +290,58 @@ class HyperParameterSpec(_Spec):
 # --- cluster ----------------------------------------------------------------------------
 
 
+def label_key(key: str) -> str:
+    prefix, _, name = key.rpartition("/")
+    if (prefix and (len(prefix) > 253 or not SECRET_NAME.match(prefix))) or len(name) > 63 \
+            or not LABEL_NAME.fullmatch(name):
+        raise ValueError(f"{shown_value(key)} is not a label key: an optional DNS prefix and '/', then at most 63"
+                         " letters, digits, '-', '_' or '.', e.g. 'nvidia.com/gpu.product'")
+    return key
+
+
+def label_value(value: str) -> str:
+    if len(value) > 63 or not LABEL_VALUE.fullmatch(value):
+        raise ValueError(f"{shown_value(value)} is not a label value: at most 63 letters, digits, '-', '_' or '.',"
+                         " starting and ending with a letter or digit")
+    return value
+
+
+# A pod toleration, checked by the rules the API server applies to one, so that a spec the CLI
+# accepts never renders a Job the API server rejects.
 class Toleration(_Spec):
     key: str | None = None
     operator: Literal["Exists", "Equal"] = "Equal"
     value: str | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     toleration_seconds: int | None = None
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        return None if v is None else label_key(v)
+
+    @field_validator("value")
+    @classmethod
+    def _value(cls, v: str | None) -> str | None:
+        return None if v is None else label_value(v)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise FieldError("value", "operator 'Exists' takes no value; drop value or use operator 'Equal'")
+        if self.operator == "Equal" and not self.key:
+            raise FieldError("key", "operator 'Equal' needs a key; give key, or operator 'Exists' to tolerate all")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise FieldError("tolerationSeconds", "tolerationSeconds applies only to effect 'NoExecute'")
+        return self
+
+
+# Top-level directories of a run pod that the runs volume must not be mounted over: the
+# trainer image's own files (its Python lives in /opt), the run config at /etc/xstilts, and
+# the /tmp and /dev/shm volumes render mounts itself (the API server rejects a second mount at
+# one path; a mount over the image's files breaks it).
+POD_SYSTEM_DIRS = ("bin", "boot", "dev", "etc", "lib", "lib64", "opt", "proc", "root", "run", "sbin", "sys", "tmp",
+                   "usr", "var")
 
 
 class StorageSpec(_Spec):
@@ -293,7 +361,16 @@ class StorageSpec(_Spec):
     @classmethod
     def _no_traversal(cls, v: str | None) -> str | None:
         if v is not None and ".." in v.split("/"):
-            raise ValueError(f"{v!r} contains '..'; give a path without '..'")
+            raise ValueError(f"{shown_value(v)} contains '..'; give a path without '..'")
+        return v
+
+    @field_validator("mount_path")
+    @classmethod
+    def _own_directory(cls, v: str) -> str:
+        parts = PurePosixPath(v).parts
+        if len(parts) < 2 or parts[1] in POD_SYSTEM_DIRS:
+            raise ValueError(f"{shown_value(v)} would hide or clash with the pod's own files; mount the runs"
+                             " volume at a directory of its own, such as /data or /mnt/runs")
         return v
 
     @model_validator(mode="after")
@@ -315,7 +392,7 @@ class SecretRefs(_Spec):
     def _name(cls, v: str | None) -> str | None:
         if v is not None and (len(v) > 253 or not SECRET_NAME.match(v)):
             raise ValueError(
-                f"{v!r} is not a Secret name (lowercase DNS-1123 subdomain); give the name, never the value")
+                f"{shown_value(v)} is not a Secret name (lowercase DNS-1123 subdomain); give the name, never the value")
         return v
 
 
@@ -338,6 +415,14 @@ class ClusterSpec(_Spec):
     @classmethod
     def _ns(cls, v: str) -> str:
         return dns_label(v)
+
+    @field_validator("node_selector")
+    @classmethod
+    def _node_labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            label_key(key)
+            label_value(value)
+        return v
 
     @field_validator("queue")
     @classmethod
@@ -405,8 +490,8 @@ class ExperimentSpec(_Spec):
     def _data(cls, v: dict[str, str]) -> dict[str, str]:
         for task, path in v.items():
             _task_name(task, tuple(TASKS), "task")
-            if ".." in PurePosixPath(path).parts or not path or any(c in path for c in "\n\r\0"):
-                raise ValueError(f"data[{task}] {path!r} must be a plain path without '..'")
+            if ".." in PurePosixPath(path).parts or not path or CONTROL_CHARACTERS & set(path):
+                raise ValueError(f"data[{task}] {shown_value(path)} must be a plain path without '..'")
         return v
 
     @model_validator(mode="after")
@@ -421,17 +506,19 @@ class ExperimentSpec(_Spec):
                              f"group names {sorted(clash)} clash with intermediate task names; rename the groups")
         for model in self.hyperparameters.per_model:
             if model not in {m.name for m in self.models}:
-                raise FieldError(f"hyperparameters.perModel.{model}",
-                    f"names model {model!r}, which is not in models ({', '.join(m.name for m in self.models)})"
+                raise FieldError(f"hyperparameters.perModel{path_part(model)}",
+                    f"names model {shown_value(model)}, which is not in models"
+                    f" ({', '.join(m.name for m in self.models)})"
                 )
         for target, languages in self.eval_languages.items():
             if target not in self.targets:
-                raise FieldError(f"evalLanguages.{target}", f"{target!r} is not one of targets {self.targets}")
+                raise FieldError(f"evalLanguages{path_part(target)}",
+                                 f"{shown_value(target)} is not one of targets {self.targets}")
             valid = TASKS[target].languages
             bad = [lang for lang in languages if lang not in valid]
             if bad or not languages:
-                raise FieldError(f"evalLanguages.{target}",
-                                 f"{languages} must be a non-empty subset of {', '.join(valid)}")
+                raise FieldError(f"evalLanguages{path_part(target)}",
+                                 f"{shown_value(languages)} must be a non-empty subset of {', '.join(valid)}")
         runs = self.run_count
         if runs > self.planning.max_runs:
             raise FieldError("planning.maxRuns",
@@ -457,10 +544,14 @@ class ExperimentSpec(_Spec):
 
 
 def _no_duplicates(values: list[Any], what: str, path: str | None = None) -> None:
-    dupes = [v for i, v in enumerate(values) if v in values[:i]]
-    if dupes:
-        message = f"duplicate {what} {dupes[0]!r}; list each {what} once"
-        raise FieldError(path, message) if path else ValueError(message)
+    # Linear: a list of a million seeds must be rejected by planning.maxRuns in a second, not
+    # stall validation (the controller's reconcile loop included) in a quadratic scan.
+    seen: set[Any] = set()
+    for v in values:
+        if v in seen:
+            message = f"duplicate {what} {shown_value(v)}; list each {what} once"
+            raise FieldError(path, message) if path else ValueError(message)
+        seen.add(v)
 
 
 # --- documents: bare spec or Kubernetes object --------------------------------------------
@@ -486,7 +577,8 @@ class ExperimentObject(BaseModel):
     def _names_agree(self) -> ExperimentObject:
         if self.metadata.name and self.metadata.name != self.spec.name:
             raise ValueError(
-                f"metadata.name {self.metadata.name!r} differs from spec.name {self.spec.name!r}; make them equal"
+                f"metadata.name {shown_value(self.metadata.name)} differs from spec.name {self.spec.name!r};"
+                " make them equal"
             )
         return self
 
@@ -507,14 +599,17 @@ def format_errors(error: ValidationError, prefix: str = "") -> list[str]:
         for part in e["loc"]:
             if isinstance(part, int):
                 path += f"[{part}]"
-            elif part and not str(part).startswith(("function-", "tagged-union")):
-                path += f".{part}" if path else str(part)
+            elif not str(part).startswith(("function-", "tagged-union")):
+                path += path_part(str(part))
+        path = path.removeprefix(".")
         cause = e.get("ctx", {}).get("error")
         if isinstance(cause, FieldError):
             path = f"{path}.{cause.path}" if path else cause.path
         message = e["msg"].removeprefix("Value error, ")
         bad = e.get("input")
-        shown = "" if isinstance(bad, dict | list) or bad is None else f" (got {bad!r})"
+        shown = "" if isinstance(bad, dict | list) or bad is None else f" (got {shown_value(bad)})"
+        if isinstance(bad, str) and len(repr(bad)) > MAX_SHOWN:
+            message = message.replace(repr(bad), shown_value(bad))
         if e["type"] == "extra_forbidden":
             message = "unknown field; check its spelling against `xstilts crd` or the README"
         if e["type"] == "missing":
@@ -532,7 +627,7 @@ def parse_document(document: Any, source: str = "<spec>") -> ExperimentSpec:
             if document.get("kind") != KIND or document.get("apiVersion") != API_VERSION:
                 raise SpecError(source, [
                     f"apiVersion/kind: expected {API_VERSION} {KIND}, got"
-                    f" {document.get('apiVersion')!r} {document.get('kind')!r}"
+                    f" {shown_value(document.get('apiVersion'))} {shown_value(document.get('kind'))}"
                 ])
             return ExperimentObject.model_validate(document).spec
         return ExperimentSpec.model_validate(document)
@@ -544,7 +639,11 @@ def load_spec_text(text: str, source: str = "<spec>") -> ExperimentSpec:
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise SpecError(source, [f"<document>: not valid YAML: {e}"]) from None
+        raise SpecError(source, [f"<document>: not valid YAML: {' '.join(str(e).split())}"]) from None
+    except RecursionError:
+        raise SpecError(source, ["<document>: nested too deeply to be a spec"]) from None
+    except ValueError as e:  # the YAML reader's own limits, e.g. integers of more than 4300 digits
+        raise SpecError(source, [f"<document>: cannot be read: {e}"]) from None
     return parse_document(document, source)
 
 
