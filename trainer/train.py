@@ -6,6 +6,7 @@ Run directory (`config.run_dir`):
     config.json      the resolved RunConfig
     progress.json    live progress (results.ProgressFile)
     checkpoints/     the Trainer's checkpoint-N directories: resume state and best-model candidates
+                     (removed once result.json is written)
     checkpoint/      the final model (model.save_checkpoint): what a phase-3 run starts from
     result.json      the RunResult, written last and only on success
 
@@ -26,6 +27,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -287,6 +289,8 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
         tracker.log_artifact(path)
         tracker.log_artifact(run_dir / "config.json")
         progress.update(force=True, phase="eval", step=result.train_steps, eta_s=0.0)
+        # The run is done and never resumes: its resume checkpoints (weights, optimizer state) go.
+        shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
     return result
 
 
