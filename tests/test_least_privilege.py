@@ -12,7 +12,6 @@ tests at the bottom loosen a compliant object one way at a time and require a vi
 from __future__ import annotations
 
 import copy
-import importlib
 import shutil
 import subprocess
 import sys
@@ -122,19 +121,6 @@ def run_pod_violations(pod: dict[str, Any], where: str) -> list[str]:
 
 # --- RBAC ----------------------------------------------------------------------------------
 
-# The controller's permissions, (apiGroup, resource) → verbs. `declared_permissions` prefers
-# the list the controller itself exports (operator/controller.py or operator/kube.py,
-# REQUIRED_PERMISSIONS); this copy stands in until it does.
-CONTROLLER_PERMISSIONS: dict[tuple[str, str], frozenset[str]] = {
-    ("xstilts.dev", "experiments"): frozenset({"get", "list", "watch"}),
-    ("xstilts.dev", "experiments/status"): frozenset({"get", "update", "patch"}),
-    ("xstilts.dev", "experiments/finalizers"): frozenset({"update"}),
-    ("batch", "jobs"): frozenset({"get", "list", "watch", "create", "delete"}),
-    ("", "configmaps"): frozenset({"get", "list", "create", "delete"}),
-    ("", "services"): frozenset({"get", "list", "create", "delete"}),
-    ("", "events"): frozenset({"create", "patch"}),
-    ("coordination.k8s.io", "leases"): frozenset({"get", "create", "update"}),
-}
 # Verbs and resources that amount to more than a controller of Jobs ever needs: reading
 # credentials, running commands in pods, granting permissions, acting as someone else.
 FORBIDDEN_VERBS = {"*", "escalate", "bind", "impersonate"}
@@ -142,16 +128,16 @@ FORBIDDEN_RESOURCES = {"*", "secrets", "pods/exec", "pods/attach", "pods/portfor
                        "nodes/proxy", "roles", "rolebindings", "clusterroles", "clusterrolebindings"}
 
 
-def declared_permissions() -> tuple[dict[tuple[str, str], frozenset[str]], str]:
-    """The permissions the controller declares it needs, and where the list came from."""
-    for module in ("xstilts.operator.controller", "xstilts.operator.kube"):
-        try:
-            declared = getattr(importlib.import_module(module), "REQUIRED_PERMISSIONS", None)
-        except ImportError:
-            continue
-        if declared is not None:
-            return {(g, r): frozenset(v) for (g, r), v in dict(declared).items()}, module
-    return CONTROLLER_PERMISSIONS, "tests/test_least_privilege.py"
+def declared_permissions() -> dict[tuple[str, str], frozenset[str]]:
+    """(API group, resource) → verbs: every API call the controller makes (controller.API_CALLS,
+    which the control-plane tests hold a running controller to) and the permissions the API
+    server checks on its behalf (IMPLIED_PERMISSIONS)."""
+    from xstilts.operator.controller import API_CALLS, IMPLIED_PERMISSIONS
+
+    needed: dict[tuple[str, str], set[str]] = {}
+    for group, resource, verb in API_CALLS | IMPLIED_PERMISSIONS:
+        needed.setdefault((group, resource), set()).add(verb)
+    return {key: frozenset(verbs) for key, verbs in needed.items()}
 
 
 def role_grants(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
@@ -266,9 +252,8 @@ def test_every_workload_kustomize_builds_is_restricted(build: str) -> None:
 
 @pytest.mark.parametrize("build", K8S_BUILDS)
 def test_controller_rbac_is_a_namespaced_role_with_exactly_the_declared_permissions(build: str) -> None:
-    needed, source = declared_permissions()
     objects = list(kustomize(build))
-    assert rbac_violations(objects, needed) == [], f"permissions declared in {source}"
+    assert rbac_violations(objects, declared_permissions()) == []
     # The controller is the only workload with an API identity; the others hold no token.
     for obj in (o for o in objects if o["kind"] in WORKLOAD_KINDS):
         pod = pod_template(obj)
@@ -388,7 +373,7 @@ RBAC_LOOSENINGS: dict[str, Callable[[list[dict[str, Any]]], None]] = {
 
 @pytest.mark.parametrize("loosening", RBAC_LOOSENINGS)
 def test_rbac_check_catches_each_change(loosening: str) -> None:
-    needed, _ = declared_permissions()
+    needed = declared_permissions()
     objects = copy.deepcopy(list(kustomize("base")))
     assert rbac_violations(objects, needed) == []
     RBAC_LOOSENINGS[loosening](objects)
