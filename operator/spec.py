@@ -72,11 +72,14 @@ TargetTaskName = Annotated[str, AfterValidator(_target_name), _schema_enum(TARGE
 
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 MAX_SHOWN = 80  # characters of a bad value quoted in an error
+_URI_CREDENTIALS = re.compile(r"//[^/@\s'\"]*@")
 
 
 def shown_value(value: Any) -> str:
-    """repr(value), cut to MAX_SHOWN characters: a 1 MB name must not make a 1 MB error."""
-    text = repr(value)
+    """repr(value), cut to MAX_SHOWN characters (a 1 MB name must not make a 1 MB error), with
+    the credentials of a URI (`//user:password@`) masked: errors reach terminals, logs and
+    the Experiment's status and events."""
+    text = _URI_CREDENTIALS.sub("//***@", repr(value))
     return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN - 1]}…"
 
 
@@ -434,6 +437,17 @@ class MlflowSpec(_Spec):
     tracking_uri: Annotated[str | None, Field(pattern=r"^(https?|file|sqlite|postgresql|databricks)[:+]")] = None
     experiment_name: str | None = None  # default: the experiment's name
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        # The URI travels in run.json ConfigMaps, Job env and MLflow itself: a password in it
+        # would be a secret in plain sight. Credentials come from cluster.secrets.mlflow.
+        if v is not None and re.match(r"^[^/]*//[^/@]*:[^/@]*@", v):
+            raise ValueError(f"{shown_value(v)} holds a password; give the URI"
+                             " without it and put the credentials (MLFLOW_TRACKING_USERNAME and"
+                             " MLFLOW_TRACKING_PASSWORD, or PGPASSWORD) in the Secret named by cluster.secrets.mlflow")
+        return v
+
 
 class PlanningSpec(_Spec):
     """Assumptions of the GPU-hour estimate, and a guard against accidental huge grids."""
@@ -608,7 +622,7 @@ def format_errors(error: ValidationError, prefix: str = "") -> list[str]:
         message = e["msg"].removeprefix("Value error, ")
         bad = e.get("input")
         shown = "" if isinstance(bad, dict | list) or bad is None else f" (got {shown_value(bad)})"
-        if isinstance(bad, str) and len(repr(bad)) > MAX_SHOWN:
+        if isinstance(bad, str) and repr(bad) != shown_value(bad):
             message = message.replace(repr(bad), shown_value(bad))
         if e["type"] == "extra_forbidden":
             message = "unknown field; check its spelling against `xstilts crd` or the README"
