@@ -237,18 +237,28 @@ def status(
     name: ExperimentName,
     namespace: Namespace = None,
     output: Annotated[str, typer.Option("--output", "-o", help="table or json")] = "table",
+    spec_path: Annotated[Path | None, typer.Option(
+        "--spec", help="For an experiment submitted with --no-controller: its spec, to show every planned run.")]
+    = None,
+    results_dir: Annotated[Path | None, typer.Option(
+        "--results-dir", help="With --spec: where this machine sees the runs volume (finished runs' results).")]
+    = None,
     kubeconfig: Kubeconfig = None,
     context: Context = None,
 ) -> None:
     """The experiment's phase, progress and GPU-hours, and a table of its runs."""
+    from xstilts.operator.cli import load_spec
     from xstilts.operator.cluster_status import gather, print_status
 
     if output not in ("table", "json"):
         raise fail(f"--output must be 'table' or 'json', not {output!r}", 2)
+    spec = load_spec(spec_path) if spec_path is not None else None
+    if spec is not None and spec.name != name:
+        raise fail(f"{spec_path} is the spec of experiment {spec.name}, not {name}", 2)
     with cluster_errors():
         kube = _connect(kubeconfig, context)
-        ns = namespace or kube.namespace
-        view = gather(kube, ns, name)
+        ns = namespace or (spec.cluster.namespace if spec is not None else kube.namespace)
+        view = gather(kube, ns, name, spec, results_dir)
     if view is None:
         raise fail(f"experiment {name} not found in namespace {ns} (no Experiment object and no Jobs labelled"
                    f" xstilts.dev/experiment={name})")
@@ -271,7 +281,7 @@ def logs(
     context: Context = None,
 ) -> None:
     """The trainer's log of one run (its Job's newest pod; rank 0 of a multi-node run)."""
-    from xstilts.operator.kube import JOBS, PODS
+    from xstilts.operator.kube import JOBS, PODS, KubeError
     from xstilts.operator.render import COMPLETION_INDEX_ANNOTATION, CONTAINER_NAME, RUN_ID_LABEL, experiment_selector
 
     with cluster_errors():
@@ -303,6 +313,12 @@ def logs(
                 sys.stdout.buffer.flush()
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
+        except KubeError as e:
+            if e.status not in (400, 404):
+                raise
+            # 400: the container has not started; 404: the node no longer has (or never
+            # served) the log, e.g. a pod that ran on a node since removed.
+            raise fail(f"no log for pod {pod} of Job {job_name}: {e.message}") from None
 
 
 # --- delete ------------------------------------------------------------------------------

@@ -7,16 +7,18 @@ Jobs (which Job runs which run, for how long on how many GPUs).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
-from xstilts.operator.kube import EXPERIMENTS, JOBS, Kube, KubeError
+from xstilts.operator.kube import EXPERIMENTS, JOBS, Kube, KubeError, ResultStore
 from xstilts.operator.plan import plan
-from xstilts.operator.reconcile import COUNT_KEYS, COUNTED_AS, ObservedJob
+from xstilts.operator.reconcile import COUNT_KEYS, COUNTED_AS, Observed, ObservedJob, reconcile
 from xstilts.operator.render import (
     INTERMEDIATE_LABEL,
     MODEL_LABEL,
@@ -26,7 +28,7 @@ from xstilts.operator.render import (
     experiment_selector,
     pod_storage_root,
 )
-from xstilts.operator.spec import SpecError, parse_document
+from xstilts.operator.spec import ExperimentSpec, SpecError, parse_document, to_object
 
 # Before the controller has written a run's state.
 UNKNOWN = "unknown"
@@ -85,8 +87,10 @@ def _job_hours(job: ObservedJob, now: datetime) -> float | None:
 
 
 def build_view(name: str, namespace: str, experiment: Mapping[str, Any] | None, jobs: list[Mapping[str, Any]],
-               now: datetime) -> StatusView | None:
-    """The view of one experiment; None when there is neither an Experiment nor a Job."""
+               now: datetime, *, controller: bool = True) -> StatusView | None:
+    """The view of one experiment; None when there is neither an Experiment nor a Job.
+    `controller=False` marks an experiment submitted with --no-controller, whose
+    "Experiment" was computed here from its spec."""
     observed: dict[str, tuple[ObservedJob, Mapping[str, Any]]] = {}
     for job in jobs:
         try:
@@ -100,7 +104,7 @@ def build_view(name: str, namespace: str, experiment: Mapping[str, Any] | None, 
     states: Mapping[str, str] = status.get("runs") or {}
     failures: Mapping[str, str] = status.get("failures") or {}
     view = StatusView(
-        name=name, namespace=namespace, controller=True, phase=str(status.get("phase") or "Pending"),
+        name=name, namespace=namespace, controller=controller, phase=str(status.get("phase") or "Pending"),
         message=str(status.get("message") or "not reconciled yet: is the controller running?"),
         counts={k: int((status.get("counts") or {}).get(k, 0)) for k in COUNT_KEYS},
         gpu_hours_used=status.get("gpuHoursUsed"), gpu_hours_estimated=status.get("gpuHoursEstimated"),
@@ -143,15 +147,18 @@ def _view_from_jobs(name: str, namespace: str, observed: Mapping[str, tuple[Obse
     counts["total"] = len(rows)
     rows.sort(key=lambda r: (r.stage != "intermediate", r.model, r.intermediate, r.target or "", r.run_id))
     used = sum(r.gpu_hours or 0.0 for r in rows)
-    phase = "Running" if counts["running"] or counts["pending"] else (
-        "Succeeded" if counts["succeeded"] == counts["total"] else "PartiallyFailed")
-    return StatusView(name=name, namespace=namespace, controller=False, phase=phase,
-                      message=(f"{counts['succeeded']}/{counts['total']} Jobs succeeded (submitted with"
-                               " --no-controller: runs without a Job yet are not shown)"),
+    # Without the spec, the runs that have no Job yet are unknown, and so is the phase.
+    return StatusView(name=name, namespace=namespace, controller=False, phase="Unknown",
+                      message=(f"{counts['succeeded']}/{counts['total']} Jobs succeeded; submitted with"
+                               " --no-controller, so runs without a Job are not shown: pass --spec SPEC"
+                               " for the whole plan"),
                       counts=counts, gpu_hours_used=round(used, 3), gpu_hours_estimated=None, rows=rows)
 
 
-def gather(kube: Kube, namespace: str, name: str) -> StatusView | None:
+def gather(kube: Kube, namespace: str, name: str, spec: ExperimentSpec | None = None,
+           results_dir: Path | None = None) -> StatusView | None:
+    """The Experiment object and its Jobs; with no Experiment (submitted with
+    --no-controller) and a spec, the status the controller would compute from them."""
     experiment = None
     if kube.api_available(EXPERIMENTS.group, EXPERIMENTS.version):
         try:
@@ -160,7 +167,26 @@ def gather(kube: Kube, namespace: str, name: str) -> StatusView | None:
             if not e.not_found:
                 raise
     jobs = kube.list(JOBS, namespace, selector=experiment_selector(name)).get("items") or []
-    return build_view(name, namespace, experiment, jobs, datetime.now(UTC))
+    now = datetime.now(UTC)
+    if experiment is None and spec is not None:
+        return build_view(name, namespace, without_controller(spec, namespace, jobs, results_dir, now), jobs, now,
+                          controller=False)
+    return build_view(name, namespace, experiment, jobs, now)
+
+
+def without_controller(spec: ExperimentSpec, namespace: str, jobs: list[dict[str, Any]], results_dir: Path | None,
+                       now: datetime) -> dict[str, Any]:
+    """The Experiment object a controller would hold for a spec submitted with
+    --no-controller: its status computed by reconcile from the Jobs (and results)."""
+    planned = plan(spec, storage_root=pod_storage_root(spec))
+    observed = []
+    for job in jobs:
+        with contextlib.suppress(ValueError):
+            observed.append(ObservedJob.from_k8s(job))
+    results = ResultStore(results_dir).read(spec, planned)[0] if results_dir else {}
+    obj = to_object(spec, namespace)
+    obj["status"] = reconcile(spec, planned, Observed(observed, results), now).status
+    return obj
 
 
 def _hours(value: float | None) -> str:
@@ -195,7 +221,7 @@ def print_status(view: StatusView, console: Console) -> None:
         console.print(view.message, highlight=False, style="dim")
     if not view.rows:
         return
-    table = Table(show_lines=False, pad_edge=False)
+    table = Table(show_lines=False)
     for column in ("run", "stage", "model", "intermediate", "target", "seed", "state", "job", "GPU-h"):
         table.add_column(column, justify="right" if column in ("seed", "GPU-h") else "left")
     for row in view.rows:

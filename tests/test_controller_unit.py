@@ -23,7 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 from xstilts.operator.cli import app
-from xstilts.operator.cluster_status import build_view, progress_bar
+from xstilts.operator.cluster_status import build_view, progress_bar, without_controller
 from xstilts.operator.controller import (
     API_CALLS,
     IMPLIED_PERMISSIONS,
@@ -443,11 +443,20 @@ def test_status_view_from_jobs_alone_and_of_nothing() -> None:
         job["status"] = {"startTime": "2026-01-01T11:00:00Z", "completionTime": "2026-01-01T11:30:00Z",
                          "conditions": [{"type": "Complete", "status": "True"}]}
         jobs.append(job)
-    view = build_view("tiny", "research", None, jobs, datetime(2026, 1, 1, 12, tzinfo=UTC))
+    now = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    view = build_view("tiny", "research", None, jobs, now)
     assert view is not None and not view.controller
-    assert view.counts["succeeded"] == 2 and view.phase == "Succeeded"
+    # Without the spec, runs that have no Job are unknown, and so is the phase.
+    assert view.counts["succeeded"] == 2 and view.counts["total"] == 2 and view.phase == "Unknown"
+    assert "pass --spec SPEC" in view.message
     assert view.gpu_hours_used == pytest.approx(1.0)
-    assert build_view("tiny", "research", None, [], datetime.now(UTC)) is None
+    assert build_view("tiny", "research", None, [], now) is None
+    # With the spec: every planned run, as the controller would see them.
+    obj = without_controller(spec, "research", jobs, None, now)
+    full = build_view("tiny", "research", obj, jobs, now, controller=False)
+    assert full is not None and not full.controller and full.counts["total"] == 6
+    states = {row.run_id: row.state for row in full.rows}
+    assert [states[r.run_id] for r in p.runs[:2]] == ["finishing", "finishing"]  # Job done, no result.json seen
     assert progress_bar(0.5, 10) == "█████░░░░░"
 
 

@@ -292,7 +292,18 @@ def test_submit_without_controller_continues_pass_by_pass(env: Env) -> None:
     assert sorted(j["metadata"]["name"] for j in jobs) == sorted(job_name("direct", r.run_id) for r in plan.runs)
     assert all(not j["metadata"].get("ownerReferences") for j in jobs)
     shown = json.loads(env.xstilts("status", "direct", "-n", env.namespace, "-o", "json").stdout)
-    assert shown["controller"] is False and shown["counts"]["succeeded"] == 6
+    assert shown["controller"] is False and shown["counts"]["succeeded"] == 6 and shown["phase"] == "Unknown"
+    with_spec = env.xstilts("status", "direct", "-n", env.namespace, "--spec", str(spec_file),
+                            "--results-dir", str(env.results), "-o", "json")
+    assert with_spec.returncode == 0, with_spec.stderr
+    view = json.loads(with_spec.stdout)
+    assert view["phase"] == "Succeeded" and [r["state"] for r in view["rows"]] == ["succeeded"] * 6
+    # The run's Job and pod are found; kwok serves no container logs, so the log itself
+    # is refused by the API server, in one line.
+    some_run = plan.runs[0].run_id
+    logs = env.xstilts("logs", "direct", some_run[:6], "-n", env.namespace)
+    assert logs.returncode == 1 and logs.stderr.startswith("error: no log for pod direct-"), logs.stderr
+    assert len(logs.stderr.strip().splitlines()) == 1
     deleted = env.xstilts("delete", "direct", "-n", env.namespace)
     assert deleted.returncode == 0 and "deleted the 6 Jobs" in deleted.stdout
     assert list_jobs(env.cp, env.namespace, "direct") == []
