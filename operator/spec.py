@@ -394,8 +394,8 @@ class SecretRefs(_Spec):
     @classmethod
     def _name(cls, v: str | None) -> str | None:
         if v is not None and (len(v) > 253 or not SECRET_NAME.match(v)):
-            raise ValueError(
-                f"{shown_value(v)} is not a Secret name (lowercase DNS-1123 subdomain); give the name, never the value")
+            raise ValueError(  # without the value: what is not a name may be the secret itself
+                "not a Secret name (lowercase DNS-1123 subdomain); give the name, never the value")
         return v
 
 
@@ -626,8 +626,8 @@ def format_errors(error: ValidationError, prefix: str = "") -> list[str]:
             message = message.replace(repr(bad), shown_value(bad))
         if e["type"] == "extra_forbidden":
             message = "unknown field; check its spelling against `xstilts crd` or the README"
-        if e["type"] == "missing":
-            shown = ""
+        if e["type"] == "missing" or "secrets" in e["loc"]:
+            shown = ""  # a bad Secret *name* may be a pasted secret value: never echo it
         lines.append(f"{path or '<spec>'}: {message}{shown}")
     return lines
 
