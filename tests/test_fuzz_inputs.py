@@ -29,8 +29,9 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 from pydantic import ValidationError
 from test_least_privilege import run_pod_violations
 from typer.testing import CliRunner
@@ -93,9 +94,17 @@ SPEC: dict[str, Any] = {
     "planning": {"maxRuns": 100},
 }
 S3_SPEC: dict[str, Any] = {**SPEC, "cluster": {**SPEC["cluster"], "storage": {"uri": "s3://bucket/prefix"}}}
-EXPERIMENT: dict[str, Any] = {"apiVersion": "xstilts.dev/v1alpha1", "kind": "Experiment",
-                              "metadata": {"name": "fuzz", "namespace": "research", "labels": {"team": "nlp"}},
-                              "spec": SPEC}
+# As the controller receives it from the API server: with the metadata the server adds.
+EXPERIMENT: dict[str, Any] = {
+    "apiVersion": "xstilts.dev/v1alpha1", "kind": "Experiment",
+    "metadata": {"name": "fuzz", "namespace": "research", "labels": {"team": "nlp"},
+                 "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"},
+                 "uid": "0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b", "generation": 3, "resourceVersion": "12345",
+                 "creationTimestamp": "2026-01-01T00:00:00Z",
+                 "managedFields": [{"manager": "kubectl", "operation": "Apply", "fieldsType": "FieldsV1"}]},
+    "spec": SPEC,
+    "status": {"phase": "Running"},
+}
 STARTS = {"spec": SPEC, "s3 spec": S3_SPEC, "Experiment": EXPERIMENT}
 
 Path_ = tuple[str | int, ...]
@@ -284,13 +293,21 @@ def check_accepted(spec: ExperimentSpec) -> None:
                 assert toleration.get("effect") == "NoExecute", toleration
 
 
+def _count(outcome: str) -> None:
+    """The accepted/rejected split, shown by `pytest --hypothesis-show-statistics`."""
+    if currently_in_test_context():
+        event(outcome)
+
+
 def check_document(document: Any) -> ExperimentSpec | None:
     """The fuzz oracle: a clear rejection, or an accepted spec whose plan and objects are safe."""
     try:
         spec = parse_document(document)
     except SpecError as e:
+        _count("rejected")
         check_rejection(e)
         return None
+    _count("accepted")
     check_accepted(spec)
     return spec
 
