@@ -83,7 +83,8 @@ def _job_hours(job: ObservedJob, now: datetime) -> float | None:
     end = job.completion_time or (now if job.phase == "running" else None)
     if end is None:
         return None
-    return max(0.0, (end - job.start_time).total_seconds()) * job.gpus / 3600.0
+    hours: float = max(0.0, (end - job.start_time).total_seconds()) * job.gpus / 3600.0
+    return hours
 
 
 def build_view(name: str, namespace: str, experiment: Mapping[str, Any] | None, jobs: list[Mapping[str, Any]],
@@ -121,12 +122,12 @@ def build_view(name: str, namespace: str, experiment: Mapping[str, Any] | None, 
         view.counts["pending"] = len(planned.runs)
     for run in planned.runs:
         labels = run.labels
-        job = observed.get(run.run_id)
+        seen = observed.get(run.run_id)
         view.rows.append(RunRow(
             run_id=run.run_id, stage=run.config.stage.value, model=labels.model, intermediate=labels.intermediate,
             target=labels.target, seed=run.config.seed, state=states.get(run.run_id, UNKNOWN),
-            job=str(job[1]["metadata"]["name"]) if job else None,
-            gpu_hours=_job_hours(job[0], now) if job else None, failure=failures.get(run.run_id)))
+            job=seen[0].name if seen else None,
+            gpu_hours=_job_hours(seen[0], now) if seen else None, failure=failures.get(run.run_id)))
     return view
 
 
@@ -184,7 +185,7 @@ def without_controller(spec: ExperimentSpec, namespace: str, jobs: list[dict[str
         with contextlib.suppress(ValueError):
             observed.append(ObservedJob.from_k8s(job))
     results = ResultStore(results_dir).read(spec, planned)[0] if results_dir else {}
-    obj = to_object(spec, namespace)
+    obj: dict[str, Any] = to_object(spec, namespace)
     obj["status"] = reconcile(spec, planned, Observed(observed, results), now).status
     return obj
 

@@ -72,6 +72,7 @@ from xstilts.operator.reconcile import (
     DeleteJob,
     Observed,
     ObservedJob,
+    ResultSummary,
     reconcile,
 )
 from xstilts.operator.render import (
@@ -278,7 +279,7 @@ def create_run(kube: Kube, action: CreateRun, owner: str | None) -> tuple[dict[s
 def delete_run(kube: Kube, namespace: str, name: str) -> bool:
     """Delete a run's Job (its pods with it) and its ConfigMap and Service; False if the Job
     was already gone. Missing objects are fine."""
-    deleted = kube.delete(JOBS, namespace, name)
+    deleted: bool = kube.delete(JOBS, namespace, name)
     for resource in (CONFIG_MAPS, SERVICES):
         kube.delete(resource, namespace, name)
     return deleted
@@ -465,6 +466,7 @@ class Controller:
         self._swept: set[tuple[str, int | None]] = set()
         self._reported: set[str] = set()  # unreadable result files already reported
         self._watch_stop = threading.Event()
+        self._failed = threading.Event()
         metrics.on_collect(self._collect)
 
     # -- watch callbacks (reflector threads) ------------------------------------------------
@@ -514,6 +516,7 @@ class Controller:
             metrics.set("xstilts_watch_relists_total", reflector.relists, {"resource": reflector.resource.plural})
         metrics.set("xstilts_workqueue_depth", len(self.queue))
         experiments = self.experiments.items()
+        metrics.clear("xstilts_experiment_runs")  # experiments deleted since: no stale series
         metrics.set("xstilts_experiments", len(experiments))
         metrics.set("xstilts_jobs", len(self.jobs.items()))
         for obj in experiments:
@@ -526,8 +529,18 @@ class Controller:
 
     def start_watches(self) -> None:
         for reflector in (self.experiments, self.jobs):
-            threading.Thread(target=reflector.run, args=(self._watch_stop,), daemon=True,
+            threading.Thread(target=self._watch, args=(reflector,), daemon=True,
                              name=f"watch-{reflector.resource.plural}").start()
+
+    def _watch(self, reflector: Reflector) -> None:
+        """A watch that dies leaves its cache stale: report it on /healthz (so that the
+        kubelet restarts the controller) and stop, rather than act on old observations."""
+        try:
+            reflector.run(self._watch_stop)
+        except Exception as e:
+            log.exception("the %s watch failed", reflector.resource.plural)
+            self.health.problem = f"the {reflector.resource.plural} watch failed: {type(e).__name__}: {e}"
+            self._failed.set()
 
     def wait_synced(self, stop: threading.Event) -> bool:
         while not stop.is_set():
@@ -536,8 +549,13 @@ class Controller:
             stop.wait(0.1)
         return False
 
+    @property
+    def failed(self) -> bool:
+        return self._failed.is_set()
+
     def run(self, stop: threading.Event) -> None:
-        """Watch and reconcile until `stop` is set; the reconcile in progress finishes."""
+        """Watch and reconcile until `stop` is set (or a watch fails); the reconcile in
+        progress finishes."""
         self.start_watches()
         try:
             if not self.wait_synced(stop):
@@ -546,7 +564,7 @@ class Controller:
             log.info("watching %s Experiments: %d found, %d Jobs", self.scope, len(self.experiments.items()),
                      len(self.jobs.items()))
             next_resync = time.monotonic()
-            while not stop.is_set():
+            while not stop.is_set() and not self._failed.is_set():
                 if time.monotonic() >= next_resync:
                     for obj in self.experiments.items():
                         self.queue.add(key_of(obj))
@@ -668,7 +686,8 @@ class Controller:
             self._plans[uid] = planned
         return planned
 
-    def _results(self, obj: Mapping[str, Any], spec: ExperimentSpec, plan_: Plan) -> dict[str, Any]:
+    def _results(self, obj: Mapping[str, Any], spec: ExperimentSpec, plan_: Plan) -> dict[str, ResultSummary]:
+        results: dict[str, ResultSummary]
         results, problems = self.results.read(spec, plan_)
         for problem in problems:
             if problem not in self._reported:
@@ -800,7 +819,8 @@ class ControllerError(Exception):
 
 
 def run_controller(options: RunOptions, stop: threading.Event | None = None) -> int:
-    """Run until SIGTERM/SIGINT (or `stop`): 0 after a clean stop, 1 if leadership was lost.
+    """Run until SIGTERM/SIGINT (or `stop`): 0 after a clean stop, 1 if leadership was lost
+    or a watch failed.
     Raises ControllerError when it cannot start (no credentials, no API, no CRD, port busy)."""
     from xstilts.operator.kube import ConfigError
 
@@ -867,6 +887,8 @@ def run_controller(options: RunOptions, stop: threading.Event | None = None) -> 
         log.info("xstilts controller %s starting on %s (%s), %s, results from %s", identity, connection.server,
                  connection.source, controller.scope, options.results_dir or "the runs' own paths")
         controller.run(stop)
+        if controller.failed:
+            lost.append(str(health.problem))
     finally:
         metrics.set("xstilts_leader", 0)
         if elector is not None:

@@ -175,11 +175,11 @@ def connect(kubeconfig: str | None = None, context: str | None = None) -> Connec
         if not Path(first).expanduser().exists():
             raise ConfigError(f"kubeconfig {first} does not exist; pass --kubeconfig or set KUBECONFIG")
         try:
-            config.load_kube_config(config_file=path, context=context, client_configuration=configuration,
-                                    persist_config=False)
-            _, active = config.list_kube_config_contexts(config_file=path)
+            config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=path, context=context, client_configuration=configuration, persist_config=False)
+            _, active = config.list_kube_config_contexts(config_file=path)  # type: ignore[no-untyped-call]
             if context:
-                contexts, _ = config.list_kube_config_contexts(config_file=path)
+                contexts, _ = config.list_kube_config_contexts(config_file=path)  # type: ignore[no-untyped-call]
                 active = next((c for c in contexts if c.get("name") == context), active)
         except (config.ConfigException, ValueError, TypeError, KeyError, OSError) as e:
             raise ConfigError(f"cannot use kubeconfig {path}: {e}") from None
@@ -187,7 +187,7 @@ def connect(kubeconfig: str | None = None, context: str | None = None) -> Connec
         source = path
     elif os.environ.get("KUBERNETES_SERVICE_HOST"):
         try:
-            config.load_incluster_config(client_configuration=configuration)
+            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
         except config.ConfigException as e:
             raise ConfigError(f"in-cluster configuration failed: {e}") from None
         try:
@@ -558,10 +558,10 @@ class ResultStore:
         root = pod_storage_root(spec)
         if self.results_dir is not None:
             relative = root[len(base):].lstrip("/")
-            return Path(run_dir(str(self.results_dir / relative), run_id)) / RESULT_FILE
-        if storage.uri:
+            root = str(self.results_dir / relative)
+        elif storage.uri:
             return None
-        return Path(run_dir(root, run_id)) / RESULT_FILE
+        return Path(str(run_dir(root, run_id))) / str(RESULT_FILE)
 
     def read(self, spec: ExperimentSpec, plan: Plan) -> tuple[dict[str, ResultSummary], list[str]]:
         """The results of the plan's runs that have one, and a line per unreadable file."""

@@ -71,6 +71,11 @@ class Metrics:
         with self._lock:
             self._values[name][_labels(labels)] = value
 
+    def clear(self, name: str) -> None:
+        """Drop every series of a gauge (before setting the current ones)."""
+        with self._lock:
+            self._values[name].clear()
+
     def observe(self, name: str, value: float, labels: Mapping[str, str] | None = None) -> None:
         with self._lock:
             series = self._histograms[name]
