@@ -352,3 +352,57 @@ def test_cluster_commands_fail_in_one_line(env: Env, tmp_path: Path) -> None:
     logs = env.xstilts("logs", "nothing", "abc", "-n", env.namespace)
     assert logs.returncode == 1
     assert logs.stderr.startswith(f"error: no Job for run abc of experiment nothing in namespace {env.namespace}")
+
+
+def test_a_failed_phase_2_run_blocks_its_dependants_until_retried(env: Env) -> None:
+    obj = small_experiment("fails", env.namespace, seeds=(1,), max_parallel=3)
+    # No node matches: pods stay Pending and the Jobs active until the test fails one.
+    obj["spec"]["cluster"]["nodeSelector"] = {"xstilts.dev/no-such-node": "true"}
+    _, plan = planned(obj)
+    intermediate = next(r for r in plan.runs if r.labels.target is None)
+    dependant = next(r for r in plan.runs if intermediate.run_id in r.depends_on)
+    failing_job = job_name("fails", intermediate.run_id)
+    env.apply(obj)
+    with env.controller() as controller:
+        env.cp.wait_for(lambda: len(list_jobs(env.cp, env.namespace, "fails")) == 2, timeout=60, what="2 Jobs")
+        # What the Job controller itself marks when a podFailurePolicy FailJob rule matches
+        # (the trainer's exit code 42): it then fails the Job.
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        reason = "Container trainer for pod fails-x exited with 42, matching FailJob rule at index 1"
+        env.cp.kubectl("patch", "job", failing_job, "--subresource=status", "--type=merge", "-p", json.dumps(
+            {"status": {"conditions": [{"type": "FailureTarget", "status": "True", "reason": "PodFailurePolicy",
+                                        "message": reason, "lastTransitionTime": now, "lastProbeTime": now}]}}),
+                       namespace=env.namespace)
+
+        def blocked() -> dict[str, Any] | None:
+            status = get_experiment(env.cp, env.namespace, "fails").get("status") or {}
+            runs = status.get("runs") or {}
+            done = runs.get(intermediate.run_id) == "failed" and runs.get(dependant.run_id) == "blocked"
+            return status if done else None
+
+        status = env.cp.wait_for(blocked, timeout=60, what="the dependant blocked")
+        assert status["counts"]["failed"] == 1 and status["counts"]["blocked"] == 1
+        assert status["failures"][intermediate.run_id].startswith("PodFailurePolicy: Container trainer")
+        degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+        assert degraded["status"] == "True" and "1 dependant runs blocked" in degraded["message"]
+        assert [e["reason"] for e in events(env.cp, env.namespace, "RunFailed")] == ["RunFailed"]
+        (blocked_event,) = events(env.cp, env.namespace, "RunsBlocked")
+        assert blocked_event["type"] == "Warning" and dependant.run_id in blocked_event["message"]
+        table = env.cp.kubectl("get", "experiments", namespace=env.namespace).stdout.splitlines()
+        assert table[1].split()[5] == "1"  # the FAILED column
+
+        # The failure is remembered after its Job is gone (as when ttlSecondsAfterFinished
+        # removes it): neither the run nor its dependant is created again.
+        env.cp.kubectl("delete", "job", failing_job, namespace=env.namespace)
+        time.sleep(6)  # past a resync
+        names = {j["metadata"]["name"] for j in list_jobs(env.cp, env.namespace, "fails")}
+        assert names == {job_name("fails", r.run_id) for r in plan.runs if r.labels.intermediate == "baseline"}
+
+        # Retry, as reconcile documents it: drop the run from the status.
+        env.cp.kubectl("patch", "experiment", "fails", "--subresource=status", "--type=json", "-p", json.dumps([
+            {"op": "remove", "path": f"/status/runs/{intermediate.run_id}"},
+            {"op": "remove", "path": f"/status/failures/{intermediate.run_id}"}]), namespace=env.namespace)
+        env.cp.wait_for(lambda: failing_job in {j["metadata"]["name"] for j in list_jobs(env.cp, env.namespace,
+                                                                                           "fails")},
+                        timeout=30, what="the failed run's Job created again")
+        controller.assert_calls_declared()
