@@ -437,17 +437,6 @@ class MlflowSpec(_Spec):
     tracking_uri: Annotated[str | None, Field(pattern=r"^(https?|file|sqlite|postgresql|databricks)[:+]")] = None
     experiment_name: str | None = None  # default: the experiment's name
 
-    @field_validator("tracking_uri")
-    @classmethod
-    def _no_credentials(cls, v: str | None) -> str | None:
-        # The URI travels in run.json ConfigMaps, Job env and MLflow itself: a password in it
-        # would be a secret in plain sight. Credentials come from cluster.secrets.mlflow.
-        if v is not None and re.match(r"^[^/]*//[^/@]*:[^/@]*@", v):
-            raise ValueError(f"{shown_value(v)} holds a password; give the URI"
-                             " without it and put the credentials (MLFLOW_TRACKING_USERNAME and"
-                             " MLFLOW_TRACKING_PASSWORD, or PGPASSWORD) in the Secret named by cluster.secrets.mlflow")
-        return v
-
 
 class PlanningSpec(_Spec):
     """Assumptions of the GPU-hour estimate, and a guard against accidental huge grids."""
