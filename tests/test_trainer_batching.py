@@ -137,3 +137,17 @@ def test_train_set_lays_tasks_end_to_end_with_their_index() -> None:
     assert len(train) == 3
     assert train[1] == {"input_ids": [2], "label": 1, "task_index": 0}
     assert train[2] == {"input_ids": [3], "labels": [-100], "task_index": 1}
+
+
+def test_accelerate_deals_each_steps_micro_batches_to_the_ranks() -> None:
+    """The loader under torchrun wraps the sampler in accelerate's BatchSamplerShard: each of 2
+    ranks must get 2 of the 4 micro-batches of every step, together the whole global batch."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    sampler = MultiTaskBatchSampler([[5] * 30, [9] * 50], batch_size=8, micro_batch_size=2, steps_per_epoch=6)
+    everything = list(sampler)
+    ranks = [list(BatchSamplerShard(sampler, num_processes=2, process_index=r)) for r in (0, 1)]
+    assert [len(r) for r in ranks] == [12, 12]  # 6 steps × 2 accumulation micro-batches each
+    for step in range(6):
+        dealt = sorted(i for r in ranks for b in r[2 * step: 2 * step + 2] for i in b)
+        assert dealt == sorted(i for b in everything[4 * step: 4 * step + 4] for i in b)

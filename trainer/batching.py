@@ -66,7 +66,9 @@ class MultiTaskBatchSampler(torch.utils.data.Sampler[list[int]]):
             raise ValueError(f"batch_size {batch_size} is not a multiple of micro_batch_size {micro_batch_size}")
         self.task_lengths = [list(lengths) for lengths in task_lengths]
         self.offsets = [sum(len(t) for t in self.task_lengths[:i]) for i in range(len(self.task_lengths))]
-        self.batch_size = batch_size
+        # not "batch_size": accelerate's BatchSamplerShard would take it for the size of each
+        # yielded (micro-)batch and drop every batch of another size
+        self.global_batch_size = batch_size
         self.micro_batch_size = micro_batch_size
         self.steps_per_epoch = steps_per_epoch
         self.probabilities = task_probabilities([len(t) for t in self.task_lengths], temperature)
@@ -75,7 +77,7 @@ class MultiTaskBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     @property
     def micro_batches_per_step(self) -> int:
-        return self.batch_size // self.micro_batch_size
+        return self.global_batch_size // self.micro_batch_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -90,16 +92,16 @@ class MultiTaskBatchSampler(torch.utils.data.Sampler[list[int]]):
         for _ in range(self.steps_per_epoch):
             task = rng.choices(tasks, weights=self.probabilities)[0]
             rows = next(streams[task])
-            for at in range(0, self.batch_size, self.micro_batch_size):
+            for at in range(0, self.global_batch_size, self.micro_batch_size):
                 yield rows[at: at + self.micro_batch_size]
 
     def _stream(self, task: int, rng: random.Random) -> Iterator[list[int]]:
         lengths = self.task_lengths[task]
         offset = self.offsets[task]
         while True:
-            for batch in length_grouped_batches(lengths, self.batch_size, rng):
-                if len(batch) < self.batch_size:
-                    batch = batch + rng.choices(range(len(lengths)), k=self.batch_size - len(batch))
+            for batch in length_grouped_batches(lengths, self.global_batch_size, rng):
+                if len(batch) < self.global_batch_size:
+                    batch = batch + rng.choices(range(len(lengths)), k=self.global_batch_size - len(batch))
                 batch.sort(key=lambda i: -lengths[i])
                 yield [offset + i for i in batch]
 

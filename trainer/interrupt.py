@@ -22,8 +22,9 @@ class RunInterrupted(BaseException):
 
 
 class Interruption:
-    """SIGTERM / SIGINT handling. While `deferring()` (the training loop) a signal only sets
-    `requested`, and the loop stops at a step boundary; otherwise it raises RunInterrupted."""
+    """SIGTERM / SIGINT handling. While `deferring()` (the training loop) a first signal only
+    sets `requested`, and the loop stops at a step boundary; otherwise, or at a second signal,
+    it raises RunInterrupted."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -36,8 +37,10 @@ class Interruption:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        # A second signal does not wait for the step to end: the loop may be stuck.
+        again = self.requested is not None
         self.requested = signum
-        if not self._deferring:
+        if again or not self._deferring:
             raise RunInterrupted(signum)
 
     @contextlib.contextmanager
