@@ -176,3 +176,20 @@ def test_a_changed_file_is_tokenized_again(tokenizer, tmp_path: Path) -> None:  
     write_jsonl(data / "train.jsonl", [{"premise": "a", "hypothesis": "b", "label": 0, "idx": 0}] * 3)
     after = load_encoded(open_split(config, SplitRef("mnli", "train")), tokenizer, tok_id, 64, tmp_path / "cache")
     assert (len(before), len(after)) == (1, 3)
+
+
+def test_max_train_examples_keeps_a_fixed_subset_of_whole_examples(tiny_hub: TinyHub, tokenizer,  # type: ignore[no-untyped-def]
+                                                                   tmp_path: Path) -> None:
+    from xstilts.trainer.train import cap_rows
+
+    config = RunConfig(model=str(tiny_hub.model), stage="intermediate", tasks=("squad_v1",),
+                       task_data=tiny_hub.task_data("squad_v1"))
+    encoded = load_encoded(open_split(config, SplitRef("squad_v1", "train")), tokenizer,
+                           tokenizer_fingerprint(tokenizer), 32, tmp_path)
+    capped = cap_rows(encoded, 50, "squad_v1/train:50")
+    kept = set(capped["example_index"])
+    assert len(kept) == 50
+    windows = [e for e in encoded.features["example_index"] if e in kept]
+    assert len(capped) == len(windows) > 50  # every window of a kept example, none of the others
+    assert cap_rows(encoded, 50, "squad_v1/train:50")["example_index"] == capped["example_index"]
+    assert cap_rows(encoded, 10_000, "x") is encoded.features

@@ -186,7 +186,9 @@ def save_checkpoint(model: MultiTaskModel, out_dir: str | Path, tokenizer: Any =
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.encoder.save_pretrained(tmp, state_dict=encoder_state)
+    # Weights under the names the module has: transformers would otherwise rename some back to
+    # the legacy names it converted while loading (LayerNorm.gamma under ZeRO-3, for one).
+    model.encoder.save_pretrained(tmp, state_dict=encoder_state, save_original_format=False)
     save_file(head_state, str(tmp / HEADS_FILE), metadata={"format": "pt"})
     specs = [{**asdict(s), "format": str(s.format), "labels": list(s.labels)} for s in model.specs]
     (tmp / HEADS_SPEC_FILE).write_text(json.dumps({"heads": specs}, indent=2), encoding="utf-8")
