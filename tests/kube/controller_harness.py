@@ -49,13 +49,21 @@ SERVICE_ACCOUNT = "xstilts-controller"
 _crd_installed: set[str] = set()
 
 
+def kubectl(cp: ControlPlane, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """cp.kubectl, failing with kubectl's own message."""
+    try:
+        return cp.kubectl(*args, **kwargs)
+    except subprocess.CalledProcessError as e:
+        raise AssertionError(f"kubectl {' '.join(args)} failed ({e.returncode}): {e.stderr.strip()}") from None
+
+
 def install_crd(cp: ControlPlane) -> None:
     """Apply k8s/base/crd.yaml (once per control plane), wait until it is Established, and
     restart the controller manager so that its garbage collector watches Experiments."""
     if str(cp.kubeconfig) in _crd_installed:
         return
-    cp.kubectl("apply", "-f", str(CRD_FILE))
-    cp.kubectl("wait", "--for=condition=Established", "crd/experiments.xstilts.dev", "--timeout=60s")
+    kubectl(cp, "apply", "-f", str(CRD_FILE))
+    kubectl(cp, "wait", "--for=condition=Established", "crd/experiments.xstilts.dev", "--timeout=60s")
     cp.restart_controller_manager()
     _crd_installed.add(str(cp.kubeconfig))
 
@@ -68,8 +76,8 @@ def controller_kubeconfig(cp: ControlPlane, namespace: str, path: Path) -> Path:
         doc["metadata"]["namespace"] = namespace
         for subject in doc.get("subjects") or []:
             subject["namespace"] = namespace  # kustomize sets it in a real install
-    cp.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": documents}))
-    token = cp.kubectl("create", "token", SERVICE_ACCOUNT, "--duration=2h", namespace=namespace).stdout.strip()
+    kubectl(cp, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": documents}))
+    token = kubectl(cp, "create", "token", SERVICE_ACCOUNT, "--duration=2h", namespace=namespace).stdout.strip()
     assert cp.ca_cert is not None and cp.server is not None
     config = {
         "apiVersion": "v1", "kind": "Config",
@@ -105,12 +113,13 @@ def xstilts(*args: str, kubeconfig: Path | None = None, timeout: float = 120) ->
 class ControllerProcess:
     """`xstilts controller` in a subprocess, with fast lease timings for tests."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, results_dir: Path, log: Path, *,
+    def __init__(self, kubeconfig: Path, namespace: str, results_dir: Path | None, log: Path, *,
                  identity: str = "controller-a", resync_seconds: float = 5.0, extra: Iterable[str] = ()):
         self.port = free_port()
         self.log = log
+        results = [f"--results-dir={results_dir}"] if results_dir is not None else []
         self.args = [sys.executable, "-m", "xstilts.operator.cli", "controller", f"--kubeconfig={kubeconfig}",
-                     f"--namespace={namespace}", f"--results-dir={results_dir}", f"--health-port={self.port}",
+                     f"--namespace={namespace}", *results, f"--health-port={self.port}",
                      f"--resync-seconds={resync_seconds}", f"--identity={identity}", "--lease-duration=3",
                      "--renew-deadline=2", "--retry-period=0.5", *extra]
         self.proc: subprocess.Popen[bytes] | None = None
@@ -292,14 +301,15 @@ class Env:
     results: Path
     tmp: Path
 
-    def controller(self, identity: str = "controller-a", **kwargs: Any) -> ControllerProcess:
-        return ControllerProcess(self.kubeconfig, self.namespace, self.results, self.tmp / f"{identity}.log",
-                                 identity=identity, **kwargs)
+    def controller(self, identity: str = "controller-a", *, sees_results: bool = True,
+                   **kwargs: Any) -> ControllerProcess:
+        return ControllerProcess(self.kubeconfig, self.namespace, self.results if sees_results else None,
+                                 self.tmp / f"{identity}.log", identity=identity, **kwargs)
 
     def apply(self, obj: dict[str, Any]) -> str:
         path = self.tmp / f"{obj['metadata']['name']}.yaml"
         path.write_text(yaml.safe_dump(obj, sort_keys=False))
-        return self.cp.kubectl("apply", "-f", str(path), namespace=self.namespace).stdout
+        return kubectl(self.cp, "apply", "-f", str(path), namespace=self.namespace).stdout
 
     def xstilts(self, *args: str) -> Any:
         """The CLI as the cluster admin (the test's kubeconfig)."""

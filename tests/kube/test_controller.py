@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from controller_harness import (
     converge,
     created_events,
     events,
+    free_port,
     get_experiment,
     job_active,
     list_jobs,
@@ -385,7 +387,10 @@ def test_a_failed_phase_2_run_blocks_its_dependants_until_retried(env: Env) -> N
         assert status["failures"][intermediate.run_id].startswith("PodFailurePolicy: Container trainer")
         degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
         assert degraded["status"] == "True" and "1 dependant runs blocked" in degraded["message"]
-        assert [e["reason"] for e in events(env.cp, env.namespace, "RunFailed")] == ["RunFailed"]
+        # Events follow the status write.
+        env.cp.wait_for(lambda: events(env.cp, env.namespace, "RunsBlocked"), timeout=10, what="RunsBlocked")
+        (failed_event,) = events(env.cp, env.namespace, "RunFailed")
+        assert intermediate.run_id in failed_event["message"] and reason in failed_event["message"]
         (blocked_event,) = events(env.cp, env.namespace, "RunsBlocked")
         assert blocked_event["type"] == "Warning" and dependant.run_id in blocked_event["message"]
         table = env.cp.kubectl("get", "experiments", namespace=env.namespace).stdout.splitlines()
@@ -406,3 +411,22 @@ def test_a_failed_phase_2_run_blocks_its_dependants_until_retried(env: Env) -> N
                                                                                            "fails")},
                         timeout=30, what="the failed run's Job created again")
         controller.assert_calls_declared()
+
+
+def test_a_controller_that_cannot_see_the_results_says_so(env: Env) -> None:
+    obj = small_experiment("blind", env.namespace, seeds=(1,))  # results in s3://, no --results-dir
+    env.apply(obj)
+    metrics_port = free_port()
+    with env.controller(sees_results=False, extra=[f"--metrics-port={metrics_port}"]) as controller:
+        env.cp.wait_for(lambda: events(env.cp, env.namespace, "ResultsUnreachable"), timeout=60,
+                        what="a ResultsUnreachable Event")
+        # /metrics on its own port when asked; health stays on the health port.
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+            assert "xstilts_leader 1" in resp.read().decode()
+        assert controller.get("/metrics")[0] == 404 and controller.get("/healthz")[0] == 200
+        time.sleep(6)  # past a resync: said once
+        (warning,) = events(env.cp, env.namespace, "ResultsUnreachable")
+        assert warning["type"] == "Warning" and int(warning.get("count") or 1) == 1
+        assert warning["message"].startswith("runs write their results to s3://xstilts-test/runs, which this"
+                                             " controller cannot read: mount it and run the controller with"
+                                             " --results-dir")
