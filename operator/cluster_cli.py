@@ -359,7 +359,8 @@ def controller(
     namespace: Annotated[str | None, typer.Option(
         "--namespace", "-n", envvar="XSTILTS_NAMESPACE",
         help="Watch this namespace (default: the kubeconfig context's, or the pod's own).")] = None,
-    all_namespaces: Annotated[bool, typer.Option("--all-namespaces", "-A", help="Watch every namespace.")] = False,
+    all_namespaces: Annotated[bool, typer.Option(
+        "--all-namespaces", "-A", help="Watch every namespace (needs a ClusterRole with the Role's rules).")] = False,
     kubeconfig: Kubeconfig = None,
     context: Context = None,
     results_dir: Annotated[Path | None, typer.Option(
