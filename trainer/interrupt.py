@@ -22,9 +22,9 @@ class RunInterrupted(BaseException):
 
 
 class Interruption:
-    """SIGTERM / SIGINT handling. While `deferring()` (the training loop) a first signal only
-    sets `requested`, and the loop stops at a step boundary; otherwise, or at a second signal,
-    it raises RunInterrupted."""
+    """SIGTERM / SIGINT handling. While `deferring()` (the training loop) a signal only sets
+    `requested`, and the loop stops at a step boundary; otherwise, or at a second SIGINT, it
+    raises RunInterrupted."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -37,10 +37,14 @@ class Interruption:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        # A second signal does not wait for the step to end: the loop may be stuck.
         again = self.requested is not None
-        self.requested = signum
-        if again or not self._deferring:
+        if not again:
+            self.requested = signum
+        # Ctrl-C pressed twice does not wait for the step to end. A repeated SIGTERM does: it
+        # may come from several senders at once (the executor and the parent-death signal),
+        # and stopping halfway through writing the checkpoint would lose it; what is stuck is
+        # SIGKILLed at the end of the grace period anyway.
+        if not self._deferring or (again and signum == signal.SIGINT):
             raise RunInterrupted(signum)
 
     @contextlib.contextmanager
