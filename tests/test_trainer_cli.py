@@ -83,6 +83,10 @@ def test_unreadable_json_is_invalid(tmp_path: Path) -> None:
     assert done.returncode == ExitCode.INVALID and "run.json: (root): Invalid JSON" in done.stderr
     done = trainer(tmp_path / "absent.json")
     assert done.returncode == ExitCode.INVALID and "cannot read run config" in done.stderr
+    (tmp_path / "latin1.json").write_bytes(b'{"model": "caf\xe9"}')
+    done = trainer(tmp_path / "latin1.json")
+    assert done.returncode == ExitCode.INVALID, done.stderr
+    assert done.stderr.strip().endswith("latin1.json is not UTF-8 text (byte 0xe9 at offset 14)")
 
 
 def test_a_run_with_a_result_is_not_trained_again(tiny_hub: TinyHub, tmp_path: Path) -> None:

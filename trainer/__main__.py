@@ -41,6 +41,9 @@ def load_config(path: Path) -> RunConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise InvalidRun(f"cannot read run config {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise InvalidRun(f"run config {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
+                         ) from None
     try:
         return RunConfig.model_validate_json(text)
     except ValidationError as e:
