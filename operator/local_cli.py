@@ -114,7 +114,12 @@ def report_command(spec: ExperimentSpec, output_dir: Path | None, formats_text: 
     if "png" in formats or "html" in formats:
         from xstilts.operator.report_plots import figures as make_figures
 
-        figures = make_figures(report)
+        try:
+            figures = make_figures(report)
+        except ImportError as e:  # matplotlib comes with the [train] extra
+            err.print(f"[red]error:[/red] the plots need matplotlib ({e}): pip install 'xstilts\\[train]',"
+                      " or ask for --format md,json", soft_wrap=True)
+            return EXIT_INVALID
     paths = write_report(report, figures, root / REPORT_DIR, formats)
 
     def warn(text: str) -> None:
