@@ -1,88 +1,87 @@
-"""Training throughput: real (non-pad) tokens per second and padding fraction of the xstilts
-trainer against a plain Hugging Face `Trainer` with default settings padding every row to the
-maximum length, on the same tiny XLM-R model and the same MNLI-like data, in one run.
+"""Training throughput: real (non-pad) tokens per second of the xstilts trainer against two
+plain Hugging Face `Trainer` baselines, measured in the same run, on the same model, the same
+MNLI-like data (pairs of 10-128 tokens, median about 40; benchmarks/synthetic.py), the same
+rows and the same number of optimizer steps:
 
-Data: sentence pairs whose tokenized length follows MNLI's shape (10 to 128 tokens, median about
-40: a log-normal, clipped), written as a local MNLI file in GLUE's columns. The tokenizer is
-word-level (one token per word), so lengths are exact.
+  (a) HF default   rows tokenized with `padding="max_length"` (128, the classic run_glue
+                   setting), the default collator, random sampling, every other argument at
+                   its default (fp32, the default AdamW, the default attention kernel);
+  (b) HF best      the best built-in settings: dynamic padding (`DataCollatorWithPadding`) and
+                   `train_sampling_strategy="group_by_length"`, plus bf16 on a GPU;
+  xstilts          `xstilts.trainer.train.run` on a RunConfig: length-grouped global batches
+                   padded to their own longest row, SDPA (flash-attention-2 when installed on
+                   a GPU), bf16 and fused AdamW on a GPU, automatic micro batch.
 
-- xstilts: `xstilts.trainer.train.run` on a RunConfig (dynamic padding, length-grouped global
-  batches); tokens/s is the RunResult's (real tokens over the seconds of `Trainer.train()`, which
-  here also includes one dev evaluation and the checkpoint save at the end). Its padding
-  fraction is computed from the batches its sampler yields for that run.
-- baseline: `AutoModelForSequenceClassification` from the same checkpoint, rows tokenized with
-  `padding="max_length"` (the classic run_glue setting), the default collator and random
-  sampler; tokens/s is real tokens over `train_runtime`.
+Every trainer's rate is real tokens over the seconds of its training steps: from the start of
+`train()` to the end of the last optimizer step, less the xstilts run's dev evaluation and
+checkpoint saves (a baseline does neither). Model loading and tokenization are outside. The
+trainers run in turn, `--repeats` times, and each one's best repeat is reported: on a shared
+machine the best of several is the least disturbed measurement.
 
-    python benchmarks/train_throughput.py [--steps 100] [--batch-size 32] [--hidden 64] [--threads 1]
+`--model large` builds the XLM-R large architecture with random weights (GPU only) and prints
+model FLOPs utilisation: 6 · N · tokens/s against the GPU's dense bf16 peak, N = non-embedding
+parameters.
+
+    python benchmarks/train_throughput.py [--model tiny|large] [--steps 60] [--batch-size 32] [--repeats 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import random
+import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MAX_LENGTH = 128
-SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import ARCHITECTURES, MAX_LENGTH, build_encoder, real_and_padded, write_mnli
+
+# Dense bf16 tensor-core peak (no sparsity), FLOP/s, by a substring of the device name.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def pair_lengths(n: int, seed: int = 0) -> list[tuple[int, int]]:
-    """(premise words, hypothesis words) for n pairs: total tokens (with XLM-R's 4 specials)
-    log-normal around a median of 40, clipped to [10, 128]; the hypothesis is about a third."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        total = min(MAX_LENGTH, max(10, round(math.exp(rng.gauss(math.log(40), 0.45)))))
-        words = total - 4
-        hypothesis = max(1, round(words * rng.uniform(0.2, 0.45)))
-        out.append((words - hypothesis, hypothesis))
-    return out
+@dataclass
+class Measurement:
+    name: str
+    real_tokens: int
+    padded_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.real_tokens / self.seconds
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1 - self.real_tokens / self.padded_tokens
 
 
-def build_model(root: Path, hidden: int, layers: int, vocab: int = 1000) -> Path:
+def peak_flops(device_name: str) -> float | None:
+    for key, peak in PEAK_BF16_FLOPS.items():
+        if key in device_name:
+            return peak
+    return None
+
+
+def nonembedding_parameters(model_dir: Path) -> int:
+    """Parameters outside the embedding tables: those that cost 6 FLOPs per token in training."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaModel
+    from transformers import AutoConfig, AutoModel
 
-    words = [f"w{i}" for i in range(vocab - len(SPECIALS))]
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate([*SPECIALS, *words])}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",
-                                        cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
-                                        model_max_length=MAX_LENGTH)
-    torch.manual_seed(0)
-    config = XLMRobertaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                              num_attention_heads=max(1, hidden // 16), intermediate_size=4 * hidden,
-                              max_position_embeddings=MAX_LENGTH + 2, type_vocab_size=1, pad_token_id=1,
-                              bos_token_id=0, eos_token_id=2)
-    out = root / "model"
-    XLMRobertaModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    with torch.device("meta"):
+        model = AutoModel.from_config(AutoConfig.from_pretrained(model_dir), add_pooling_layer=False)
+    return sum(p.numel() for name, p in model.named_parameters() if "embeddings" not in name)
 
 
-def write_mnli(directory: Path, train: int, dev: int) -> None:
-    rng = random.Random(1)
-    directory.mkdir(parents=True, exist_ok=True)
-    for split, n, seed in (("train", train, 0), ("validation", dev, 1)):
-        rows = []
-        for i, (p, h) in enumerate(pair_lengths(n, seed)):
-            premise = " ".join(f"w{rng.randrange(995)}" for _ in range(p))
-            hypothesis = " ".join(f"w{rng.randrange(995)}" for _ in range(h))
-            rows.append(json.dumps({"premise": premise, "hypothesis": hypothesis, "label": rng.randrange(3), "idx": i}))
-        (directory / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+# --- xstilts ---------------------------------------------------------------------------------------
 
 
-def run_xstilts(model: Path, data: Path, out: Path, steps: int, batch_size: int) -> dict[str, float]:
+def run_xstilts(model: Path, data: Path, out: Path, steps: int, batch_size: int) -> Measurement:
     from xstilts.trainer.config import RunConfig
     from xstilts.trainer.train import run
 
@@ -90,89 +89,178 @@ def run_xstilts(model: Path, data: Path, out: Path, steps: int, batch_size: int)
         "model": str(model), "stage": "intermediate", "tasks": ["mnli"], "task_data": {"mnli": str(data)},
         "storage_root": str(out), "hyperparameters": {"batch_size": batch_size, "max_steps": steps,
                                                       "max_seq_length": MAX_LENGTH, "learning_rate": 1e-4},
-        "tracking": {"tracking_uri": f"sqlite:///{out / 'mlflow.db'}"},
+        "tracking": {"tracking_uri": f"sqlite:///{out.parent / 'mlflow.db'}"},
     })
-    result = run(config, cache_dir=out / "cache")
-    return {"tokens_per_second": result.tokens_per_second, "padding_fraction": xstilts_padding(config, out),
-            "real_tokens": float(result.tokens_seen)}
+    result = run(config, cache_dir=out.parent / "cache")
+    real, padded = xstilts_batches(config, out.parent / "cache")
+    assert real == result.tokens_seen, (real, result.tokens_seen)  # the batches replayed are the ones trained
+    return Measurement("xstilts", result.tokens_seen, padded, result.tokens_seen / result.tokens_per_second)
 
 
-def xstilts_padding(config: Any, out: Path) -> float:
-    """The padding fraction of the batches the run trained on: its sampler, same seed, same data."""
+def xstilts_batches(config: Any, cache: Path) -> tuple[int, int]:
+    """Real and padded tokens of the micro-batches the run trained on: its sampler, same seed,
+    same data, same micro batch."""
     from transformers import AutoTokenizer
-
     from xstilts.trainer.batching import MultiTaskBatchSampler
     from xstilts.trainer.data import SplitRef, open_split
     from xstilts.trainer.features import load_encoded, tokenizer_fingerprint
     from xstilts.trainer.schedule import plan_schedule
+    from xstilts.trainer.train import micro_batch_inputs
 
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     train = load_encoded(open_split(config, SplitRef("mnli", "train")), tokenizer, tokenizer_fingerprint(tokenizer),
-                         MAX_LENGTH, out / "cache")
+                         MAX_LENGTH, cache)
     lengths = train.features["length"]
-    schedule = plan_schedule(config, 1, [len(lengths)], MAX_LENGTH)
+    schedule = plan_schedule(config, 1, [len(lengths)], MAX_LENGTH, **micro_batch_inputs(config))
     sampler = MultiTaskBatchSampler([lengths], config.hyperparameters.batch_size, schedule.micro_batch_size,
                                     schedule.steps_per_epoch, seed=config.seed)
-    real = padded = 0
-    for step, batch in enumerate(sampler):
-        if step >= schedule.total_steps * (config.hyperparameters.batch_size // schedule.micro_batch_size):
-            break
-        real += sum(lengths[i] for i in batch)
-        padded += max(lengths[i] for i in batch) * len(batch)
-    return 1 - real / padded
+    batches = list(sampler)[: schedule.total_steps * schedule.accumulation]
+    return real_and_padded(lengths, batches)
 
 
-def run_baseline(model: Path, data: Path, out: Path, steps: int, batch_size: int) -> dict[str, float]:
-    """The plain Trainer: default arguments but for the batch size, steps and learning rate."""
+# --- the Hugging Face baselines -------------------------------------------------------------------
+
+
+class CountingCollator:
+    """Wraps a collator and records the tokens of each batch it builds: real and computed.
+    (accelerate's data loader builds one batch ahead, so there is one more than was trained.)"""
+
+    def __init__(self, collate: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> None:
+        self.collate = collate
+        self.batches: list[tuple[int, int]] = []
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collate(rows)
+        self.batches.append((int(batch["attention_mask"].sum()), batch["attention_mask"].numel()))
+        return batch
+
+    def tokens(self, batches: int) -> tuple[int, int]:
+        """Real and padded tokens of the first `batches` batches."""
+        return sum(r for r, _ in self.batches[:batches]), sum(p for _, p in self.batches[:batches])
+
+
+def step_timer() -> Any:
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """Seconds from the start of training to the end of the last optimizer step."""
+
+        started = ended = 0.0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.started = time.monotonic()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.ended = time.monotonic()
+
+    return StepTimer()
+
+
+def run_hf(model: Path, data: Path, out: Path, steps: int, batch_size: int, best: bool, cuda: bool) -> Measurement:
     import datasets
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
     encoded = tokenizer([r["premise"] for r in rows], [r["hypothesis"] for r in rows], truncation=True,
-                        max_length=MAX_LENGTH, padding="max_length")
+                        max_length=MAX_LENGTH, padding=False if best else "max_length")
     train = datasets.Dataset.from_dict({**encoded, "labels": [r["label"] for r in rows]})
     classifier = AutoModelForSequenceClassification.from_pretrained(model, num_labels=3)
-    args = TrainingArguments(output_dir=str(out / "baseline"), per_device_train_batch_size=batch_size,
-                             max_steps=steps, learning_rate=1e-4, report_to="none", save_strategy="no",
-                             disable_tqdm=True, logging_strategy="no", use_cpu=True,
-                             include_num_input_tokens_seen="non_padding")
-    trainer = Trainer(model=classifier, args=args, train_dataset=train)
-    output = trainer.train()
-    real = trainer.state.num_input_tokens_seen
-    rows_seen = steps * batch_size
-    return {"tokens_per_second": real / output.metrics["train_runtime"],
-            "padding_fraction": 1 - real / (rows_seen * MAX_LENGTH), "real_tokens": float(real)}
+    collator = CountingCollator(DataCollatorWithPadding(tokenizer) if best else default_data_collator)
+    extra: dict[str, Any] = {"train_sampling_strategy": "group_by_length", "bf16": cuda} if best else {}
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch_size, max_steps=steps,
+                             learning_rate=1e-4, report_to="none", save_strategy="no", disable_tqdm=True,
+                             logging_strategy="no", use_cpu=not cuda, include_num_input_tokens_seen="non_padding",
+                             **extra)
+    timer = step_timer()
+    trainer = Trainer(model=classifier, args=args, train_dataset=train, data_collator=collator, callbacks=[timer])
+    trainer.train()
+    real, padded = collator.tokens(steps)
+    assert real == trainer.state.num_input_tokens_seen, (real, trainer.state.num_input_tokens_seen)
+    return Measurement("HF best" if best else "HF default", real, padded, timer.ended - timer.started)
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+
+def train_rows(steps: int, batch_size: int) -> int:
+    """Rows in the training file: exactly one epoch, so that every trainer trains on every row
+    once and on the same real tokens. (Fewer rows than 200 batches make HF's length grouping
+    sort smaller megabatches than the 50 batches it sorts on MNLI's 393k rows.)"""
+    return steps * batch_size
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--model", choices=sorted(ARCHITECTURES), default="tiny")
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for both trainers")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each trainer; the best is reported")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (all trainers)")
     args = parser.parse_args()
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
+    import transformers
 
-    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    cuda = torch.cuda.is_available()
+    arch = ARCHITECTURES[args.model]
+    if args.model == "large" and not cuda:
+        sys.exit("--model large needs a GPU (XLM-R large does not train at a useful rate on a CPU); use --model tiny")
+    if not cuda:
+        torch.set_num_threads(args.threads)
+    device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} thread(s)"
+
     with tempfile.TemporaryDirectory(prefix="xstilts-throughput-") as tmp:
         root = Path(tmp)
-        model = build_model(root, args.hidden, args.layers)
+        model = build_encoder(root / "model", arch)
+        n_nonembedding = nonembedding_parameters(model)
         data = root / "mnli"
-        write_mnli(data, train=args.steps * args.batch_size + 64, dev=256)
+        write_mnli(data, train=train_rows(args.steps, args.batch_size), dev=256)
+        trainers: dict[str, Callable[[int], Measurement]] = {
+            "HF default": lambda r: run_hf(model, data, root / f"a{r}", args.steps, args.batch_size, False, cuda),
+            "HF best": lambda r: run_hf(model, data, root / f"b{r}", args.steps, args.batch_size, True, cuda),
+            "xstilts": lambda r: run_xstilts(model, data, root / f"x{r}", args.steps, args.batch_size),
+        }
+        best: dict[str, Measurement] = {}
+        rates: dict[str, list[float]] = {name: [] for name in trainers}
         started = time.perf_counter()
-        ours = run_xstilts(model, data, root / "xstilts", args.steps, args.batch_size)
-        baseline = run_baseline(model, data, root, args.steps, args.batch_size)
+        for r in range(args.repeats):
+            for name, train in trainers.items():
+                m = train(r)
+                rates[name].append(m.tokens_per_second)
+                if name not in best or m.tokens_per_second > best[name].tokens_per_second:
+                    best[name] = m
         elapsed = time.perf_counter() - started
-    print(f"model: XLM-R architecture, hidden {args.hidden}, {args.layers} layers; {args.steps} steps of"
-          f" {args.batch_size} rows; {args.threads} thread(s); max length {MAX_LENGTH}")
-    print(f"{'':24}{'real tokens/s':>15}{'padding':>10}{'real tokens':>13}")
-    for name, m in (("xstilts trainer", ours), ("HF Trainer, pad to max", baseline)):
-        print(f"{name:24}{m['tokens_per_second']:>15,.0f}{m['padding_fraction']:>10.1%}{m['real_tokens']:>13,.0f}")
-    print(f"ratio (xstilts / baseline) real tokens/s: {ours['tokens_per_second'] / baseline['tokens_per_second']:.2f}x"
-          f"   [{elapsed:.0f} s in all]")
+
+    peak = peak_flops(device) if cuda else None
+    print(f"device: {device}; torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"model: XLM-R architecture '{arch.name}' (hidden {arch.hidden}, {arch.layers} layers, {arch.heads} heads,"
+          f" vocabulary {arch.vocab:,}), {n_nonembedding:,} non-embedding parameters, random weights")
+    print(f"data: {train_rows(args.steps, args.batch_size):,} MNLI-like pairs (10-{MAX_LENGTH} tokens, median ~40);"
+          f" {args.steps} steps of {args.batch_size} rows; best of {args.repeats} run(s) each")
+    header = f"{'':14}{'real tokens/s':>15}{'padding':>10}{'real tokens':>13}{'seconds':>9}  all runs (tokens/s)"
+    print(header + ("   MFU" if peak else ""))
+    for name, m in best.items():
+        runs = ", ".join(f"{v:,.0f}" for v in rates[name])
+        mfu = f"   {6 * n_nonembedding * m.tokens_per_second / peak:.1%}" if peak else ""
+        print(f"{name:14}{m.tokens_per_second:>15,.0f}{m.padding_fraction:>10.1%}{m.real_tokens:>13,}"
+              f"{m.seconds:>9.2f}  {runs}{mfu}")
+    ours = best["xstilts"].tokens_per_second
+    for name, goal in (("HF default", 3.0), ("HF best", 1.3)):
+        ratio = ours / best[name].tokens_per_second
+        print(f"ratio xstilts / {name}: {ratio:.2f}x  (goal >= {goal}x: {'met' if ratio >= goal else 'NOT met'})")
+    if cuda and peak is None:
+        print(f"MFU: no dense bf16 peak known for {device!r}")
+    print(f"[{elapsed:.0f} s in all]")
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ class MultiTaskBatchSampler(torch.utils.data.Sampler[list[int]]):
     """
 
     def __init__(self, task_lengths: Sequence[Sequence[int]], batch_size: int, micro_batch_size: int,
-                 steps_per_epoch: int, temperature: float = 1.0, seed: int = 0) -> None:
+                 steps_per_epoch: int, temperature: float = 1.0, seed: int = 0,
+                 megabatch_factor: int = MEGABATCH_FACTOR) -> None:
         if batch_size % micro_batch_size:
             raise ValueError(f"batch_size {batch_size} is not a multiple of micro_batch_size {micro_batch_size}")
         self.task_lengths = [list(lengths) for lengths in task_lengths]
@@ -73,6 +74,7 @@ class MultiTaskBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.steps_per_epoch = steps_per_epoch
         self.probabilities = task_probabilities([len(t) for t in self.task_lengths], temperature)
         self.seed = seed
+        self.megabatch_factor = megabatch_factor  # 1: random batches, no length grouping
         self.epoch = 0
 
     @property
@@ -99,7 +101,7 @@ class MultiTaskBatchSampler(torch.utils.data.Sampler[list[int]]):
         lengths = self.task_lengths[task]
         offset = self.offsets[task]
         while True:
-            for batch in length_grouped_batches(lengths, self.global_batch_size, rng):
+            for batch in length_grouped_batches(lengths, self.global_batch_size, rng, self.megabatch_factor):
                 if len(batch) < self.global_batch_size:
                     batch = batch + rng.choices(range(len(lengths)), k=self.global_batch_size - len(batch))
                 batch.sort(key=lambda i: -lengths[i])
@@ -190,3 +192,16 @@ class TrainSet(torch.utils.data.Dataset[dict[str, Any]]):
         row = dict(self.parts[task][index - self.offsets[task]])
         row["task_index"] = task
         return row
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """A whole batch in one read per task (the DataLoader's batched fetch): one Arrow slice
+        instead of a lookup per row."""
+        rows: list[dict[str, Any]] = [{} for _ in indices]
+        by_task: dict[int, list[int]] = {}
+        for at, index in enumerate(indices):
+            by_task.setdefault(bisect.bisect_right(self.offsets, index) - 1, []).append(at)
+        for task, positions in by_task.items():
+            columns = self.parts[task][[indices[at] - self.offsets[task] for at in positions]]
+            for k, at in enumerate(positions):
+                rows[at] = {name: values[k] for name, values in columns.items()} | {"task_index": task}
+        return rows

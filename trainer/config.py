@@ -330,6 +330,44 @@ def choose_deepspeed(parameters: int, gpu_memory_gb: float, world_size: int) -> 
     )
 
 
+# --- micro batch from memory ---------------------------------------------------------------
+
+# Activations a transformer layer keeps for the backward pass, per token, in bytes per unit of
+# hidden size at 16-bit precision with a fused attention kernel (SDPA / flash attention keep no
+# attention-score matrix): 34 (Korthikanti et al. 2022, "Reducing Activation Recomputation in
+# Large Transformer Models", without the 5·heads·seq/hidden term of stored scores).
+ACTIVATION_BYTES_PER_HIDDEN = 34
+# Share of GPU memory that model states and activations may take together; the rest goes to
+# the allocator's fragmentation, kernels' workspaces and the CUDA context.
+USABLE_MEMORY_SHARE = 0.9
+# layers × hidden size ≈ this × parameters^(2/3). Fitted as an upper bound on XLM-R base, large,
+# XL and XXL (it overestimates them by 2.5x, 1.5x, 1.4x and 1.35x): an encoder's width and depth
+# grow together, and its embeddings only make the bound looser.
+DEPTH_WIDTH_PER_PARAMETER_POWER = 0.055
+
+
+def activation_bytes_per_token(parameters: int, bytes_per_value: int = 2) -> float:
+    """Training activations of one token through the whole encoder, estimated from its size."""
+    layers_times_hidden = DEPTH_WIDTH_PER_PARAMETER_POWER * float(parameters) ** (2 / 3)
+    return ACTIVATION_BYTES_PER_HIDDEN * layers_times_hidden * bytes_per_value / 2
+
+
+def choose_micro_batch(parameters: int, tokens_per_row: int, gpu_memory_gb: float, per_rank_batch: int,
+                       world_size: int = 1, deepspeed: DeepSpeedSettings | None = None,
+                       bytes_per_value: int = 2) -> int:
+    """The largest divisor of the per-process batch whose activations fit in the GPU memory left
+    beside the model states (of the ZeRO setting `deepspeed`; default: none), so that gradient
+    accumulation (per_rank_batch / micro batch) is a whole number and as small as memory allows.
+    `tokens_per_row` is the padded width of the widest row (max length × choices); 1 when even
+    one row does not fit (the run will then fail at its first step, which is the longest)."""
+    ds = deepspeed or DeepSpeedSettings()
+    states = model_state_bytes_per_gpu(parameters, world_size, ds.zero_stage, ds.offload)
+    budget = gpu_memory_gb * 2**30 * USABLE_MEMORY_SHARE - states
+    per_row = tokens_per_row * activation_bytes_per_token(parameters, bytes_per_value)
+    fits = int(budget // per_row) if budget > 0 else 0
+    return max(d for d in range(1, per_rank_batch + 1) if per_rank_batch % d == 0 and (d <= fits or d == 1))
+
+
 # --- the record of a finished run ----------------------------------------------------------
 
 

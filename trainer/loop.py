@@ -10,9 +10,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -37,14 +38,31 @@ class RunCallback(TrainerCallback):
         self.started = time.monotonic()
         self.loss: float | None = None
         self.stopping = False
+        # Throughput counts the seconds of training steps only: up to the last step's end, less
+        # the dev evaluations and checkpoint saves in between (they pause training, and their
+        # share shrinks with the run's length, so counting them would make rates incomparable).
+        self.paused = 0.0
+        self.train_seconds = 0.0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # a resumed run starts from the checkpoint's counts: rates and ETA are this attempt's
         self.tokens_at_start = state.num_input_tokens_seen
         self.step_at_start = state.global_step
         self.started = time.monotonic()
+        self.paused = 0.0
+        self.train_seconds = 0.0
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        """Time spent in the block is not training time."""
+        began = time.monotonic()
+        try:
+            yield
+        finally:
+            self.paused += time.monotonic() - began
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.train_seconds = time.monotonic() - self.started - self.paused
         done, todo = state.global_step - self.step_at_start, state.max_steps - self.step_at_start
         self.progress.update(
             force=state.global_step >= state.max_steps, step=state.global_step, total_steps=state.max_steps,
@@ -92,6 +110,7 @@ class StiltsTrainer(Trainer):
         self.tracker = tracker
         self.progress = progress
         self.eval_tokens = eval_tokens
+        self.run_callback = callback
 
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
         loader = torch.utils.data.DataLoader(
@@ -124,7 +143,8 @@ class StiltsTrainer(Trainer):
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
         self.progress.update(force=True, phase="eval")
-        per_task = {e.ref.task: self.evaluate_split(e, i) for i, e in enumerate(self.dev)}
+        with self.run_callback.pause():
+            per_task = {e.ref.task: self.evaluate_split(e, i) for i, e in enumerate(self.dev)}
         flat = dev_metrics(self.tasks, per_task)
         self.tracker.log_metrics(flat, step=self.state.global_step)
         metrics = {f"{metric_key_prefix}_{k.removeprefix('dev.').replace('.', '_')}": v for k, v in flat.items()}
@@ -132,3 +152,7 @@ class StiltsTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         self.progress.update(force=True, phase="train")
         return metrics
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        with self.run_callback.pause():
+            super()._save_checkpoint(model, trial)

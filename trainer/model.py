@@ -145,23 +145,52 @@ def _with_loss(out: dict[str, torch.Tensor], labels: torch.Tensor | None, loss: 
 # --- building and loading -----------------------------------------------------------------------
 
 
-def load_encoder(source: str | Path) -> Any:
+def attention_kernel(model_class: Any, cuda: bool, half_precision: bool) -> str:
+    """The fastest attention the architecture supports here: flash-attention-2 on a GPU in
+    bf16/fp16 when the flash_attn package is installed (it skips padded positions entirely),
+    else PyTorch's scaled_dot_product_attention (fused kernels, no stored score matrix), else
+    the architecture's own eager attention."""
+    import importlib.util
+
+    if (cuda and half_precision and getattr(model_class, "_supports_flash_attn", False)
+            and importlib.util.find_spec("flash_attn") is not None):
+        return "flash_attention_2"
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
+
+
+def parameter_count_of(source: str | Path) -> int:
+    """Parameters of the encoder at `source`, counted from its config without loading or
+    allocating weights."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(source)
+    with torch.device("meta"):
+        encoder = AutoModel.from_config(config, **_no_pooler(AutoModel._model_mapping[type(config)]))
+    return sum(p.numel() for p in encoder.parameters())
+
+
+def _no_pooler(model_class: Any) -> dict[str, Any]:
+    has_pooler = "add_pooling_layer" in inspect.signature(model_class.__init__).parameters
+    return {"add_pooling_layer": False} if has_pooler else {}
+
+
+def load_encoder(source: str | Path, cuda: bool = False, half_precision: bool = False) -> Any:
     """The encoder of a hub model or a local directory, without a pooler where the
     architecture has one (heads use the first token; an unused pooler would leave parameters
-    without gradients, which DDP rejects)."""
+    without gradients, which DDP rejects), with the fastest attention kernel available."""
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.from_pretrained(source)
     model_class = AutoModel._model_mapping[type(config)]
-    has_pooler = "add_pooling_layer" in inspect.signature(model_class.__init__).parameters
-    kwargs = {"add_pooling_layer": False} if has_pooler else {}
-    return AutoModel.from_pretrained(source, **kwargs)
+    return AutoModel.from_pretrained(source, attn_implementation=attention_kernel(model_class, cuda, half_precision),
+                                     **_no_pooler(model_class))
 
 
-def build_model(encoder_source: str | Path, specs: Sequence[HeadSpec], seed: int) -> MultiTaskModel:
+def build_model(encoder_source: str | Path, specs: Sequence[HeadSpec], seed: int, cuda: bool = False,
+                half_precision: bool = False) -> MultiTaskModel:
     """The encoder from `encoder_source` (a pretrained model, or a phase-2 run's checkpoint)
     and freshly initialised heads, their initialisation fixed by `seed`."""
-    encoder = load_encoder(encoder_source)
+    encoder = load_encoder(encoder_source, cuda, half_precision)
     torch.manual_seed(seed)
     return MultiTaskModel(encoder, specs)
 

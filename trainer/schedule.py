@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from xstilts.trainer.config import HyperParameters, RunConfig
+from xstilts.trainer.config import HyperParameters, RunConfig, choose_micro_batch
 
 # Default micro batch: as many rows as fit in this many tokens (rows × choices × max length),
 # at most the per-rank batch. Big enough to keep a GPU busy at max length 128 (64 rows),
@@ -62,12 +62,21 @@ class Schedule:
     logging_steps: int
 
 
-def plan_schedule(config: RunConfig, world_size: int, train_sizes: Sequence[int], row_tokens: int) -> Schedule:
+def plan_schedule(config: RunConfig, world_size: int, train_sizes: Sequence[int], row_tokens: int,
+                  gpu_memory_gb: float | None = None, parameters: int | None = None) -> Schedule:
     """Steps from epochs (or max_steps), the micro batch and accumulation from the global
-    batch, and how often to evaluate: once per epoch, between 1 and MAX_EVALUATIONS times."""
+    batch, and how often to evaluate: once per epoch, between 1 and MAX_EVALUATIONS times.
+
+    Without resources.micro_batch_size the micro batch is chosen: on a GPU (its memory and the
+    model's parameter count given) the most rows whose activations fit beside the model states
+    (`choose_micro_batch`), else the most rows within TOKENS_PER_MICRO_BATCH."""
     hp = config.hyperparameters
     per_rank = per_rank_batch(hp, world_size)
-    micro = config.resources.micro_batch_size or default_micro_batch(per_rank, row_tokens)
+    micro = config.resources.micro_batch_size
+    if micro is None and gpu_memory_gb and parameters:
+        micro = choose_micro_batch(parameters, row_tokens, gpu_memory_gb, per_rank, world_size, config.deepspeed,
+                                   bytes_per_value=4 if config.precision == "fp32" else 2)
+    micro = micro or default_micro_batch(per_rank, row_tokens)
     check_batch_layout(config, world_size)
     steps_per_epoch = max(1, math.ceil(sum(train_sizes) / hp.batch_size))
     total = hp.max_steps or max(1, math.ceil(hp.epochs * steps_per_epoch))

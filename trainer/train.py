@@ -138,12 +138,51 @@ def row_tokens(train: Sequence[Any], max_length: int) -> int:
     return widest * max_length
 
 
+def micro_batch_inputs(config: RunConfig, dist: Distributed | None = None) -> dict[str, Any]:
+    """What the automatic micro batch needs on a GPU: its memory and the encoder's parameter
+    count (counted from the model's config, nothing loaded). Nothing on a CPU, or when the
+    config fixes resources.micro_batch_size."""
+    import torch
+
+    if config.resources.micro_batch_size is not None or not torch.cuda.is_available():
+        return {}
+    from xstilts.trainer.model import parameter_count_of
+
+    local_rank = dist.local_rank if dist else 0
+    memory = torch.cuda.get_device_properties(local_rank).total_memory / 2**30
+    return {"gpu_memory_gb": memory, "parameters": parameter_count_of(config.init_checkpoint_dir or config.model)}
+
+
+@dataclass(frozen=True)
+class Batching:
+    """The padding optimisations of training batches, on by default. Off, a run trains on the
+    same rows with random batches padded to max_seq_length: the classic setting that
+    tests/test_performance_quality.py compares against, to show that the speed costs nothing
+    in accuracy."""
+
+    length_grouping: bool = True  # batches of rows of similar length (else random rows)
+    dynamic_padding: bool = True  # each batch padded to its own longest row (else to max_seq_length)
+
+    @property
+    def megabatch_factor(self) -> int:
+        from xstilts.trainer.batching import MEGABATCH_FACTOR
+
+        return MEGABATCH_FACTOR if self.length_grouping else 1  # sorting within one batch groups nothing
+
+    def pad_to_multiple_of(self, max_seq_length: int, cuda: bool) -> int:
+        if not self.dynamic_padding:
+            return max_seq_length
+        return 8 if cuda else 1  # tensor cores want widths in multiples of 8
+
+
 # --- the run -----------------------------------------------------------------------------------
 
 
-def run(config: RunConfig, interruption: Interruption | None = None, cache_dir: Path | None = None) -> RunResult:
+def run(config: RunConfig, interruption: Interruption | None = None, cache_dir: Path | None = None,
+        batching: Batching | None = None) -> RunResult:
     """Train and evaluate one run; returns its RunResult (written to result.json by rank 0).
-    Raises InvalidRun / DataError for a run that cannot succeed, RunInterrupted on a signal."""
+    Raises InvalidRun / DataError for a run that cannot succeed, RunInterrupted on a signal.
+    `batching` switches the padding optimisations off (tests compare results with and without)."""
     from xstilts.trainer.features import default_cache_dir
     from xstilts.trainer.results import write_config
 
@@ -162,7 +201,8 @@ def run(config: RunConfig, interruption: Interruption | None = None, cache_dir: 
     tracker = _tracker(config, dist.is_main)
     tracker.start()
     try:
-        result = _train_and_evaluate(config, dist, interruption, cache_dir or default_cache_dir(), tracker, started)
+        result = _train_and_evaluate(config, dist, interruption, cache_dir or default_cache_dir(), tracker, started,
+                                     batching or Batching())
     except RunInterrupted:
         tracker.finish("KILLED")
         raise
@@ -204,7 +244,7 @@ def _tracker(config: RunConfig, enabled: bool) -> Any:
 
 
 def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Interruption, cache_dir: Path,
-                        tracker: Any, started: float) -> RunResult:
+                        tracker: Any, started: float, batching: Batching) -> RunResult:
     import torch
     from transformers import AutoTokenizer, set_seed
     from xstilts.trainer.batching import Collator, MultiTaskBatchSampler, TrainSet
@@ -219,7 +259,7 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
     data = load_run_data(config, tokenizer, cache_dir)
     train_parts = [cap_rows(e, hp.max_train_examples, f"{e.ref.name}:{hp.max_train_examples}") for e in data.train]
     schedule = plan_schedule(config, dist.world_size, [len(p) for p in train_parts],
-                             row_tokens(data.train, hp.max_seq_length))
+                             row_tokens(data.train, hp.max_seq_length), **micro_batch_inputs(config, dist))
     cuda = torch.cuda.is_available()
     precision = mixed_precision(config, cuda, cuda and torch.cuda.is_bf16_supported())
     selection = selection_metric(data.tasks)
@@ -237,13 +277,15 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
     set_seed(config.seed)
     specs = [HeadSpec(e.ref.task, e.task.format, e.labels if e.task.format in (Format.CLASSIFICATION, Format.TAGGING)
                       else ()) for e in data.train]
-    model = build_model(config.init_checkpoint_dir or config.model, specs, config.seed)
+    model = build_model(config.init_checkpoint_dir or config.model, specs, config.seed, cuda,
+                        half_precision=precision in ("bf16", "fp16"))
     parameters = encoder_parameter_count(model)
     _log_params(tracker, config, schedule, parameters, precision, dist.world_size)
 
-    collator = Collator(tokenizer.pad_token_id, pad_to_multiple_of=8 if cuda else 1)
+    collator = Collator(tokenizer.pad_token_id, pad_to_multiple_of=batching.pad_to_multiple_of(hp.max_seq_length, cuda))
     sampler = MultiTaskBatchSampler([p["length"] for p in train_parts], hp.batch_size, schedule.micro_batch_size,
-                                    schedule.steps_per_epoch, hp.sampling_temperature, config.seed)
+                                    schedule.steps_per_epoch, hp.sampling_temperature, config.seed,
+                                    megabatch_factor=batching.megabatch_factor)
     progress = ProgressFile(run_dir / "progress.json", enabled=dist.is_main)
     progress.update(force=True, total_steps=schedule.total_steps, phase="train")
     callback = RunCallback(progress, tracker, interruption)
@@ -259,7 +301,9 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
     train_started = time.monotonic()
     with interruption.deferring():
         trainer.train(resume_from_checkpoint=resume)
-    train_seconds = time.monotonic() - train_started
+    # seconds of training steps (callback.train_seconds), or the whole call when this attempt
+    # trained no step (a retry that found the last checkpoint)
+    train_seconds = callback.train_seconds or time.monotonic() - train_started
     tokens_this_attempt = trainer.state.num_input_tokens_seen - callback.tokens_at_start
 
     state_dict = _full_state_dict(trainer)
@@ -328,7 +372,7 @@ def _training_arguments(config: RunConfig, schedule: Any, precision: str, cuda: 
         load_best_model_at_end=True, metric_for_best_model=f"eval_{selection}", greater_is_better=True,
         logging_strategy="steps", logging_steps=schedule.logging_steps, report_to="none", disable_tqdm=True,
         seed=config.seed, bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not cuda,
-        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        optim="adamw_torch_fused",  # one fused kernel for all parameters, on GPU and CPU alike
         deepspeed=ds, remove_unused_columns=False,
         label_names=["labels", "start_positions", "end_positions"],
         include_num_input_tokens_seen="non_padding",
