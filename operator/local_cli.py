@@ -5,6 +5,7 @@ stays light."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import sys
@@ -19,6 +20,16 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INVALID = 2
 DEFAULT_UI_PORT = 5000
+
+
+def quiet_mlflow() -> None:
+    """MLflow's INFO lines (database migrations, artifact downloads) would interleave with the
+    progress display; its warnings still show. Only this process: the trainers log as they do."""
+    try:
+        import mlflow  # noqa: F401 - importing configures its loggers, which are then turned down
+    except ImportError:
+        return
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def storage_root_of(spec: ExperimentSpec, output_dir: Path | None) -> Path:
@@ -52,6 +63,7 @@ def run_command(spec: ExperimentSpec, spec_path: Path, parallel: int | None, out
     )
     from xstilts.operator.local_display import display_for, print_outcome
 
+    quiet_mlflow()
     root = storage_root_of(spec, output_dir)
     p = plan(spec, str(root))
     uri = tracking_uri_for(spec, tracking_uri, root)
@@ -99,6 +111,7 @@ def report_command(spec: ExperimentSpec, output_dir: Path | None, formats_text: 
     except ValueError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
         return EXIT_INVALID
+    quiet_mlflow()
     root = storage_root_of(spec, output_dir)
     p = plan(spec, str(root))
     uri = tracking_uri_for(spec, tracking_uri, root)

@@ -166,7 +166,7 @@ def render(view: ProgressView) -> RenderableType:
     if view.running:
         table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
         for column in ("run", "", "progress", "", "elapsed"):
-            table.add_column(column)
+            table.add_column(column, no_wrap=True, overflow="ellipsis")  # one line per run: no jumping
         for row in view.running:
             p = row.progress or {}
             step, steps = p.get("step"), p.get("total_steps")
