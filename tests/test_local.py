@@ -249,3 +249,17 @@ def test_a_failing_run_blocks_its_dependants_only_and_is_retried_on_request(
     assert len(attempts(p, bad)) == 2 and len(attempts(p, bad_target)) == 1
     assert all(len(attempts(p, r)) == 1 for r in good)
     assert not (run_dir(p, bad) / FAILED_FILE).exists()
+
+
+def test_a_run_asking_for_several_processes_runs_under_torchrun(
+        tiny_hub: TinyHub, tiny_cache: Path, tmp_path: Path) -> None:
+    text = spec_text(tiny_hub, name="ddp-test").replace("resources: {gpus: 0}",
+                                                        "resources: {gpus: 0, processesPerNode: 2}")
+    text = text.replace("intermediateTasks: [mnli]", "intermediateTasks: []")
+    spec, p = write_spec(tmp_path, text)
+    (only,) = p.runs
+    done = xstilts_run(spec, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert set(finished(p)) == {only.run_id}
+    (mark,) = attempts(p, only.run_id)
+    assert "-m torch.distributed.run --standalone --nproc_per_node=2 -m xstilts.trainer" in mark
