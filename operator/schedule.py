@@ -33,6 +33,16 @@ class Schedule:
     depends_on: Mapping[str, tuple[str, ...]]
     state: dict[str, State]
     reason: dict[str, str] = field(default_factory=dict)  # why a run failed or is blocked
+    dependants: dict[str, list[str]] = field(init=False, repr=False)
+    index: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Computed once: the executor asks for ready runs every poll, over grids of thousands.
+        self.index = {r: i for i, r in enumerate(self.order)}
+        self.dependants = {r: [] for r in self.order}
+        for r in self.order:
+            for d in self.depends_on[r]:
+                self.dependants[d].append(r)
 
     @classmethod
     def from_plan(cls, p: Plan, finished: Iterable[str] = (),
@@ -49,15 +59,11 @@ class Schedule:
                 schedule.fail(run_id, why)
         return schedule
 
-    def _dependants(self, run_id: str) -> list[str]:
-        return [r for r in self.order if run_id in self.depends_on[r]]
-
     def ready(self) -> list[str]:
         """Pending runs whose dependencies have all finished, best first."""
         ready = [r for r in self.order if self.state[r] is State.PENDING
                  and all(self.state[d] in FINISHED for d in self.depends_on[r])]
-        index = {r: i for i, r in enumerate(self.order)}
-        return sorted(ready, key=lambda r: (-len(self._dependants(r)), index[r]))
+        return sorted(ready, key=lambda r: (-len(self.dependants[r]), self.index[r]))
 
     def start(self, run_id: str) -> None:
         self._expect(run_id, State.PENDING)
@@ -83,15 +89,14 @@ class Schedule:
         frontier = [run_id]
         while frontier:
             upstream = frontier.pop()
-            for r in self._dependants(upstream):
+            for r in self.dependants[upstream]:
                 if self.state[r] is State.PENDING:
                     self.state[r] = State.BLOCKED
                     self.reason[r] = f"needs run {upstream}, which " + (
                         "failed" if upstream == run_id else "is blocked")
                     blocked.append(r)
                     frontier.append(r)
-        index = {r: i for i, r in enumerate(self.order)}
-        return sorted(blocked, key=index.__getitem__)
+        return sorted(blocked, key=self.index.__getitem__)
 
     def _expect(self, run_id: str, state: State) -> None:
         if self.state[run_id] is not state:
