@@ -106,3 +106,12 @@ def test_ui_serves_the_local_store(tmp_path: Path) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         output = proc.communicate(timeout=60)[0].decode(errors="replace")
     assert f"http://127.0.0.1:{port}" in output.splitlines()[0]
+
+
+def test_the_cli_imports_neither_torch_nor_matplotlib_nor_mlflow() -> None:
+    """`xstilts --help`, validate and plan stay fast and work in the slim controller image:
+    run, report and ui import their heavy parts only when called."""
+    code = ("import sys, xstilts.operator.cli; "
+            "print(sorted(m for m in ('torch', 'matplotlib', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
