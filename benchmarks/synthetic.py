@@ -111,13 +111,11 @@ def write_mnli(directory: Path, train: int, dev: int) -> None:
 
 
 def write_xnli(directory: Path, per_language: int) -> None:
-    """XNLI's columns in the local layout <dir>/<lang>/<split>.jsonl: a test split for every
-    language, and English train/validation splits (a target run's data)."""
+    """XNLI's test split of every language, in its columns and the local layout
+    <dir>/<lang>/test.jsonl; each language gets its own sample of the same length shape."""
     for k, lang in enumerate(XNLI_LANGUAGES):
-        rows = [{k2: v for k2, v in r.items() if k2 != "idx"} for r in nli_rows(per_language, 100 + k)]
+        rows = [{c: v for c, v in r.items() if c != "idx"} for r in nli_rows(per_language, 100 + k)]
         write_jsonl(directory / lang / "test.jsonl", rows)
-        write_jsonl(directory / lang / "validation.jsonl", rows[:8])
-    write_jsonl(directory / "en" / "train.jsonl", [{k: v for k, v in r.items() if k != "idx"} for r in nli_rows(64, 2)])
 
 
 def real_and_padded(lengths: list[int], batches: list[list[int]]) -> tuple[int, int]:

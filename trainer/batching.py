@@ -108,15 +108,25 @@ class MultiTaskBatchSampler(torch.utils.data.Sampler[list[int]]):
                 yield [offset + i for i in batch]
 
 
+# A row joins an evaluation batch only while the batch's padding stays under this share of its
+# tokens (or a few tokens: for short rows one more forward pass costs more than the padding).
+MAX_EVAL_PADDING = 0.1
+FEW_PAD_TOKENS = 4
+
+
 def eval_batches(lengths: Sequence[int], max_tokens: int, max_rows: int) -> list[list[int]]:
     """Rows sorted by length (longest first) and packed into batches of at most `max_tokens`
-    padded tokens and `max_rows` rows: evaluation wastes almost nothing on padding."""
+    padded tokens and `max_rows` rows, each row within MAX_EVAL_PADDING (or FEW_PAD_TOKENS) of
+    its batch's longest: evaluation wastes almost nothing on padding, however small the split
+    is against the token budget."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:
         width = lengths[current[0]] if current else lengths[i]
-        if current and ((len(current) + 1) * width > max_tokens or len(current) >= max_rows):
+        full = (len(current) + 1) * width > max_tokens or len(current) >= max_rows
+        too_short = width - lengths[i] > max(FEW_PAD_TOKENS, MAX_EVAL_PADDING * width)
+        if current and (full or too_short):
             batches.append(current)
             current = []
         current.append(i)

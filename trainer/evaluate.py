@@ -43,7 +43,9 @@ class Predictor:
         a class id, a list of tag ids, or a Span."""
         features = encoded.features
         fmt = encoded.task.format
-        lengths = features.select(rows)["length"]
+        # one read of the column: indexing a datasets Column reads Arrow once per access
+        all_lengths = list(features["length"])
+        lengths = [all_lengths[i] for i in rows]
         if fmt is Format.MULTIPLE_CHOICE:  # the model sees choices x width tokens per row
             n_choices = len(features[rows[0]]["input_ids"]) if rows else 1
             lengths = [n * n_choices for n in lengths]
@@ -61,9 +63,8 @@ class Predictor:
         return [by_row[i] for i in rows]
 
     def _run(self, features: Any, batch: list[int], task_index: int) -> dict[str, torch.Tensor]:
-        picked = features.select(batch)
-        rows = [{**row, "task_index": task_index} for row in picked]
-        inputs = self.collator(rows)
+        # the model's inputs only, read for the whole batch at once
+        inputs = self.collator([{"input_ids": ids, "task_index": task_index} for ids in features[batch]["input_ids"]])
         model_inputs = {k: inputs[k].to(self.device) for k in ("input_ids", "attention_mask", "task_index")}
         with torch.no_grad():
             outputs = self.forward(model_inputs)
@@ -74,7 +75,7 @@ def _reduce(fmt: Format, features: Any, batch: list[int], outputs: dict[str, tor
     """Per-row predictions from a batch's outputs: small enough to gather across ranks."""
     if fmt in (Format.CLASSIFICATION, Format.MULTIPLE_CHOICE):
         return outputs["logits"].argmax(-1).tolist()
-    picked = features.select(batch)
+    picked = features[batch]
     if fmt is Format.TAGGING:
         tags = outputs["logits"].argmax(-1).tolist()
         return [row[: n] for row, n in zip(tags, picked["length"], strict=True)]
