@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from xstilts.operator.local_display import Display, ProgressView, RunningRow, format_seconds
 from xstilts.operator.plan import Plan, PlannedRun
@@ -38,7 +39,8 @@ from xstilts.operator.schedule import (
 from xstilts.operator.spec import ExperimentSpec
 from xstilts.trainer.config import ExitCode, Resources, RunLabels, TrackingConfig
 from xstilts.trainer.tracking import find_or_create_parent_run, local_tracking_uri
-from xstilts.trainer.tracking_mlflow import open_client
+from xstilts.trainer.tracking_buffer import redact_uri
+from xstilts.trainer.tracking_mlflow import first_line, open_client
 
 RUN_CONFIG_FILE = "run.json"  # the RunConfig the executor hands to the trainer
 TRAIN_LOG = "train.log"  # the run's stdout and stderr, every attempt appended
@@ -74,6 +76,22 @@ def with_tracking(p: Plan, tracking_uri: str, parent_run_id: str | None) -> Plan
         config = run.config.model_copy(update={"tracking": tracking})
         runs.append(PlannedRun(run.run_id, config, run.depends_on, run.train_tokens, run.gpu_hours))
     return Plan(p.experiment, tuple(runs), {r.run_id: r for r in runs})
+
+
+def split_credentials(tracking_uri: str) -> tuple[str, dict[str, str]]:
+    """An http(s) tracking URI without its user:password, and the MLflow environment variables
+    that carry them instead: RUN.json files and logs never hold a password. Other schemes
+    (a database URL) keep theirs: their drivers take credentials only in the URL."""
+    parts = urlsplit(tracking_uri)
+    if parts.scheme not in ("http", "https") or (parts.username is None and parts.password is None):
+        return tracking_uri, {}
+    env = {"MLFLOW_TRACKING_USERNAME": unquote(parts.username or "")}
+    if parts.password is not None:
+        env["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    netloc += f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=netloc)), env
 
 
 @dataclass(frozen=True)
@@ -312,9 +330,11 @@ class Outcome:
 
 class LocalExecutor:
     def __init__(self, p: Plan, options: LocalOptions, display: Display,
-                 machine_gpus: Sequence[str] = (), cpus: int | None = None):
+                 machine_gpus: Sequence[str] = (), cpus: int | None = None,
+                 extra_env: Mapping[str, str] | None = None):
         self.plan = p
         self.options = options
+        self.extra_env = dict(extra_env or {})  # e.g. MLflow credentials, kept out of RUN.json
         self.display = display
         self.free_gpus = list(machine_gpus)
         self.placements = {r.run_id: place(r.config.resources, len(machine_gpus)) for r in p.runs}
@@ -453,7 +473,7 @@ class LocalExecutor:
         with contextlib.suppress(FileNotFoundError):
             (run_dir / FAILED_FILE).unlink()  # a retried failure starts clean
         argv = trainer_command(config_path, placement.processes)
-        env = trainer_env(os.environ, placement, gpu_ids,
+        env = trainer_env(os.environ | self.extra_env, placement, gpu_ids,
                           threads_per_process(self.cpus, self.options.parallel, placement.processes))
         log = (run_dir / TRAIN_LOG).open("ab")
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
@@ -562,8 +582,8 @@ def parent_run(tracking_uri: str, experiment_name: str, experiment: str, storage
     try:
         return find_or_create_parent_run(tracking_uri, experiment_name, experiment, storage_root=storage_root)
     except Exception as e:  # any MLflow or network failure: training goes on
-        warn(f"MLflow at {tracking_uri} is not usable ({type(e).__name__}: {e}); going on without the"
-             " experiment's parent run")
+        warn(f"MLflow at {redact_uri(tracking_uri)} is not usable ({type(e).__name__}:"
+             f" {first_line(e, tracking_uri)}); going on without the experiment's parent run")
         return None
 
 
@@ -580,9 +600,10 @@ def run_experiment(spec: ExperimentSpec, p: Plan, storage_root: Path, tracking_u
         experiment_name = p.runs[0].config.tracking.experiment_name if p.runs else spec.name
         parent = parent_run(tracking_uri, experiment_name, spec.name, storage_root,
                             lambda text: display.event(text, style="yellow"))
-        p = with_tracking(p, tracking_uri, parent)
+        public_uri, credentials = split_credentials(tracking_uri)
+        p = with_tracking(p, public_uri, parent)
         write_run_configs(p)
-        executor = LocalExecutor(p, options, display, machine_gpus)
+        executor = LocalExecutor(p, options, display, machine_gpus, extra_env=credentials)
         if parent is not None:
             set_parent_status(tracking_uri, parent, "RUNNING")
         outcome = executor.execute()

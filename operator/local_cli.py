@@ -46,8 +46,10 @@ def follow_up_commands(spec_path: Path, output_dir: Path | None, tracking_uri: s
     """The `xstilts report` and `xstilts ui` lines to print after a run, with the same options."""
     where = [] if output_dir is None else ["--output-dir", str(output_dir)]
     report = ["xstilts", "report", str(spec_path), *where]
-    if tracking_uri:
-        report += ["--tracking-uri", tracking_uri]
+    if tracking_uri:  # without a password: printed commands end up in logs
+        from xstilts.trainer.tracking_buffer import redact_uri
+
+        report += ["--tracking-uri", redact_uri(tracking_uri)]
     ui = ["xstilts", "ui", str(spec_path), *where]
     return shlex.join(report), shlex.join(ui)
 
@@ -143,7 +145,9 @@ def report_command(spec: ExperimentSpec, output_dir: Path | None, formats_text: 
         try:
             log_report(paths, uri, parent)
         except Exception as e:  # the files are written; MLflow is only a view of them
-            warn(f"could not log the report to MLflow run {parent}: {type(e).__name__}: {e}")
+            from xstilts.trainer.tracking_mlflow import first_line
+
+            warn(f"could not log the report to MLflow run {parent}: {type(e).__name__}: {first_line(e, uri)}")
     best = tables(report)[0]
     for row in best.rows:
         console.print(f"  {escape(row[0])} ({row[1]}): best {escape(row[2])}, {escape(row[3])} points")

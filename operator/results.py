@@ -15,8 +15,8 @@ from pydantic import ValidationError
 from xstilts.operator.plan import Plan
 from xstilts.operator.report import Figure, Report, to_html, to_markdown
 from xstilts.trainer.config import RESULT_FILE, RunResult
-from xstilts.trainer.tracking_buffer import RUN_ID_TAG
-from xstilts.trainer.tracking_mlflow import open_client
+from xstilts.trainer.tracking_buffer import RUN_ID_TAG, redact_uri
+from xstilts.trainer.tracking_mlflow import first_line, open_client
 
 REPORT_DIR = "report"
 REPORT_FORMATS = ("md", "html", "png", "json")
@@ -65,7 +65,7 @@ def load_mlflow_results(tracking_uri: str, experiment_name: str, run_ids: Iterab
     loaded = Loaded()
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
-        loaded.problems.append(f"MLflow at {tracking_uri} has no experiment {experiment_name!r}")
+        loaded.problems.append(f"MLflow at {redact_uri(tracking_uri)} has no experiment {experiment_name!r}")
         return loaded
     wanted = set(run_ids)
     newest: dict[str, str] = {}
@@ -85,7 +85,8 @@ def load_mlflow_results(tracking_uri: str, experiment_name: str, run_ids: Iterab
             try:
                 local = client.download_artifacts(mlflow_run_id, RESULT_FILE, os.path.join(tmp, run_id))
             except (MlflowException, OSError) as e:
-                loaded.problems.append(f"MLflow run {mlflow_run_id} (xstilts run {run_id}): no {RESULT_FILE} ({e})")
+                loaded.problems.append(f"MLflow run {mlflow_run_id} (xstilts run {run_id}): no {RESULT_FILE}"
+                                       f" ({first_line(e, tracking_uri)})")
                 continue
             _parse(Path(local).read_text(encoding="utf-8"), f"MLflow run {mlflow_run_id}", loaded)
     return loaded

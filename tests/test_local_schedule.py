@@ -215,3 +215,14 @@ def test_live_view_renders_counts_and_running_runs() -> None:
     assert "abc123def456" in text and "a mnli→pawsx seed 1" in text
     assert "train, step 5/20, loss 0.700, ~0:30 left" in text
     assert "stopping: waiting for 1 run(s)" in text
+
+
+def test_credentials_leave_the_tracking_uri_for_the_environment() -> None:
+    from xstilts.operator.local import split_credentials
+
+    assert split_credentials("https://bot:s%40cret@mlflow.example.org:8443/x") == (
+        "https://mlflow.example.org:8443/x", {"MLFLOW_TRACKING_USERNAME": "bot", "MLFLOW_TRACKING_PASSWORD": "s@cret"})
+    assert split_credentials("http://mlflow:5000") == ("http://mlflow:5000", {})
+    db = "postgresql://mlflow:pw@db:5432/mlflow"  # a database driver takes credentials in the URL only
+    assert split_credentials(db) == (db, {})
+    assert split_credentials("sqlite:////tmp/x/mlflow.db") == ("sqlite:////tmp/x/mlflow.db", {})

@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,21 @@ def test_report_from_mlflow_equals_report_from_files(tmp_path: Path) -> None:
     got = json.loads((out / "report" / "report.json").read_text(encoding="utf-8"))
     assert got == expected
     assert len(got["gains"]) == 6  # small and big × en, de, avg
+
+
+def test_without_a_reachable_mlflow_the_report_is_still_written_and_no_password_is_printed(tmp_path: Path) -> None:
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(SPEC, encoding="utf-8")
+    out = tmp_path / "out"
+    p = plan(the_spec(), str(out))
+    write_results(p, hand_made_results(p))
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    secret = "planted-secret-0b5e"
+    result = CliRunner().invoke(app, ["report", str(spec_path), "--output-dir", str(out), "--format", "md",
+                                      "--tracking-uri", f"http://bot:{secret}@127.0.0.1:{port}"])
+    assert result.exit_code == 0, result.output
+    assert (out / "report" / "report.md").exists()
+    assert f"MLflow at http://127.0.0.1:{port} is not usable" in result.output
+    assert secret not in result.output
