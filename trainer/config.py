@@ -389,7 +389,7 @@ class RunResult(BaseModel):
     tokens_seen: int
     train_steps: int
     wall_seconds: float
-    tokens_per_second: float
+    tokens_per_second: float  # real (non-pad) tokens per second of training steps, evaluations and saves excluded
     finished_at: str  # ISO 8601, UTC
     mlflow_run_id: str | None = None
     versions: dict[str, str] = Field(default_factory=dict)

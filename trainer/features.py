@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 FEATURES_VERSION = 1  # bump when encoding changes: invalidates every cache entry
 CACHE_ENV = "XSTILTS_CACHE"
 ENCODE_CHUNK = 1000  # examples per tokenizer call
+PARALLEL_MIN_EXAMPLES = 20_000  # splits at least this big are tokenized by several processes
+MAX_TOKENIZER_WORKERS = 16
 NO_TAG = -1  # a tag outside the label set: never predicted, so scored as wrong
 MAX_QUESTION_TOKENS = 64
 
@@ -160,21 +162,61 @@ def encode_tagging(examples: Sequence[Example], tokenizer: Any, max_length: int,
             "length": [len(i) for i in ids]}
 
 
+def encode_chunk(task: Task, chunk: Sequence[Example], tokenizer: Any, max_length: int, offset: int,
+                 tag_ids: dict[str, int]) -> dict[str, list[Any]]:
+    if task.format is Format.CLASSIFICATION:
+        return encode_classification(chunk, tokenizer, max_length, offset)
+    if task.format is Format.MULTIPLE_CHOICE:
+        return encode_multiple_choice(chunk, tokenizer, max_length, offset)
+    if task.format is Format.SPAN_QA:
+        return encode_span_qa(chunk, tokenizer, max_length, offset)
+    return encode_tagging(chunk, tokenizer, max_length, offset, tag_ids)
+
+
+def tokenizer_workers(examples: int) -> int:
+    """Processes to tokenize a split with: one for a small split (starting workers would cost
+    more than it saves), else every CPU this process may use but one, at most
+    MAX_TOKENIZER_WORKERS. Only one process per cache entry tokenizes (the others wait on its
+    lock), so the other ranks' CPUs are idle meanwhile."""
+    if examples < PARALLEL_MIN_EXAMPLES:
+        return 1
+    return max(1, min(MAX_TOKENIZER_WORKERS, len(os.sched_getaffinity(0)) - 1))
+
+
+# The worker processes' tokenizing context: set once per worker by the pool's initializer.
+_worker: dict[str, Any] = {}
+
+
+def _start_worker(task: Task, tokenizer: Any, max_length: int, tag_ids: dict[str, int]) -> None:
+    _worker.update(task=task, tokenizer=tokenizer, max_length=max_length, tag_ids=tag_ids)
+
+
+def _encode_in_worker(job: tuple[int, Sequence[Example]]) -> dict[str, list[Any]]:
+    offset, chunk = job
+    return encode_chunk(_worker["task"], chunk, _worker["tokenizer"], _worker["max_length"], offset,
+                        _worker["tag_ids"])
+
+
 def encode(task: Task, examples: Sequence[Example], tokenizer: Any, max_length: int,
-           labels: Sequence[str] = ()) -> dict[str, list[Any]]:
-    """All features of a split, as columns."""
+           labels: Sequence[str] = (), workers: int | None = None) -> dict[str, list[Any]]:
+    """All features of a split, as columns; chunks are tokenized by `workers` processes
+    (default: `tokenizer_workers`), in order, so the result does not depend on their number."""
+    import concurrent.futures
+    import multiprocessing
+
     columns: dict[str, list[Any]] = {}
     tag_ids = {tag: i for i, tag in enumerate(labels)}
-    for at in range(0, len(examples), ENCODE_CHUNK):
-        chunk = examples[at: at + ENCODE_CHUNK]
-        if task.format is Format.CLASSIFICATION:
-            part = encode_classification(chunk, tokenizer, max_length, at)
-        elif task.format is Format.MULTIPLE_CHOICE:
-            part = encode_multiple_choice(chunk, tokenizer, max_length, at)
-        elif task.format is Format.SPAN_QA:
-            part = encode_span_qa(chunk, tokenizer, max_length, at)
-        else:
-            part = encode_tagging(chunk, tokenizer, max_length, at, tag_ids)
+    jobs = [(at, examples[at: at + ENCODE_CHUNK]) for at in range(0, len(examples), ENCODE_CHUNK)]
+    workers = tokenizer_workers(len(examples)) if workers is None else workers
+    if workers > 1:
+        # fork: the workers inherit the tokenizer instead of loading it again
+        with concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker,
+                initargs=(task, tokenizer, max_length, tag_ids)) as pool:
+            parts = list(pool.map(_encode_in_worker, jobs))
+    else:
+        parts = [encode_chunk(task, chunk, tokenizer, max_length, at, tag_ids) for at, chunk in jobs]
+    for part in parts:
         for key, values in part.items():
             columns.setdefault(key, []).extend(values)
     return columns
