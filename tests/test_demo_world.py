@@ -276,5 +276,6 @@ def test_the_demo_spec_points_at_the_prepared_world(world: World) -> None:
     assert spec.run_count == 18 + 48
     vocabulary = len(build_tokenizer(world))
     for model, size in zip(spec.models, MODEL_SIZES, strict=True):
-        actual = sum(p.numel() for p in XLMRobertaModel(model_config(size, vocabulary), add_pooling_layer=False).parameters())
+        encoder = XLMRobertaModel(model_config(size, vocabulary), add_pooling_layer=False)
+        actual = sum(p.numel() for p in encoder.parameters())
         assert model.parameters is not None and abs(model.parameters - actual) / actual < 0.05, (model.name, actual)
