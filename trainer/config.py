@@ -348,7 +348,7 @@ DEPTH_WIDTH_PER_PARAMETER_POWER = 0.055
 
 def activation_bytes_per_token(parameters: int, bytes_per_value: int = 2) -> float:
     """Training activations of one token through the whole encoder, estimated from its size."""
-    layers_times_hidden = DEPTH_WIDTH_PER_PARAMETER_POWER * float(parameters) ** (2 / 3)
+    layers_times_hidden = DEPTH_WIDTH_PER_PARAMETER_POWER * math.pow(parameters, 2 / 3)
     return ACTIVATION_BYTES_PER_HIDDEN * layers_times_hidden * bytes_per_value / 2
 
 
