@@ -13,9 +13,12 @@ $(BIN)/xstilts: pyproject.toml
 
 install: $(BIN)/xstilts
 
+# The demo world (task files, pretrained tiny models; cached under xstilts-demo/), the 66 runs
+# of examples/demo.yaml (resumable), then the report under xstilts-out/demo/report/.
 demo: install
-	$(BIN)/xstilts validate examples/demo.yaml
-	$(BIN)/xstilts plan examples/demo.yaml
+	$(BIN)/python -m xstilts.demo
+	$(BIN)/xstilts run examples/demo.yaml
+	$(BIN)/xstilts report examples/demo.yaml
 
 # Builds the test Kubernetes control plane from Go modules (cached outside the repo), then the
 # default suite, then the slow tests (DeepSpeed under torchrun, the control-plane scenarios,
@@ -32,4 +35,4 @@ lint: install
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) xstilts-out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) xstilts-out xstilts-demo .pytest_cache .mypy_cache .ruff_cache

@@ -226,7 +226,7 @@ class DataSizes:
 
     xnli_train: int = 600
     pawsx_train: int = 600
-    target_eval: int = 300  # per language, for validation and for test
+    target_eval: int = 200  # per language, for validation and for test
     mnli_train: int = 3000
     hellaswag_train: int = 1500
     intermediate_eval: int = 300

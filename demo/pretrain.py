@@ -53,7 +53,7 @@ MODEL_SIZES = (
 @dataclass(frozen=True)
 class PretrainSettings:
     steps: int = 400
-    batch_size: int = 256  # masked-LM sequences per step
+    batch_size: int = 128  # masked-LM sequences per step
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01
     mask_probability: float = 0.3  # sentences are short: mask more than BERT's 15%
@@ -160,7 +160,9 @@ def pretrain_model(size: ModelSize, world: World, settings: PretrainSettings, ou
     """Pretrain one model from scratch and save it with its tokenizer to `out_dir`."""
     import torch
     from transformers import XLMRobertaForMaskedLM
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # no "Writing model shards" bars in the demo's output
     torch.set_num_threads(threads)
     torch.manual_seed(settings.seed)
     started = time.monotonic()
