@@ -1,8 +1,9 @@
 """Zero-shot evaluation throughput: examples per second of the xstilts evaluation of all 15 XNLI
 test languages against a naive fixed-padding loop, on the same model and data, in one run.
 
-  naive     each language's rows in file order, batches of a fixed 32 rows, every row padded to
-            the maximum length (128), one forward pass per batch under `torch.no_grad`;
+  naive     each language's rows in file order, batches of a fixed `--naive-batch` rows (32, the
+            training batch; HF's Trainer evaluates 8 by default), every row padded to the maximum
+            length (128), one forward pass per batch under `torch.no_grad`;
   xstilts   `xstilts.trainer.evaluate.evaluate_split` with the predictor a target run uses: rows
             sorted by length and packed into batches by a token budget (4 training micro
             batches of max-length rows, as the trainer sets it), each padded to its longest row.
@@ -32,8 +33,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import ARCHITECTURES, MAX_LENGTH, XNLI_LANGUAGES, build_encoder, write_xnli
-
-NAIVE_BATCH = 32
 
 
 def encoded_test_splits(model: Path, data: Path, cache: Path) -> list[Any]:
@@ -92,8 +91,8 @@ def computed_tokens(predictor: Any, splits: list[Any]) -> int:
     return total
 
 
-def naive_inputs(splits: list[Any], pad_token_id: int,
-                 device: Any) -> list[tuple[str, list[dict[str, Any]], list[int]]]:
+def naive_inputs(splits: list[Any], pad_token_id: int, device: Any,
+                 batch_size: int) -> list[tuple[str, list[dict[str, Any]], list[int]]]:
     """Per language: fixed batches of rows padded to MAX_LENGTH (already on the device), and
     the labels."""
     import torch
@@ -102,8 +101,8 @@ def naive_inputs(splits: list[Any], pad_token_id: int,
     for e in splits:
         ids, labels = e.features["input_ids"], e.features["label"]
         batches = []
-        for at in range(0, len(ids), NAIVE_BATCH):
-            rows = ids[at: at + NAIVE_BATCH]
+        for at in range(0, len(ids), batch_size):
+            rows = ids[at: at + batch_size]
             input_ids = torch.full((len(rows), MAX_LENGTH), pad_token_id, dtype=torch.long)
             attention_mask = torch.zeros((len(rows), MAX_LENGTH), dtype=torch.long)
             for i, row in enumerate(rows):
@@ -132,6 +131,7 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(ARCHITECTURES), default="tiny")
     parser.add_argument("--micro-batch", type=int, default=32,
                         help="the training micro batch the evaluation token budget derives from")
+    parser.add_argument("--naive-batch", type=int, default=32, help="rows per batch of the naive loop")
     parser.add_argument("--per-language", type=int, default=1000, help="test examples per language (XNLI has 5,010)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
@@ -162,7 +162,7 @@ def main() -> None:
         naive_model = build_model(model_dir, heads, seed=0).eval().to(device)
         model = build_model(model_dir, heads, seed=0, cuda=cuda, half_precision=cuda).eval().to(device)
         pad = model.config.pad_token_id
-        inputs = naive_inputs(splits, pad, device)
+        inputs = naive_inputs(splits, pad, device, args.naive_batch)
         examples = sum(len(e) for e in splits)
         real = sum(sum(e.features["length"]) for e in splits)
         predictor = xstilts_predictor(model, pad, device, args.micro_batch)
@@ -187,7 +187,8 @@ def main() -> None:
           f" (10-{MAX_LENGTH} tokens, median ~40); best of {args.repeats} run(s) each")
     print(f"{'':34}{'examples/s':>12}{'padding':>10}{'seconds':>9}")
     naive_padding = 1 - real / (examples * MAX_LENGTH)
-    for name, label, padding in (("naive", f"naive loop (pad to {MAX_LENGTH}, batch {NAIVE_BATCH})", naive_padding),
+    naive_label = f"naive loop (pad to {MAX_LENGTH}, batch {args.naive_batch})"
+    for name, label, padding in (("naive", naive_label, naive_padding),
                                  ("xstilts", "xstilts (sorted, token budget)", 1 - real / computed)):
         print(f"{label:34}{examples / best[name]:>12,.0f}{padding:>10.1%}{best[name]:>9.2f}")
     ratio = best["naive"] / best["xstilts"]
