@@ -229,3 +229,12 @@ def test_throughput_counts_training_steps_not_evaluations_or_saves(tmp_path: Pat
     with callback.pause():  # the final evaluation: after the last step, never counted
         time.sleep(0.3)
     assert 0.1 <= callback.train_seconds < 0.3
+
+
+def test_an_fp32_run_gets_a_micro_batch_for_fp32_activations(tiny_hub: TinyHub, tmp_path: Path) -> None:
+    """"auto" resolves to fp32 on a GPU without bf16: the resolved precision sizes the rows."""
+    config = tiny_run_config(tiny_hub, tmp_path, ("mnli",), hyperparameters={"batch_size": 64})
+    gpu = {"gpu_memory_gb": 24, "parameters": XLMR["large"]}
+    fp32 = plan_schedule(config, 1, [1000], 512, **gpu, precision="fp32").micro_batch_size
+    assert fp32 == choose_micro_batch(XLMR["large"], 512, 24, 64, bytes_per_value=4)
+    assert fp32 < plan_schedule(config, 1, [1000], 512, **gpu, precision="bf16").micro_batch_size

@@ -63,19 +63,21 @@ class Schedule:
 
 
 def plan_schedule(config: RunConfig, world_size: int, train_sizes: Sequence[int], row_tokens: int,
-                  gpu_memory_gb: float | None = None, parameters: int | None = None) -> Schedule:
+                  gpu_memory_gb: float | None = None, parameters: int | None = None,
+                  precision: str | None = None) -> Schedule:
     """Steps from epochs (or max_steps), the micro batch and accumulation from the global
     batch, and how often to evaluate: once per epoch, between 1 and MAX_EVALUATIONS times.
 
     Without resources.micro_batch_size the micro batch is chosen: on a GPU (its memory and the
     model's parameter count given) the most rows whose activations fit beside the model states
-    (`choose_micro_batch`), else the most rows within TOKENS_PER_MICRO_BATCH."""
+    (`choose_micro_batch`; `precision` is the resolved one, default the config's), else the most
+    rows within TOKENS_PER_MICRO_BATCH."""
     hp = config.hyperparameters
     per_rank = per_rank_batch(hp, world_size)
     micro = config.resources.micro_batch_size
     if micro is None and gpu_memory_gb and parameters:
         micro = choose_micro_batch(parameters, row_tokens, gpu_memory_gb, per_rank, world_size, config.deepspeed,
-                                   bytes_per_value=4 if config.precision == "fp32" else 2)
+                                   bytes_per_value=4 if (precision or config.precision) == "fp32" else 2)
     micro = micro or default_micro_batch(per_rank, row_tokens)
     check_batch_layout(config, world_size)
     steps_per_epoch = max(1, math.ceil(sum(train_sizes) / hp.batch_size))

@@ -147,10 +147,12 @@ def micro_batch_inputs(config: RunConfig, dist: Distributed | None = None) -> di
     if config.resources.micro_batch_size is not None or not torch.cuda.is_available():
         return {}
     from xstilts.trainer.model import parameter_count_of
+    from xstilts.trainer.schedule import mixed_precision
 
     local_rank = dist.local_rank if dist else 0
     memory = torch.cuda.get_device_properties(local_rank).total_memory / 2**30
-    return {"gpu_memory_gb": memory, "parameters": parameter_count_of(config.init_checkpoint_dir or config.model)}
+    return {"gpu_memory_gb": memory, "parameters": parameter_count_of(config.init_checkpoint_dir or config.model),
+            "precision": mixed_precision(config, True, torch.cuda.is_bf16_supported())}
 
 
 @dataclass(frozen=True)
