@@ -1,24 +1,29 @@
 """What the demo world produces: labelled task items, the multilingual pretraining text, and
 task files in the real datasets' schemas and the trainer's local layout.
 
-Labels come from `world.relation`, never from surface form:
+Labels come from `world.relation`, never from surface form. Every pair differs in one word:
 
-- NLI (mnli, xnli): the hypothesis is the premise with one word replaced. The same concept
-  (a synonym) or a more general one (dog → animal, huge → big) is entailment; a more specific
-  one (animal → dog) or an unrelated attribute (huge → cold) is neutral; a sibling, another
-  category or the opposite pole (dog → cat, dog → car, huge → tiny) is a contradiction.
-- Paraphrase (pawsx): one word replaced by its synonym (a paraphrase) or by another concept
-  (not one), the high-overlap pairs PAWS is made of.
-- Sentence completion (hellaswag): of four restatements of the context, each with one word
-  replaced, the one that follows from it.
+- NLI (mnli, xnli): a more general word of the same group (dog → animal, runs → moves,
+  huge → big) is entailment, a more specific one neutral, a word of the same generality from
+  another category or the opposite pole (dog → car, runs → sleeps, huge → tiny) contradiction.
+- Paraphrase (pawsx): the word's synonym (dog → hound) is a paraphrase; a more general word is
+  not: "the dog runs" entails "the animal runs" but does not say the same, PAWS's kind of pair
+  that shares every word but one.
+- Sentence completion (hellaswag): of four endings, each the context with one word replaced,
+  the one that follows from it (a generalisation) against a neutral and two contradictions.
 
-Every pair differs in exactly one word, and which slot (adjective, noun, verb) is drawn before
-the label: the position of the change, the sentence lengths and the overlap between the two
-sentences say nothing about the label, in any language. Only the words do. A model that learned
-English words but was never shown how other languages' words line up with them (random
-weights) transfers at chance; multilingual pretraining is what makes transfer possible.
-The targets' English training sets are small; the intermediate tasks follow the same rule
-with more data, which is what intermediate training has to offer.
+What the tasks leave out is as deliberate. Siblings (dog → cat) and synonyms in NLI differ
+from their partners only in which word it is; telling them apart asks a tiny model to memorise
+word pairs, more than a few hundred fine-tuning steps can do. Every kept label is a function of
+what kind of word came in where (its generality, its pole), which the models can learn.
+
+The guard against surface cues: which slot changes is drawn before the label, so the position
+of the change, the sentence lengths and the overlap between the two sentences are alike for
+every label, in every language. Only the words tell, and no two languages share a word. A model
+that learned English words but was never shown how the other languages' words line up with
+them (random weights) transfers at chance; multilingual pretraining is what makes transfer
+possible. The targets' English training sets are small; the intermediate tasks follow the same
+rules with more data, which is what intermediate training has to offer.
 """
 
 from __future__ import annotations
@@ -153,10 +158,11 @@ PREFERENCES = {"animal": ("motion", "size"), "person": ("rest", "temperature"),
 
 @dataclass(frozen=True)
 class CorpusMix:
-    """Shares of the pretraining sequences. Translation pairs (a sentence and its translation
-    in one sequence, as in translation language modelling) and code-switched sentences let
-    cross-lingual alignment emerge in a short pretraining; restatement pairs (a sentence, then
-    the same scene said more generally) carry the taxonomy, as real text does."""
+    """Shares of the masked-LM sequences. Translation pairs (a sentence and its translation in
+    one sequence, as in XLM's translation language modelling), code-switched sentences and the
+    shared anchors give the languages' disjoint vocabularies something in common; restatement
+    pairs (a sentence, then the same scene said more generally) carry the taxonomy, as real
+    text does. The rest is monolingual."""
 
     translation: float = 0.3
     restatement: float = 0.1
@@ -224,8 +230,8 @@ def parallel_sentences(world: World, n: int, seed: int) -> Iterator[tuple[str, s
 class DataSizes:
     """Examples per split. The targets' English training sets are small on purpose."""
 
-    xnli_train: int = 600
-    pawsx_train: int = 600
+    xnli_train: int = 1000
+    pawsx_train: int = 1000
     target_eval: int = 200  # per language, for validation and for test
     mnli_train: int = 3000
     hellaswag_train: int = 1500

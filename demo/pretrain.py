@@ -1,5 +1,12 @@
 """Phase 1 of the demo: a tokenizer and tiny XLM-R-architecture encoders of three sizes,
-pretrained with masked language modelling on the demo world's multilingual text.
+pretrained on the demo world's multilingual text.
+
+The objective is masked language modelling (on short sequences, so 30% of the words are
+masked) plus a translation-ranking loss on parallel sentences — each sentence's mean-pooled
+word states must pick out its translation among the batch's, as InfoXLM and LaBSE train on
+parallel data. Masked-LM alone does not align 17 disjoint vocabularies in a few hundred steps
+of a tiny model: it learns to translate through its feed-forward layers and leaves the
+languages' representations apart, so an English classifier has nothing to carry over.
 
 Each model directory holds what `from_pretrained` needs (config, weights, tokenizer), so the
 trainer loads it exactly like a hub checkpoint. A directory is reused when its cache key — a
@@ -60,7 +67,7 @@ class PretrainSettings:
     corpus_size: int = 40_000
     # Translation ranking on parallel sentences, beside the masked LM (0 turns it off).
     alignment_weight: float = 1.0
-    alignment_batch_size: int = 64
+    alignment_batch_size: int = 128
     alignment_temperature: float = 0.1
     seed: int = 0
     mix: CorpusMix = field(default_factory=CorpusMix)
