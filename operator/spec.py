@@ -73,6 +73,7 @@ TargetTaskName = Annotated[str, AfterValidator(_target_name), _schema_enum(TARGE
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 MAX_SHOWN = 80  # characters of a bad value quoted in an error
 _URI_CREDENTIALS = re.compile(r"//[^/@\s'\"]*@")
+_URI_PASSWORD = re.compile(r"//[^/@:\s]*:[^/@\s]*@")
 
 
 def shown_value(value: Any) -> str:
@@ -436,6 +437,16 @@ class ClusterSpec(_Spec):
 class MlflowSpec(_Spec):
     tracking_uri: Annotated[str | None, Field(pattern=r"^(https?|file|sqlite|postgresql|databricks)[:+]")] = None
     experiment_name: str | None = None  # default: the experiment's name
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_password(cls, v: str | None) -> str | None:
+        # The URI is rendered into every Job's env and RUN.json, and shown by `plan`: a password
+        # in it would be everywhere. MLflow reads credentials from its own variables instead.
+        if v is not None and _URI_PASSWORD.search(v):
+            raise ValueError("holds a password (user:password@); remove it from the URI and name a Secret with "
+                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in cluster.secrets.mlflow")
+        return v
 
 
 class PlanningSpec(_Spec):

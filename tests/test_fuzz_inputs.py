@@ -634,8 +634,6 @@ def test_trainer_exits_invalid_with_a_one_line_reason(tmp_path: Path, case: str)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"], "the trainer wrote something"
 
 
-@pytest.mark.xfail(strict=True, reason="trainer/__main__.py load_config catches OSError only: a RUN.json that is"
-                   " not UTF-8 raises UnicodeDecodeError, a traceback and exit 1 (retried) instead of INVALID")
 def test_trainer_on_a_run_config_that_is_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "run.json"
     path.write_bytes(b'{"model": "\xff"}')

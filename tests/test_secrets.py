@@ -139,9 +139,6 @@ def test_a_secret_value_in_the_spec_is_rejected_without_repeating_it(field: tupl
     assert leaks(str(e.value).encode()) == [], e.value.problems
 
 
-@pytest.mark.xfail(strict=True, reason="spec.mlflow.trackingUri still accepts user:password@ (rendered into the"
-                   " Job's env and run.json); rejecting it needs tests/test_tracking_buffer.py to put its"
-                   " credentialed URI on the RunConfig instead of the spec")
 @pytest.mark.parametrize("uri", [f"https://{MLFLOW_USER}:{PLANTED}@mlflow.example.org",
                                  f"postgresql://mlflow:{PLANTED}@db:5432/mlflow"])
 def test_a_password_in_the_tracking_uri_is_rejected(uri: str) -> None:
@@ -149,6 +146,7 @@ def test_a_password_in_the_tracking_uri_is_rejected(uri: str) -> None:
     doc["mlflow"]["trackingUri"] = uri
     with pytest.raises(SpecError) as e:
         parse_document(doc)
+    assert e.value.problems[0].startswith("mlflow.trackingUri:") and "cluster.secrets.mlflow" in str(e.value)
     assert leaks(str(e.value).encode()) == [], e.value.problems
 
 
