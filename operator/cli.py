@@ -247,7 +247,8 @@ def sync(
     tracking_uri: Annotated[str | None, typer.Option(
         "--tracking-uri", help="Upload to this MLflow instead of the one each run was configured with.")] = None,
 ) -> None:
-    """Upload what runs buffered while MLflow was unreachable; safe to repeat. Exit 1 if some stays buffered."""
+    """Upload what runs buffered while MLflow was unreachable, and rebuild from result.json the finished runs
+    MLflow lacks; safe to repeat. Exit 1 if something could not reach MLflow."""
     from xstilts.operator.plan import default_storage_root
     from xstilts.trainer.tracking import sync_storage
 

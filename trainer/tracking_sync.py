@@ -1,6 +1,7 @@
-"""`xstilts sync`: replay the MLflow buffers of runs into MLflow, idempotently, and report
-what was done. Used by `xstilts sync`, by the tracker when MLflow comes back, and by the
-executor and controller."""
+"""`xstilts sync`: replay the MLflow buffers of runs into MLflow, idempotently, then rebuild
+from its result.json the MLflow run of every finished run MLflow does not hold
+(`tracking_rebuild`), and report what was done. Buffer replay is also used by the tracker when
+MLflow comes back, and by the executor and controller."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from xstilts.trainer.tracking_mlflow import (
     resolve_run,
     resolve_tracking_uri,
 )
+from xstilts.trainer.tracking_rebuild import RunRebuild, rebuild_runs, result_dirs
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -73,11 +75,13 @@ class RunSync:
 @dataclass
 class SyncReport:
     runs: list[RunSync] = field(default_factory=list)
+    rebuilds: list[RunRebuild] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """Nothing failed: every buffered record reached MLflow or was refused for good."""
-        return all(r.status != "failed" for r in self.runs)
+        """Nothing failed: every buffered record reached MLflow or was refused for good, and
+        every result file's run is in MLflow (or the file is unreadable, which no retry fixes)."""
+        return all(r.status != "failed" for r in [*self.runs, *self.rebuilds])
 
     @property
     def counts(self) -> Counts:
@@ -90,12 +94,19 @@ class SyncReport:
         return sum(1 for r in self.runs if r.status == status)
 
     def lines(self) -> list[str]:
-        """One line per run that did anything, then a summary."""
+        """One line per run that did anything, then a summary of buffers and of result files."""
         out = [r.describe() for r in self.runs if r.status != "up-to-date"]
-        if not self.runs:
-            return ["no buffered MLflow records found"]
-        out.append(f"{len(self.runs)} buffered run(s): {self.count('synced')} synced, "
-                   f"{self.count('up-to-date')} up to date, {self.count('busy')} busy, {self.count('failed')} failed")
+        out += [r.describe() for r in self.rebuilds if r.status != "present"]
+        if self.runs:
+            out.append(f"{len(self.runs)} buffered run(s): {self.count('synced')} synced, {self.count('up-to-date')}"
+                       f" up to date, {self.count('busy')} busy, {self.count('failed')} failed")
+        else:
+            out.append("no buffered MLflow records found")
+        if self.rebuilds:
+            n = {status: sum(1 for r in self.rebuilds if r.status == status)
+                 for status in ("rebuilt", "present", "failed", "unreadable")}
+            out.append(f"{len(self.rebuilds)} result file(s): {n['rebuilt']} rebuilt in MLflow, {n['present']}"
+                       f" already there, {n['failed']} failed, {n['unreadable']} unreadable")
         return out
 
 
@@ -107,10 +118,15 @@ def sync_run_dir(run_dir: Path, tracking_uri: str | None = None) -> SyncReport:
 
 def sync_storage(storage_root: Path, tracking_uri: str | None = None) -> SyncReport:
     """Sync every run that has a buffer under a storage root (`<root>/runs/*`), or under a
-    directory of storage roots (`<dir>/*/runs/*`, e.g. the default `xstilts-out`)."""
+    directory of storage roots (`<dir>/*/runs/*`, e.g. the default `xstilts-out`); then
+    rebuild the MLflow runs of result files MLflow lacks. A run whose buffer did not sync
+    (MLflow down, or another sync replaying it) is not rebuilt: its buffer comes first."""
     root = Path(storage_root)
     buffers = sorted({*root.glob(f"{RUNS_DIR}/*/{BUFFER_FILE}"), *root.glob(f"*/{RUNS_DIR}/*/{BUFFER_FILE}")})
-    return SyncReport([_sync_one(b.parent, tracking_uri) for b in buffers])
+    report = SyncReport([_sync_one(b.parent, tracking_uri) for b in buffers])
+    waiting = {r.run_dir for r in report.runs if r.status in ("busy", "failed")}
+    report.rebuilds = rebuild_runs([d for d in result_dirs(root) if d not in waiting], tracking_uri)
+    return report
 
 
 def _sync_one(run_dir: Path, tracking_uri: str | None) -> RunSync:
