@@ -5,6 +5,7 @@ and gives the controller only the permissions it needs. The checked-in CRD is th
 
 from __future__ import annotations
 
+import copy
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from openapi_schema_validator import OAS30Validator
+from xstilts.operator.controller import API_CALLS, IMPLIED_PERMISSIONS
 from xstilts.operator.crd import crd
 from xstilts.operator.render import DEFAULT_RUNS_PVC
 from xstilts.operator.spec import load_spec_text
@@ -250,17 +252,15 @@ def test_controller_deployment() -> None:
 
 # --- RBAC ----------------------------------------------------------------------------------
 
-# What the controller may do, rule by rule (k8s/base/controller-rbac.yaml explains each).
-CONTROLLER_PERMISSIONS = {
-    ("xstilts.dev", "experiments"): {"get", "list", "watch"},
-    ("xstilts.dev", "experiments/status"): {"get", "update", "patch"},
-    ("xstilts.dev", "experiments/finalizers"): {"update"},
-    ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
-    ("", "configmaps"): {"get", "list", "create", "delete"},
-    ("", "services"): {"get", "list", "create", "delete"},
-    ("", "events"): {"create", "patch"},
-    ("coordination.k8s.io", "leases"): {"get", "create", "update"},
-}
+def controller_permissions() -> dict[tuple[str, str], set[str]]:
+    """The Role the controller needs, (API group, resource) → verbs, derived from the one place
+    its permissions are written: the calls it makes (controller.API_CALLS, which the
+    control-plane tests hold a running controller to) and what the API server checks on its
+    behalf (IMPLIED_PERMISSIONS)."""
+    needed: dict[tuple[str, str], set[str]] = {}
+    for group, resource, verb in API_CALLS | IMPLIED_PERMISSIONS:
+        needed.setdefault((group, resource), set()).add(verb)
+    return needed
 
 
 def role_permissions(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
@@ -277,13 +277,28 @@ def test_controller_role_is_least_privilege() -> None:
     assert not objects("base", "ClusterRole") and not objects("base", "ClusterRoleBinding")
     role = named("base", "Role", "xstilts-controller")
     granted = role_permissions(role)
-    assert granted == CONTROLLER_PERMISSIONS
+    assert granted == controller_permissions()
     flat = {(g, r, v) for (g, r), verbs in granted.items() for v in verbs}
     assert not any("*" in item for triple in flat for item in triple)
     assert not any(r in ("secrets", "pods", "pods/exec", "pods/log") for _, r, _ in flat)
     binding = named("base", "RoleBinding", "xstilts-controller")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "xstilts-controller"}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "xstilts-controller", "namespace": NAMESPACE}]
+
+
+@pytest.mark.parametrize("change", ["an extra verb", "an extra resource", "a verb less", "a rule less"])
+def test_a_role_loosened_or_tightened_no_longer_matches_the_controller(change: str) -> None:
+    role = copy.deepcopy(named("base", "Role", "xstilts-controller"))
+    jobs = next(r for r in role["rules"] if r["resources"] == ["jobs"])
+    if change == "an extra verb":
+        jobs["verbs"].append("update")
+    elif change == "an extra resource":
+        role["rules"].append({"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]})
+    elif change == "a verb less":
+        jobs["verbs"].remove("delete")
+    else:
+        role["rules"].remove(jobs)
+    assert role_permissions(role) != controller_permissions()
 
 
 # --- MLflow and PostgreSQL -----------------------------------------------------------------
