@@ -14,10 +14,13 @@ import contextlib
 import signal
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints
+from xstilts.trainer import checkpoints
 from xstilts.trainer.batching import Collator, MultiTaskBatchSampler, TrainSet
 from xstilts.trainer.evaluate import Predictor, dev_metrics, evaluate_split
 from xstilts.trainer.features import Encoded
@@ -153,6 +156,42 @@ class StiltsTrainer(Trainer):
         self.progress.update(force=True, phase="train")
         return metrics
 
+    # --- checkpoints: staged, then renamed into place once complete (see checkpoints.py) -------
+
+    _staging: Path | None = None
+
+    def _get_output_dir(self, trial: Any) -> str:
+        # while a checkpoint is saved the Trainer writes it (and rotates) under the staging dir
+        return str(self._staging.parent) if self._staging else super()._get_output_dir(trial)
+
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        root, step = Path(self.args.output_dir), self.state.global_step
+        staged, final = checkpoints.staging_dir(root, step), root / checkpoints.checkpoint_name(step)
         with self.run_callback.pause():
-            super()._save_checkpoint(model, trial)
+            self._staging = staged
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging = None
+            checkpoints.save_loss_window(staged, self.args.process_index, self.args.world_size,
+                                         float(self._tr_loss.item()), self._globalstep_last_logged)
+            # The Trainer looked for the best checkpoint under the staging dir; it lives in root.
+            best = self.state.best_global_step
+            if best and (best == step or (root / checkpoints.checkpoint_name(best)).is_dir()):
+                self.state.best_model_checkpoint = str(root / checkpoints.checkpoint_name(best))
+            self.accelerator.wait_for_everyone()  # every rank's files (and DeepSpeed shards) are written
+            if self.args.should_save:
+                self.state.save_to_json(str(staged / checkpoints.TRAINER_STATE))  # with the final path
+                checkpoints.publish(staged, final)
+                rotate_checkpoints(str(root), self.args.save_total_limit, self.state.best_model_checkpoint,
+                                   use_mtime=True)
+            self.accelerator.wait_for_everyone()  # no rank goes on before the checkpoint is in place
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        # Called once on resume, just before the first step: the place to restore the loss window.
+        super()._load_rng_state(checkpoint)
+        window = checkpoints.load_loss_window(checkpoint, self.args.process_index,
+                                              self.args.world_size) if checkpoint else None
+        if window is not None:
+            self._tr_loss = torch.tensor(window[0], device=self._tr_loss.device)
+            self._globalstep_last_logged = window[1]

@@ -6,7 +6,8 @@ Run directory (`config.run_dir`):
     config.json      the resolved RunConfig
     progress.json    live progress (results.ProgressFile)
     checkpoints/     the Trainer's checkpoint-N directories: resume state and best-model candidates
-                     (removed once result.json is written)
+                     (removed once result.json is written); each is written under a .partial-*
+                     name and renamed when complete (checkpoints.py)
     checkpoint/      the final model (model.save_checkpoint): what a phase-3 run starts from
     result.json      the RunResult, written last and only on success
 
@@ -26,7 +27,6 @@ import contextlib
 import logging
 import os
 import random
-import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xstilts.trainer.checkpoints import newest_checkpoint, remove_partial_checkpoints
 from xstilts.trainer.config import RunConfig, RunResult, Stage
 from xstilts.trainer.data import check_local_files, dev_splits, open_split, test_splits, training_splits
 from xstilts.trainer.interrupt import Interruption, RunInterrupted
@@ -43,7 +44,6 @@ from xstilts.trainer.tasks import TASKS, Format, Task
 log = logging.getLogger("xstilts.trainer")
 
 CHECKPOINTS_DIR = "checkpoints"
-TRAINER_STATE = "trainer_state.json"
 EVAL_BATCH_FACTOR = 4  # evaluation batches hold this many times the training micro batch's tokens
 
 
@@ -74,19 +74,6 @@ def precheck(config: RunConfig, world_size: int) -> None:
     if init_dir is not None and "://" not in init_dir and not (Path(init_dir) / "config.json").is_file():
         raise InvalidRun(f"init_from_run {config.init_from_run!r} has no checkpoint at {init_dir};"
                          " run that intermediate run first")
-
-
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def newest_checkpoint(checkpoints_dir: str | Path) -> str | None:
-    """The newest checkpoint-N the Trainer finished writing (it writes trainer_state.json last)."""
-    root = Path(checkpoints_dir)
-    if not root.is_dir():
-        return None
-    done = [(int(m.group(1)), p) for p in root.iterdir()
-            if (m := _CHECKPOINT.match(p.name)) and (p / TRAINER_STATE).is_file()]
-    return str(max(done)[1]) if done else None
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -297,6 +284,8 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
         eval_tokens=EVAL_BATCH_FACTOR * schedule.micro_batch_size * row_tokens(data.train, hp.max_seq_length),
         callback=callback,
     )
+    if dist.is_main:
+        remove_partial_checkpoints(run_dir / CHECKPOINTS_DIR)
     resume = newest_checkpoint(run_dir / CHECKPOINTS_DIR)
     if resume:
         log.info("resuming from %s", resume)
