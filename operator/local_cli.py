@@ -39,7 +39,8 @@ def storage_root_of(spec: ExperimentSpec, output_dir: Path | None) -> Path:
 def default_parallel(spec: ExperimentSpec, machine_gpus: int, cpus: int) -> int:
     """One run per GPU, or per CPU core on a machine without one, at most the spec's
     cluster.maxParallel."""
-    return max(1, min(spec.cluster.max_parallel, machine_gpus or cpus))
+    limit: int = spec.cluster.max_parallel
+    return max(1, min(limit, machine_gpus or cpus))
 
 
 def follow_up_commands(spec_path: Path, output_dir: Path | None, tracking_uri: str | None) -> tuple[str, str]:
@@ -77,8 +78,9 @@ def run_command(spec: ExperimentSpec, spec_path: Path, parallel: int | None, out
         err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
         return EXIT_INVALID
     print_outcome(console, outcome, *follow_up_commands(spec_path, output_dir, tracking_uri))
-    if outcome.stopped_by is not None:
-        return 128 + outcome.stopped_by  # 130 after Ctrl-C, as a shell reports it
+    stopped_by: int | None = outcome.stopped_by
+    if stopped_by is not None:
+        return 128 + stopped_by  # 130 after Ctrl-C, as a shell reports it
     return EXIT_OK if outcome.ok else EXIT_FAILED
 
 

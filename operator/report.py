@@ -46,7 +46,8 @@ class Grid:
     languages: Mapping[str, tuple[str, ...]]  # target -> evaluated languages
 
     def metric(self, target: str) -> str:
-        return TASKS[target].metric
+        metric: str = TASKS[target].metric
+        return metric
 
 
 def grid_of(spec: ExperimentSpec) -> Grid:

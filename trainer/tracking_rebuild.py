@@ -174,7 +174,7 @@ def _rebuild(client: MlflowClient, uri: str, run_dir: Path, result: RunResult, c
         # The parent the run was given may live in another MLflow (a cluster's) or be lost with
         # the database: then the experiment's parent is found or created by its tags.
         parent_run_id=identity.parent_run_id if _is_run(client, identity.parent_run_id) else None)
-    run_id = resolve_run(client, identity, artifact_location(uri))
+    run_id: str = resolve_run(client, identity, artifact_location(uri))
     writer = RunWriter(client, run_id)
     writer.log_params(config_params(result.config) | {"parameter_count": str(result.parameter_count)}, counts)
     # The values the trainer logs when it writes result.json, at the same step.
@@ -194,7 +194,8 @@ def _is_run(client: MlflowClient, mlflow_run_id: str | None) -> bool:
     if not mlflow_run_id:
         return False
     try:
-        return client.get_run(mlflow_run_id).info.lifecycle_stage == "active"
+        stage: str = client.get_run(mlflow_run_id).info.lifecycle_stage
+        return stage == "active"
     except MlflowException as e:
         if e.error_code == "RESOURCE_DOES_NOT_EXIST":
             return False

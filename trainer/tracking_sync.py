@@ -81,7 +81,7 @@ class SyncReport:
     def ok(self) -> bool:
         """Nothing failed: every buffered record reached MLflow or was refused for good, and
         every result file's run is in MLflow (or the file is unreadable, which no retry fixes)."""
-        return all(r.status != "failed" for r in [*self.runs, *self.rebuilds])
+        return all(r.status != "failed" for r in self.runs) and all(r.status != "failed" for r in self.rebuilds)
 
     @property
     def counts(self) -> Counts:
