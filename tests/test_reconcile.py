@@ -132,6 +132,19 @@ def test_a_run_with_a_result_is_done_even_when_its_job_is_gone() -> None:
     assert d.status["runs"][parent.run_id] == "succeeded"
 
 
+def test_a_finished_run_is_left_to_its_job_ttl_and_asks_for_no_deletion() -> None:
+    """A finished run's Job stays until ttlSecondsAfterFinished (its logs with it), and once
+    the TTL removed it reconcile cannot see whether the ConfigMap is still there: a delete
+    asked for then would repeat on every reconcile (k8s/README.md, "What stays after a run
+    finishes")."""
+    finished = [r.run_id for r in PLAN.runs if not r.depends_on][:2]
+    results = [result(rid) for rid in finished]
+    for jobs in ([job(rid, "succeeded") for rid in finished], [job(finished[0], "succeeded")], []):
+        d = decide(jobs, results, spec=with_max_parallel(100))
+        assert d.deletes == []
+        assert [d.status["runs"][rid] for rid in finished] == ["succeeded", "succeeded"]
+
+
 def test_a_failed_phase_2_run_blocks_exactly_its_dependants() -> None:
     parent = run("small", "mnli", seed=1)
     d = decide([job(parent.run_id, "failed", failure_reason="BackoffLimitExceeded")], spec=with_max_parallel(100))
