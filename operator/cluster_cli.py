@@ -384,6 +384,9 @@ def controller(
     lease_duration: Annotated[float, typer.Option("--lease-duration", min=1.0, hidden=True)] = 15.0,
     renew_deadline: Annotated[float, typer.Option("--renew-deadline", min=0.5, hidden=True)] = 10.0,
     retry_period: Annotated[float, typer.Option("--retry-period", min=0.1, hidden=True)] = 2.0,
+    request_timeout: Annotated[float, typer.Option(
+        "--request-timeout", min=0.1,
+        help="Give up on an API request unanswered for this many seconds (and try again).")] = 30.0,
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Run the Experiment controller: turn Experiments into Jobs until SIGTERM."""
@@ -396,7 +399,8 @@ def controller(
         namespace=namespace, all_namespaces=all_namespaces, kubeconfig=kubeconfig, context=context,
         results_dir=results_dir, resync_seconds=resync_seconds, health_port=health_port or None,
         metrics_port=metrics_port, leader_elect=leader_elect, lease_namespace=lease_namespace, identity=identity,
-        lease_duration=lease_duration, renew_deadline=renew_deadline, retry_period=retry_period)
+        lease_duration=lease_duration, renew_deadline=renew_deadline, retry_period=retry_period,
+        request_timeout=request_timeout)
     try:
         code = run_controller(options)
     except ControllerError as e:

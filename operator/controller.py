@@ -15,13 +15,16 @@ only delays convergence: nothing is remembered between reconciles except caches 
 the API said. A Job this process created is put into the watch cache at once, so the next
 reconcile counts it against maxParallel even before its watch event arrives.
 
-Failure handling: 409 AlreadyExists on create → an earlier attempt got there, read it back;
-404 on delete → already gone; 410 Gone on a watch → list again (kube.Reflector); 409
-Conflict on the status → read the Experiment again, recompute the status from it, write it
-with update. Any other error → the key is retried with exponential backoff.
+Failure handling: every request has a timeout and is retried at once a few times when it
+fails transiently (unreachable, timed out, 429, 5xx; kube.Kube). 409 AlreadyExists on create
+→ an earlier attempt got there (perhaps one whose answer was lost), read it back; 404 on
+delete → already gone; 410 Gone on a watch → list again (kube.Reflector); 409 Conflict on the
+status → read the Experiment again, recompute the status from it, write it with update. Any
+other error → the key is retried with exponential backoff.
 
-Only one controller acts at a time (lease.LeaderElector); SIGTERM finishes the reconcile in
-progress, releases the Lease and exits 0.
+Only one controller acts at a time (lease.LeaderElector): once it stops leading it creates
+and deletes nothing more, not even in the reconcile in progress. SIGTERM stops it the same
+way, releases the Lease and exits 0.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from xstilts.operator.kube import (
     EVENTS,
     EXPERIMENTS,
     JOBS,
+    REQUEST_TIMEOUT,
     SERVICES,
     STRATEGIC_MERGE_PATCH,
     Kube,
@@ -417,6 +421,11 @@ class ControllerOptions:
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}")
 
 
+class NotLeading(Exception):
+    """Raised in a reconcile once the controller is stopping or lost its Lease: another
+    replica may be acting by now, so this one must not create or delete anything."""
+
+
 @dataclass
 class _Planned:
     generation: int | None
@@ -466,6 +475,7 @@ class Controller:
         self._swept: set[tuple[str, int | None]] = set()
         self._reported: set[str] = set()  # unreadable result files already reported
         self._watch_stop = threading.Event()
+        self._stop = threading.Event()  # set from run(): stopping, or the Lease lost
         self._failed = threading.Event()
         metrics.on_collect(self._collect)
 
@@ -555,7 +565,8 @@ class Controller:
 
     def run(self, stop: threading.Event) -> None:
         """Watch and reconcile until `stop` is set (or a watch fails); the reconcile in
-        progress finishes."""
+        progress finishes, without acting any more (NotLeading)."""
+        self._stop = stop
         self.start_watches()
         try:
             if not self.wait_synced(stop):
@@ -588,6 +599,9 @@ class Controller:
         started = time.perf_counter()
         try:
             result = self.reconcile_key(key)
+        except NotLeading:
+            log.info("experiment %s/%s: stopping; what is left is for the next leader", *key)
+            return
         except KubeError as e:
             result = "error"
             self._retry(key, f"{e}")
@@ -707,10 +721,13 @@ class Controller:
 
     def _apply(self, obj: Mapping[str, Any], plan_: Plan, decision: Decision) -> None:
         namespace, name = key_of(obj)
-        for action in decision.deletes:
-            self._delete_run(obj, action)
-        for action in decision.creates:
-            self._create_run(obj, plan_, action)
+        for action in (*decision.deletes, *decision.creates):
+            if self._stop.is_set():
+                raise NotLeading
+            if isinstance(action, DeleteJob):
+                self._delete_run(obj, action)
+            else:
+                self._create_run(obj, plan_, action)
         if decision.actions:
             log.info("experiment %s/%s: %d Jobs created, %d deleted; %s", namespace, name, len(decision.creates),
                      len(decision.deletes), decision.status.get("message", ""))
@@ -821,6 +838,7 @@ class RunOptions:
     lease_duration: float = 15.0
     renew_deadline: float = 10.0
     retry_period: float = 2.0
+    request_timeout: float = REQUEST_TIMEOUT
 
 
 class ControllerError(Exception):
@@ -837,7 +855,7 @@ def run_controller(options: RunOptions, stop: threading.Event | None = None) -> 
         connection = connect(options.kubeconfig, options.context)
     except ConfigError as e:
         raise ControllerError(str(e)) from None
-    kube = Kube(connection)
+    kube = Kube(connection, timeout=options.request_timeout)
     namespace = None if options.all_namespaces else (options.namespace or connection.namespace)
     try:
         if not kube.api_available(API_GROUP, EXPERIMENTS.version):

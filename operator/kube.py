@@ -3,8 +3,9 @@
 - `connect`: credentials found the way kubectl finds them (an explicit kubeconfig,
   $KUBECONFIG, ~/.kube/config, then the in-cluster service account);
 - `Kube`: JSON requests to one resource type at a time (get, list, watch, create, update,
-  patch, delete), errors as `KubeError` with the API's own message, and a tally of every
-  (API group, resource, verb) called, which the RBAC test compares with the Role;
+  patch, delete), each with a timeout and retried a few times on transient failures, errors
+  as `KubeError` with the API's own message, and a tally of every (API group, resource, verb)
+  called, which the RBAC test compares with the Role;
 - `Reflector`: a list + watch cache of one resource type (410 Gone → re-list);
 - `ResultStore`: the runs' result.json files, read from where the controller mounts the
   runs volume.
@@ -15,11 +16,13 @@ reconcile reads them as such, and decoding 10,000 Jobs into models would cost se
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -37,8 +40,18 @@ from xstilts.trainer.config import RESULT_FILE, RunResult, run_dir
 log = logging.getLogger("xstilts.kube")
 
 IN_CLUSTER_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-# Connect and read timeouts of ordinary requests; watches use their own (see Kube.watch).
-REQUEST_TIMEOUT = (5.0, 60.0)
+# Connect timeout, and the default read timeout of ordinary requests: a request the API
+# server (or a proxy on the way) never answers must not hold the controller's only worker,
+# nor its Lease renewal. Watches wait this long for their first answer only (see Kube.watch).
+CONNECT_TIMEOUT = 5.0
+REQUEST_TIMEOUT = 30.0
+# Failures that another attempt may not meet: the API server not reached (refused, dropped,
+# timed out), throttled (429) or briefly unavailable. Every write the controller retries is
+# safe to repeat: creates have fixed names (a repeat finds AlreadyExists, which callers read
+# back) and updates carry a resourceVersion (a repeat of one that landed meets a Conflict).
+TRANSIENT_STATUSES = frozenset({0, 429, 500, 502, 503, 504})
+ATTEMPTS = 3
+RETRY_AFTER_CAP = 5.0
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 # Ask for metadata only (PartialObjectMetadataList): listing a run's ConfigMaps to find
@@ -106,11 +119,13 @@ class KubeError(Exception):
     """An API request that failed, with the API server's message.
     status 0 means the API server was not reached at all."""
 
-    def __init__(self, status: int, reason: str, message: str, *, what: str = ""):
+    def __init__(self, status: int, reason: str, message: str, *, what: str = "",
+                 retry_after: float | None = None):
         self.status = status
         self.reason = reason
         self.message = message
         self.what = what
+        self.retry_after = retry_after  # seconds, from a Retry-After header
         super().__init__(f"{what}: {message}" if what else message)
 
     @property
@@ -134,8 +149,12 @@ class KubeError(Exception):
     def unreachable(self) -> bool:
         return self.status == 0
 
+    @property
+    def transient(self) -> bool:
+        return self.status in TRANSIENT_STATUSES
 
-def _error_from_response(status: int, body: bytes, what: str) -> KubeError:
+
+def _error_from_response(status: int, body: bytes, what: str, retry_after: str | None = None) -> KubeError:
     reason, message = "", ""
     try:
         doc = json.loads(body)
@@ -143,7 +162,11 @@ def _error_from_response(status: int, body: bytes, what: str) -> KubeError:
             reason, message = str(doc.get("reason") or ""), str(doc.get("message") or "")
     except ValueError:
         message = body.decode(errors="replace").strip()[:500]
-    return KubeError(status, reason, message or f"HTTP {status}", what=what)
+    try:
+        after = min(RETRY_AFTER_CAP, max(0.0, float(retry_after))) if retry_after else None
+    except ValueError:  # an HTTP date: not worth parsing, back off as usual
+        after = None
+    return KubeError(status, reason, message or f"HTTP {status}", what=what, retry_after=after)
 
 
 # --- connecting --------------------------------------------------------------------------
@@ -200,7 +223,9 @@ def connect(kubeconfig: str | None = None, context: str | None = None) -> Connec
                           " and not running in a cluster")
     # Several watches and a worker share the client's connection pool.
     configuration.connection_pool_maxsize = 16
-    configuration.retries = 1
+    # Kube.request retries (with backoff, and only what is safe to repeat); a second layer of
+    # retries below it would multiply the attempts and the time a hung API server costs.
+    configuration.retries = False
     return Connection(client.ApiClient(configuration), namespace, str(configuration.host), source)
 
 
@@ -211,12 +236,21 @@ class Kube:
     """JSON requests against one API server. Thread-safe: the controller's watches and its
     worker share one instance.
 
+    Each request times out after `timeout` seconds without an answer and is tried up to
+    `attempts` times while it fails transiently (TRANSIENT_STATUSES), with a short jittered
+    backoff or the server's Retry-After.
+
     `calls` counts each (API group, resource[/subresource], verb) requested, for the
     metrics and for checking the controller's Role against what the code really does."""
 
-    def __init__(self, connection: Connection):
+    def __init__(self, connection: Connection, *, timeout: float = REQUEST_TIMEOUT, attempts: int = ATTEMPTS):
+        if timeout <= 0 or attempts < 1:
+            raise ValueError(f"need a positive request timeout (got {timeout}) and at least one attempt"
+                             f" (got {attempts})")
         self.connection = connection
         self.api = connection.api_client
+        self.timeout = timeout
+        self.attempts = attempts
         self.calls: Counter[tuple[str, str, str]] = Counter()
         self._lock = threading.Lock()
 
@@ -230,9 +264,10 @@ class Kube:
             self.calls[(resource.group, name, verb)] += 1
 
     def _send(self, method: str, path: str, query: Mapping[str, Any] | None, body: Any,
-              headers: dict[str, str], timeout: Any) -> Any:
-        """One request; returns the client's RESTResponse (body not read) or raises
-        KubeError(0, ...) when the API server cannot be reached."""
+              headers: dict[str, str], timeout: Any, *, stream: bool = False) -> Any:
+        """One request; returns the client's RESTResponse, its body read unless `stream`, or
+        raises KubeError(0, ...) when the API server cannot be reached or the answer is cut
+        or late."""
         import urllib3
         from kubernetes.client.exceptions import ApiException
 
@@ -245,41 +280,81 @@ class Kube:
         # Adds the credentials (token, refreshed for exec plugins and in-cluster tokens).
         self.api.update_params_for_auth(all_headers, [], ["BearerToken"], path, method, body)
         try:
-            return self.api.rest_client.request(method, url, headers=all_headers, body=body,
-                                                _request_timeout=timeout)
+            response = self.api.rest_client.request(method, url, headers=all_headers, body=body,
+                                                    _request_timeout=timeout)
+            if not stream:
+                response.read()  # a connection cut or a timeout mid-body raises here
+            return response
         except ApiException as e:  # TLS errors come this way
             raise KubeError(0, "Unreachable", f"cannot reach the Kubernetes API at {self.connection.server}:"
                             f" {(e.reason or str(e)).splitlines()[-1]}") from None
-        except (urllib3.exceptions.HTTPError, OSError) as e:
+        except (urllib3.exceptions.HTTPError, OSError, http.client.HTTPException) as e:
             cause = getattr(e, "reason", None) or e
             raise KubeError(0, "Unreachable", f"cannot reach the Kubernetes API at {self.connection.server}:"
                             f" {_short(cause)}") from None
 
+    def _timeout(self, deadline: float | None, timeout: float | None = None) -> tuple[float, float]:
+        """(connect, read) timeouts of one attempt: `timeout` or the client's, cut to what
+        is left before `deadline` (time.monotonic())."""
+        read = min(self.timeout, timeout) if timeout is not None else self.timeout
+        if deadline is None:
+            return min(CONNECT_TIMEOUT, read), read
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise KubeError(0, "Timeout", "no time left to ask the Kubernetes API")
+        return min(CONNECT_TIMEOUT, read, left), min(read, left)
+
     def request(self, method: str, resource: Resource, namespace: str | None, name: str | None = None, *,
                 subresource: str | None = None, query: Mapping[str, Any] | None = None, body: Any = None,
                 content_type: str | None = None, accept: str | None = None,
-                timeout: Any = REQUEST_TIMEOUT) -> Any:
-        """The decoded JSON response; KubeError for any HTTP error status."""
+                deadline: float | None = None, timeout: float | None = None) -> Any:
+        """The decoded JSON response; KubeError for any HTTP error status, after up to
+        `attempts` tries while it is transient. Each attempt waits at most `timeout` (at
+        most the client's) for an answer; `deadline` (time.monotonic()) bounds all attempts
+        together: none starts, nor waits for an answer, past it."""
         verb = _VERBS[(method, name is not None)]
-        self._record(resource, subresource, verb)
         headers = {}
         if content_type:
             headers["Content-Type"] = content_type
         if accept:
             headers["Accept"] = accept
         path = resource.path(namespace, name, subresource)
-        response = self._send(method, path, query, body, headers, timeout)
-        data = response.read()
-        if not 200 <= response.status < 300:
-            what = f"{verb} {resource.plural}{'/' + subresource if subresource else ''}" + (
-                f" {namespace}/{name}" if name and namespace else f" {name}" if name else "")
-            raise _error_from_response(response.status, data, what)
-        return json.loads(data) if data else None
+        what = f"{verb} {resource.plural}{'/' + subresource if subresource else ''}" + (
+            f" {namespace}/{name}" if name and namespace else f" {name}" if name else "")
+
+        def attempt() -> Any:
+            self._record(resource, subresource, verb)
+            response = self._send(method, path, query, body, headers, self._timeout(deadline, timeout))
+            data = response.read()
+            if not 200 <= response.status < 300:
+                raise _error_from_response(response.status, data, what, response.getheader("Retry-After"))
+            return json.loads(data) if data else None
+
+        return self._retrying(attempt, what, deadline)
+
+    def _retrying(self, attempt: Callable[[], Any], what: str, deadline: float | None = None) -> Any:
+        """attempt(), again after a short backoff while it fails transiently, up to
+        `attempts` times and within `deadline`."""
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return attempt()
+            except KubeError as e:
+                if not e.transient or tries >= self.attempts:
+                    raise
+                delay = e.retry_after if e.retry_after is not None else backoff_delay(tries, base=0.2, cap=2.0)
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    raise
+                log.debug("%s: %s; trying again in %.1fs", what, e, delay)
+                time.sleep(delay)
 
     # verbs ---------------------------------------------------------------------------------
 
-    def get(self, resource: Resource, namespace: str | None, name: str, subresource: str | None = None) -> Any:
-        return self.request("GET", resource, namespace, name, subresource=subresource)
+    def get(self, resource: Resource, namespace: str | None, name: str, subresource: str | None = None, *,
+            deadline: float | None = None, timeout: float | None = None) -> Any:
+        return self.request("GET", resource, namespace, name, subresource=subresource, deadline=deadline,
+                            timeout=timeout)
 
     def list(self, resource: Resource, namespace: str | None, *, selector: str | None = None,
              metadata_only: bool = False) -> dict[str, Any]:
@@ -287,17 +362,21 @@ class Kube:
                                            accept=METADATA_ONLY if metadata_only else None)
         return doc
 
-    def create(self, obj: Mapping[str, Any], namespace: str | None = None) -> dict[str, Any]:
+    def create(self, obj: Mapping[str, Any], namespace: str | None = None, *,
+               deadline: float | None = None, timeout: float | None = None) -> dict[str, Any]:
         resource = resource_of(obj)
         ns = namespace or (obj.get("metadata") or {}).get("namespace")
-        created: dict[str, Any] = self.request("POST", resource, ns, body=dict(obj))
+        created: dict[str, Any] = self.request("POST", resource, ns, body=dict(obj), deadline=deadline,
+                                               timeout=timeout)
         return created
 
-    def replace(self, obj: Mapping[str, Any], subresource: str | None = None) -> dict[str, Any]:
+    def replace(self, obj: Mapping[str, Any], subresource: str | None = None, *,
+                deadline: float | None = None, timeout: float | None = None) -> dict[str, Any]:
         """PUT: fails with a conflict unless metadata.resourceVersion is current."""
         ns, name = key_of(obj)
         replaced: dict[str, Any] = self.request("PUT", resource_of(obj), ns or None, name,
-                                                subresource=subresource, body=dict(obj))
+                                                subresource=subresource, body=dict(obj), deadline=deadline,
+                                                timeout=timeout)
         return replaced
 
     def patch(self, resource: Resource, namespace: str | None, name: str, patch: Any, *,
@@ -322,17 +401,27 @@ class Kube:
               selector: str | None = None, timeout_seconds: int = 300) -> Iterator[dict[str, Any]]:
         """Watch events ({"type": ADDED|MODIFIED|DELETED|BOOKMARK|ERROR, "object": ...}) from
         `resource_version` until the server ends the watch. KubeError(410) when that version
-        is too old."""
+        is too old; KubeError(0) when the stream is cut or goes silent."""
+        import urllib3
+
         self._record(resource, None, "watch")
         query = {"watch": "true", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
                  "timeoutSeconds": timeout_seconds, "labelSelector": selector}
-        # The read timeout catches a connection that died silently (no bookmark for a while).
-        response = self._send("GET", resource.path(namespace), query, None, {}, (5.0, timeout_seconds + 30.0))
+        # The answer must start within the request timeout, like any request's...
+        response = self._send("GET", resource.path(namespace), query, None, {}, self._timeout(None), stream=True)
         if not 200 <= response.status < 300:
             raise _error_from_response(response.status, response.read(), f"watch {resource.plural}")
         raw = response.response
+        # ...but events may then be minutes apart: the stream's read timeout only catches a
+        # connection that died silently (no bookmark for a while).
+        sock = getattr(raw.connection, "sock", None)
+        if sock is not None:
+            sock.settimeout(timeout_seconds + 30.0)
         try:
             yield from _json_lines(raw)
+        except (urllib3.exceptions.HTTPError, OSError, http.client.HTTPException) as e:
+            raise KubeError(0, "Unreachable", f"the watch was cut: {_short(getattr(e, 'reason', None) or e)}",
+                            what=f"watch {resource.plural}") from None
         finally:
             raw.release_conn()
 
@@ -340,9 +429,9 @@ class Kube:
                query: Mapping[str, Any]) -> Iterator[bytes]:
         """A streaming GET of a subresource (pod logs), chunk by chunk."""
         self._record(resource, subresource, "get")
-        timeout = (5.0, None) if query.get("follow") else REQUEST_TIMEOUT
+        timeout = (CONNECT_TIMEOUT, None) if query.get("follow") else self._timeout(None)
         response = self._send("GET", resource.path(namespace, name, subresource), query, None,
-                              {"Accept": "*/*"}, timeout)
+                              {"Accept": "*/*"}, timeout, stream=True)
         if not 200 <= response.status < 300:
             raise _error_from_response(response.status, response.read(), f"get {resource.plural}/{subresource}"
                                        f" {namespace}/{name}")
@@ -355,13 +444,19 @@ class Kube:
     def api_available(self, group: str, version: str) -> bool:
         """Whether the API server serves group/version (i.e. a CRD is installed)."""
         path = f"/apis/{group}/{version}" if group else f"/api/{version}"
-        response = self._send("GET", path, None, None, {}, REQUEST_TIMEOUT)
-        data = response.read()
-        if response.status == 404:
-            return False
-        if not 200 <= response.status < 300:
-            raise _error_from_response(response.status, data, f"discover {group}/{version}")
-        return True
+        what = f"discover {group}/{version}"
+
+        def attempt() -> bool:
+            response = self._send("GET", path, None, None, {}, self._timeout(None))
+            data = response.read()
+            if response.status == 404:
+                return False
+            if not 200 <= response.status < 300:
+                raise _error_from_response(response.status, data, what, response.getheader("Retry-After"))
+            return True
+
+        available: bool = self._retrying(attempt, what)
+        return available
 
 
 def _query_value(value: Any) -> str:
@@ -418,6 +513,7 @@ class Reflector:
     errors: int = 0
     last_error: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _version: str | None = None  # where the next watch starts; None: list first
 
     def items(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -444,31 +540,35 @@ class Reflector:
 
     def run(self, stop: threading.Event) -> None:
         """List and watch until `stop` is set."""
-        version: str | None = None
+        self._version = None
         backoff = 0.5
         while not stop.is_set():
+            before = (self._version, self.relists)
             try:
-                if version is None:
-                    version = self._relist()
+                if self._version is None:
+                    self._version = self._relist()
                     self.synced.set()
-                version = self._watch(version, stop)
+                self._watch(stop)
                 backoff = 0.5
             except KubeError as e:
                 if e.gone:
                     log.info("%s watch expired (410 Gone); listing again", self.resource.plural)
-                    version = None
+                    self._version = None
                     continue
                 self.errors += 1
                 self.last_error = str(e)
+                # A watch that was cut after it delivered events made progress: the backoff
+                # starts afresh, so that flaky connections do not leave the cache stale for long.
+                if (self._version, self.relists) != before:
+                    backoff = 0.5
                 log.warning("%s: %s; retrying in %.1fs", self.resource.plural, e, backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
-            except (ValueError, OSError) as e:  # a connection cut mid-line, a read timeout
+            except (ValueError, OSError) as e:  # a line of the stream cut in the middle, a socket error
                 self.errors += 1
                 self.last_error = str(e)
                 log.info("%s watch interrupted (%s); watching again", self.resource.plural, _short(e))
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+                stop.wait(0.5)
 
     def _relist(self) -> str:
         doc = self.kube.list(self.resource, self.namespace, selector=self.selector)
@@ -493,17 +593,20 @@ class Reflector:
                 self.on_event("DELETED", obj, obj)
         return str((doc.get("metadata") or {}).get("resourceVersion") or "")
 
-    def _watch(self, version: str, stop: threading.Event) -> str:
+    def _watch(self, stop: threading.Event) -> None:
+        """Watch from `_version`, which follows each event: a watch cut midway resumes
+        where it stopped, without replaying what the cache already has."""
         # Spread watch restarts so that many controllers do not re-watch in lockstep.
         timeout = int(self.watch_timeout * (0.8 + 0.4 * random.random()))
-        for event in self.kube.watch(self.resource, self.namespace, version, selector=self.selector,
+        assert self._version is not None
+        for event in self.kube.watch(self.resource, self.namespace, self._version, selector=self.selector,
                                      timeout_seconds=timeout):
             kind, obj = event.get("type"), event.get("object") or {}
             if kind == "ERROR":
                 status = obj if isinstance(obj, dict) else {}
                 raise KubeError(int(status.get("code") or 500), str(status.get("reason") or ""),
                                 str(status.get("message") or "watch error"), what=f"watch {self.resource.plural}")
-            version = _version(obj) or version
+            self._version = _version(obj) or self._version
             if kind == "BOOKMARK":
                 continue
             key = key_of(obj)
@@ -516,7 +619,6 @@ class Reflector:
             self.on_event(str(kind), obj, before)
             if stop.is_set():
                 break
-        return version
 
 
 def _version(obj: Mapping[str, Any]) -> str:

@@ -6,8 +6,12 @@ seen the same holder and renewTime, unchanged, for `lease_duration` on its own c
 two machines' clocks are compared). Writes carry the Lease's resourceVersion, so of two
 candidates racing for an expired Lease exactly one wins. A holder that cannot renew
 within `renew_deadline` gives up leadership before its Lease can expire under it
-(renew_deadline < lease_duration). On shutdown the holder releases the Lease (empty holder)
-so that a standby takes over at once instead of after lease_duration.
+(renew_deadline < lease_duration): the renew deadline counts from when the last successful
+renewal was sent, and bounds every request made while renewing, so a hung API server cannot
+keep a holder acting after its Lease may have passed to another. A write whose answer was
+lost (a timeout, a dropped connection) is checked by reading the Lease back: if it holds this
+candidate's own renewTime, the write landed. On shutdown the holder releases the Lease (empty
+holder) so that a standby takes over at once instead of after lease_duration.
 """
 
 from __future__ import annotations
@@ -72,15 +76,27 @@ class LeaderElector:
         self.retry_period = retry_period
         self.clock = clock
         self.leading = threading.Event()
+        # One hung request must not use up the renew deadline: it leaves time for two more.
+        self.attempt_timeout = renew_deadline / 3
         self._observed: LeaseRecord | None = None
         self._observed_at = 0.0
         self._last_renew = 0.0
 
+    def _deadline(self) -> float:
+        """When requests of this attempt must give up (time.monotonic()): while leading, the
+        renew deadline; while standing by, an attempt is not worth more than that either."""
+        left = self.renew_deadline
+        if self.leading.is_set():
+            left -= self.clock() - self._last_renew
+        return time.monotonic() + max(0.0, left)
+
     def try_acquire_or_renew(self) -> bool:
         """One attempt; True if this candidate holds the Lease afterwards."""
+        sent = self.clock()
         now = datetime.now(UTC)
+        deadline = self._deadline()
         try:
-            lease = self.kube.get(LEASES, self.namespace, self.name)
+            lease = self.kube.get(LEASES, self.namespace, self.name, deadline=deadline, timeout=self.attempt_timeout)
         except KubeError as e:
             if not e.not_found:
                 raise
@@ -88,12 +104,15 @@ class LeaderElector:
                     "metadata": {"name": self.name, "namespace": self.namespace},
                     "spec": self._spec(now, acquired=True, transitions=0)}
             try:
-                self.kube.create(body)
+                self.kube.create(body, deadline=deadline, timeout=self.attempt_timeout)
             except KubeError as e2:
+                # Another candidate created it first, or this one did and never heard back.
+                if e2.already_exists and self._landed(now, deadline):
+                    return self._won(sent)
                 if e2.already_exists:
-                    return False  # another candidate created it first
+                    return False
                 raise
-            return self._won()
+            return self._won(sent)
         record = LeaseRecord.from_k8s(lease)
         if record != self._observed:
             self._observed, self._observed_at = record, self.clock()
@@ -106,12 +125,23 @@ class LeaderElector:
         if ours:
             lease["spec"]["acquireTime"] = (lease.get("spec") or {}).get("acquireTime") or micro_time(now)
         try:
-            self.kube.replace(lease)
+            self.kube.replace(lease, deadline=deadline, timeout=self.attempt_timeout)
         except KubeError as e:
+            # Someone else wrote it since we read it, or an earlier attempt of this very
+            # request landed and its answer was lost: the Lease tells which.
+            if e.conflict and self._landed(now, deadline):
+                return self._won(sent)
             if e.conflict:
-                return False  # someone else wrote it since we read it
+                return False
             raise
-        return self._won()
+        return self._won(sent)
+
+    def _landed(self, now: datetime, deadline: float) -> bool:
+        """Whether the Lease holds the record this candidate wrote at `now`."""
+        lease = self.kube.get(LEASES, self.namespace, self.name, deadline=deadline, timeout=self.attempt_timeout)
+        record = LeaseRecord.from_k8s(lease)
+        self._observed, self._observed_at = record, self.clock()
+        return record.holder == self.identity and record.renew_time == micro_time(now)
 
     def _spec(self, now: datetime, *, acquired: bool, transitions: int) -> dict[str, Any]:
         spec: dict[str, Any] = {"holderIdentity": self.identity,
@@ -121,8 +151,10 @@ class LeaderElector:
             spec["acquireTime"] = micro_time(now)
         return spec
 
-    def _won(self) -> bool:
-        self._last_renew = self.clock()
+    def _won(self, sent: float) -> bool:
+        # From when the request was sent: the API server may have stored it at once, and
+        # standbys count the Lease's duration from when they see it.
+        self._last_renew = sent
         if not self.leading.is_set():
             log.info("became leader: holding Lease %s/%s as %s", self.namespace, self.name, self.identity)
         self.leading.set()
@@ -172,13 +204,14 @@ class LeaderElector:
         if not self.leading.is_set():
             return
         self.leading.clear()
+        deadline = time.monotonic() + self.renew_deadline
         try:
-            lease = self.kube.get(LEASES, self.namespace, self.name)
+            lease = self.kube.get(LEASES, self.namespace, self.name, deadline=deadline, timeout=self.attempt_timeout)
             if (lease.get("spec") or {}).get("holderIdentity") != self.identity:
                 return
             lease["spec"] = {**lease["spec"], "holderIdentity": None, "leaseDurationSeconds": 1,
                              "renewTime": micro_time(datetime.now(UTC))}
-            self.kube.replace(lease)
+            self.kube.replace(lease, deadline=deadline, timeout=self.attempt_timeout)
             log.info("released Lease %s/%s", self.namespace, self.name)
         except KubeError as e:
             log.warning("could not release the Lease (a standby takes over when it expires): %s", e)
