@@ -1105,6 +1105,14 @@ class ControlPlane:
             raise ApiError(e.code, e.read().decode(errors="replace")) from None
         return json.loads(raw) if raw else None
 
+    @property
+    def serving_keypair(self) -> tuple[Path, Path]:
+        """The API server's certificate and key, for a test proxy that stands in for it
+        (valid for 127.0.0.1, signed by ``ca_cert``)."""
+        if self._pki is None:
+            raise ControlPlaneError("not started")
+        return self._pki.serving_cert, self._pki.serving_key
+
     def exists(self, path: str) -> bool:
         try:
             self.api("GET", path)

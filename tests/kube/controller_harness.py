@@ -302,9 +302,12 @@ class Env:
     tmp: Path
 
     def controller(self, identity: str = "controller-a", *, sees_results: bool = True,
-                   **kwargs: Any) -> ControllerProcess:
-        return ControllerProcess(self.kubeconfig, self.namespace, self.results if sees_results else None,
-                                 self.tmp / f"{identity}.log", identity=identity, **kwargs)
+                   kubeconfig: Path | None = None, **kwargs: Any) -> ControllerProcess:
+        """A controller as the ServiceAccount; `kubeconfig` to reach the API another way
+        (through a faulty_api.FaultyAPI)."""
+        return ControllerProcess(kubeconfig or self.kubeconfig, self.namespace,
+                                 self.results if sees_results else None, self.tmp / f"{identity}.log",
+                                 identity=identity, **kwargs)
 
     def apply(self, obj: dict[str, Any]) -> str:
         path = self.tmp / f"{obj['metadata']['name']}.yaml"
