@@ -28,6 +28,7 @@ from types import FrameType
 from typing import IO, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from xstilts.operator.forkserver import ForkedRun, die_with_parent, fork_run, start_server, wait_for_exit
 from xstilts.operator.local_display import Display, ProgressView, RunningRow, format_seconds
 from xstilts.operator.plan import Plan, PlannedRun
 from xstilts.operator.schedule import (
@@ -49,6 +50,7 @@ FAILED_FILE = "failed.json"  # a final failure: not retried without --retry-fail
 RUN_LOCK = ".lock"  # held by the run's process while it lives
 EXECUTOR_LOCK = ".xstilts-run.lock"  # one `xstilts run` per storage root
 ATTEMPT_MARK = "=== xstilts run: start"  # first line of every attempt in train.log
+FORKED = "forked from the preloaded trainer"  # the attempt mark's note on a forked run
 LOG_TAIL_LINES = 25
 # Exit status of a process killed by a signal, as a shell reports it.
 SIGNAL_EXIT_BASE = 128
@@ -265,19 +267,6 @@ def executor_lock(storage_root: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """In the child, before exec: get SIGTERM if the executor dies (even by SIGKILL), so the
-    trainer checkpoints and exits instead of training on as an orphan."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() != parent_pid:  # the executor died before prctl took effect
-        os._exit(ExitCode.INTERRUPTED)
-
-
 # --- the executor ---------------------------------------------------------------------------
 
 
@@ -286,6 +275,9 @@ class LocalOptions:
     parallel: int = 1
     retry_failed: bool = False
     poll_seconds: float = 0.5
+    # On a machine without GPUs, fork single-process runs from a process that has imported the
+    # training stack once (forkserver.py) instead of starting a fresh interpreter for each.
+    preload_trainer: bool = True
     # How long stopped runs get to checkpoint and exit before they are killed.
     stop_grace_seconds: float = 300.0
 
@@ -293,7 +285,7 @@ class LocalOptions:
 @dataclass
 class _Process:
     run: PlannedRun
-    popen: subprocess.Popen[bytes]
+    popen: subprocess.Popen[bytes] | ForkedRun
     log: IO[bytes]
     log_offset: int
     lock_fd: int
@@ -347,6 +339,7 @@ class LocalExecutor:
         self.stop_signal: int | None = None
         self.stop_deadline: float | None = None
         self.waiting_for_lock: set[str] = set()
+        self.fork = options.preload_trainer and not machine_gpus
         self.schedule = self._initial_schedule()
 
     def _run_dir(self, run_id: str) -> Path:
@@ -388,7 +381,7 @@ class LocalExecutor:
                     if self.schedule.finished and not self.processes:
                         break
                 self.display.update(self._view(started))
-                time.sleep(self.options.poll_seconds)
+                wait_for_exit([p.popen for p in self.processes.values()], self.options.poll_seconds)
             self.display.update(self._view(started))
         finally:
             for s, handler in previous.items():
@@ -433,9 +426,15 @@ class LocalExecutor:
 
     def _kill_all(self, sig: signal.Signals) -> None:
         for proc in self.processes.values():
-            # The trainer leads its own process group, which holds torchrun's workers too.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
+            # The trainer leads its own process group, which holds torchrun's workers too. A run
+            # forked a moment ago may not lead its group yet: then the signal goes to it alone.
+            try:
                 os.killpg(proc.popen.pid, sig)
+            except ProcessLookupError:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(proc.popen.pid, sig)
+            except PermissionError:
+                pass
 
     def _start_ready(self) -> None:
         for run_id in self.schedule.ready():
@@ -477,15 +476,12 @@ class LocalExecutor:
                           threads_per_process(self.cpus, self.options.parallel, placement.processes))
         log = (run_dir / TRAIN_LOG).open("ab")
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
-        log.write(f"{ATTEMPT_MARK} {run_id} at {stamp}: {' '.join(argv)}\n".encode())
+        how = f" ({FORKED})" if self._forks(run_id) else ""
+        log.write(f"{ATTEMPT_MARK} {run_id} at {stamp}: {' '.join(argv)}{how}\n".encode())
         log.flush()
         offset = log.tell()  # this attempt's output starts here
-        parent = os.getpid()
         try:
-            popen = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True, pass_fds=(lock_fd,), preexec_fn=lambda: _die_with_parent(parent),
-            )
+            popen = self._launch(run_id, argv, config_path, log, lock_fd, env)
         except (OSError, subprocess.SubprocessError) as e:
             log.close()
             os.close(lock_fd)
@@ -496,6 +492,30 @@ class LocalExecutor:
         self.schedule.start(run_id)
         self.processes[run_id] = _Process(run, popen, log, offset, lock_fd, gpu_ids, time.monotonic(), time.time())
         self.display.event(f"start  {run_id} {run_title(run.config.labels, run.config.seed)}")
+
+    def _launch(self, run_id: str, argv: list[str], config_path: Path, log: IO[bytes], lock_fd: int,
+                env: dict[str, str]) -> subprocess.Popen[bytes] | ForkedRun:
+        """Fork the run from the preloaded trainer when it may be, else start `argv`."""
+        if self._forks(run_id):
+            try:
+                start_server(env)
+                threads = int(env["OMP_NUM_THREADS"].split(",")[0])
+                return fork_run(config_path, log.fileno(), lock_fd, env, threads, run_id)
+            except Exception as e:  # the server could not start or fork: interpreters it is
+                self.fork = False
+                why = f"cannot fork runs from a preloaded trainer ({type(e).__name__}: {e})"
+                log.write(f"{why}; starting a new interpreter\n".encode())
+                log.flush()
+                self.display.event(f"{why}; starting each run in a new interpreter", style="yellow")
+        parent = os.getpid()
+        return subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True, pass_fds=(lock_fd,), preexec_fn=lambda: die_with_parent(parent),
+        )
+
+    def _forks(self, run_id: str) -> bool:
+        placement = self.placements[run_id]
+        return self.fork and placement.processes == 1 and placement.gpus == 0
 
     def _reap(self) -> None:
         for run_id, proc in list(self.processes.items()):

@@ -27,6 +27,9 @@ from xstilts.trainer.interrupt import Interruption, RunInterrupted
 from xstilts.trainer.schedule import InvalidRun
 
 PROG = "xstilts.trainer"
+# Read by datasets and tokenizers when they are imported: their progress bars would flood
+# train.log, and tokenizers' threads fight the run's own.
+QUIET_ENV = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def one_line(error: ValidationError) -> str:
@@ -53,9 +56,8 @@ def load_config(path: Path) -> RunConfig:
 def _configure_logging(rank: int) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    # the datasets and transformers progress bars would flood train.log
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 def main(argv: list[str] | None = None) -> int:
