@@ -3,7 +3,7 @@
 A tiny run spends most of its CPU seconds importing torch, transformers' Trainer, datasets and
 MLflow's SQLite store, not training (the demo's runs: about two thirds). On a machine without
 GPUs the executor therefore starts single-process runs from a multiprocessing fork server that
-imports that stack once (PRELOAD); each run is a fork of it, ready in milliseconds.
+imports that stack once (preload.py); each run is a fork of it, ready in milliseconds.
 
 A forked run keeps the contract of `python -m xstilts.trainer RUN.json` as a subprocess: its
 own process and session (the executor signals its group), stdout and stderr to train.log, the
@@ -32,21 +32,7 @@ from typing import Any
 from xstilts.trainer.__main__ import QUIET_ENV
 from xstilts.trainer.config import ExitCode
 
-# What a run imports before its first step. A module missing here is imported by the run itself.
-PRELOAD = (
-    "torch",
-    "transformers",
-    "transformers.models.xlm_roberta.modeling_xlm_roberta",
-    "datasets",
-    "mlflow",
-    "mlflow.store.tracking.sqlalchemy_store",
-    "xstilts.trainer.__main__",
-    "xstilts.trainer.train",
-    "xstilts.trainer.loop",
-    "xstilts.trainer.model",
-    "xstilts.trainer.features",
-    "xstilts.trainer.tracking",
-)
+PRELOAD = ("xstilts.operator.preload",)  # the training stack, loaded once
 
 _CONTEXT = multiprocessing.get_context("forkserver")
 
@@ -127,7 +113,7 @@ def start_server(env: Mapping[str, str]) -> None:
     """Start the fork server (once per executor process) with `env` as its environment: the
     variables libraries read at import must be the runs' (QUIET_ENV: the trainer sets them
     only once they are imported). Returns at once; the first fork waits until the server has
-    imported PRELOAD."""
+    loaded PRELOAD."""
     _CONTEXT.set_forkserver_preload(list(PRELOAD))
     saved = dict(os.environ)
     try:
