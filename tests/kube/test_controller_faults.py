@@ -100,7 +100,8 @@ def test_random_api_faults_on_every_call_delay_but_never_duplicate_or_lose_a_run
         Rule("hang", methods={"POST"}, path=r"/configmaps$", count=1),
         Rule("drop", methods={"PATCH"}, path=r"/status$", count=1),
         Rule("cut", watch=True, path=r"/jobs$", count=1, after=1.0),
-        Rule("status", status=429, methods={"PUT"}, path=r"/leases/", count=1),
+        Rule("drop_response", methods={"PUT"}, path=r"/leases/", count=1),  # a renewal made, not heard of
+        Rule("status", status=429, methods={"GET"}, path=r"/leases/", count=1),
         # ...and from then on about one call in four fails, any way.
         Rule("status", status=500, rate=0.06), Rule("status", status=503, rate=0.05),
         Rule("status", status=429, rate=0.03), Rule("drop", rate=0.03), Rule("hang", rate=0.02),
@@ -130,6 +131,9 @@ def test_random_api_faults_on_every_call_delay_but_never_duplicate_or_lose_a_run
     lost = next(f for f in faults if f.action == "drop_response" and f.kind == ("jobs", "create"))
     assert lost.status == 201  # the first create of a Job (its first attempt met a 503)
     assert lost.name is not None and len(history.uids[lost.name]) == 1
+    # The renewal whose answer was lost: the Lease, read back, showed it had been made.
+    renewal = next(f for f in faults if f.action == "drop_response" and f.kind == ("leases", "update"))
+    assert renewal.status == 200
     assert metrics["xstilts_leader"] == 1  # it kept its Lease throughout
 
 
