@@ -32,7 +32,9 @@ from typing import Any
 from xstilts.trainer.__main__ import QUIET_ENV
 from xstilts.trainer.config import ExitCode
 
-PRELOAD = ("xstilts.operator.preload",)  # the training stack, loaded once
+# The training stack, loaded once; and the executor's main module, which multiprocessing
+# would otherwise import again in every fork.
+PRELOAD = ("__main__", "xstilts.operator.preload")
 
 _CONTEXT = multiprocessing.get_context("forkserver")
 

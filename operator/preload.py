@@ -19,7 +19,9 @@ MODULES = (
     "deepspeed",  # accelerate imports it when it is installed, whether the run uses it or not
     "mlflow",
     "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.tracking.sqlalchemy_workspace_store",
     "mlflow.store.db.utils",
+    "sqlalchemy.dialects.sqlite",
     "alembic.command",  # MLflow checks the SQLite store's schema with alembic
     "alembic.config",
     "xstilts.trainer.__main__",
@@ -28,6 +30,8 @@ MODULES = (
     "xstilts.trainer.model",
     "xstilts.trainer.features",
     "xstilts.trainer.tracking",
+    "xstilts.operator.forkserver",  # each fork's entry point
+    "xstilts.operator.cli",  # run again in each fork as the executor's main module under `python -m`
 )
 
 
