@@ -233,7 +233,8 @@ def render_run(run: PlannedRun, spec: ExperimentSpec, owner: OwnerRef | None = N
 
 
 def render_experiment(plan: Plan, spec: ExperimentSpec, owner: OwnerRef | None = None) -> list[dict[str, Any]]:
-    """Every run's objects in plan order (dependencies first), for `submit --dry-run`."""
+    """Every run's objects in plan order (dependencies first): the whole experiment at once, e.g.
+    to check each object against the Kubernetes schemas. The controller renders run by run."""
     return [obj for run in plan.runs for obj in render_run(run, spec, owner)]
 
 
