@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 
 # What a run imports (python -X importtime, and sys.modules at a run's end). A module missing
 # here is imported by the run itself.
@@ -35,6 +36,15 @@ MODULES = (
 )
 
 
+def die_with_executor() -> None:
+    """The server holds nothing to save: it gets SIGTERM (default action: exit at once) when
+    the executor dies, rather than noticing later and spending seconds tearing down torch &
+    co., so that the runs it forked get their own SIGTERM at once."""
+    from xstilts.operator.forkserver import die_with_parent
+
+    die_with_parent(os.getppid())
+
+
 def load() -> None:
     for name in MODULES:
         # Not installed, or failing here: each run then imports it, and reports any error itself.
@@ -46,4 +56,5 @@ def load() -> None:
         importlib.import_module("transformers.conversion_mapping").get_checkpoint_conversion_mapping("xlm-roberta")
 
 
+die_with_executor()
 load()
