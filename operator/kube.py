@@ -48,7 +48,8 @@ REQUEST_TIMEOUT = 30.0
 # Failures that another attempt may not meet: the API server not reached (refused, dropped,
 # timed out), throttled (429) or briefly unavailable. Every write the controller retries is
 # safe to repeat: creates have fixed names (a repeat finds AlreadyExists, which callers read
-# back) and updates carry a resourceVersion (a repeat of one that landed meets a Conflict).
+# back) and updates carry a resourceVersion (a repeat of one that landed meets a Conflict);
+# only an Event, named at random, may be recorded twice.
 TRANSIENT_STATUSES = frozenset({0, 429, 500, 502, 503, 504})
 ATTEMPTS = 3
 RETRY_AFTER_CAP = 5.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,3 +227,13 @@ def test_two_controllers_started_at_once_one_leads_and_the_other_takes_over(env:
     assert_one_job_per_run(env, obj, history)
     assert experiment["status"]["counts"]["succeeded"] == 9
     assert set(created_events(env).values()) == {1}
+
+
+def test_a_quiet_watch_outlives_the_request_timeout(env: Env) -> None:
+    """The request timeout bounds the wait for a watch's first answer, not the wait for its
+    events: a watch with nothing to say runs until the server ends it."""
+    kube = Kube(connect(str(env.kubeconfig)), timeout=0.5)
+    started = time.monotonic()
+    events = list(kube.watch(JOBS, env.namespace, "0", timeout_seconds=2))
+    assert {e["type"] for e in events} <= {"BOOKMARK"}
+    assert time.monotonic() - started >= 1.9
