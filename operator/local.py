@@ -617,10 +617,12 @@ def run_experiment(spec: ExperimentSpec, p: Plan, storage_root: Path, tracking_u
         if not machine_gpus and any(r.config.resources.gpus_per_node for r in p.runs):
             display.event("this machine has no GPU: runs that ask for GPUs run on the CPU, one process each",
                           style="yellow")
+        public_uri, credentials = split_credentials(tracking_uri)
+        if options.preload_trainer and not machine_gpus:
+            preload_trainer(p, options, credentials)
         experiment_name = p.runs[0].config.tracking.experiment_name if p.runs else spec.name
         parent = parent_run(tracking_uri, experiment_name, spec.name, storage_root,
                             lambda text: display.event(text, style="yellow"))
-        public_uri, credentials = split_credentials(tracking_uri)
         p = with_tracking(p, public_uri, parent)
         write_run_configs(p)
         executor = LocalExecutor(p, options, display, machine_gpus, extra_env=credentials)
@@ -631,6 +633,19 @@ def run_experiment(spec: ExperimentSpec, p: Plan, storage_root: Path, tracking_u
             status = "KILLED" if outcome.stopped_by is not None else "FINISHED" if outcome.ok else "FAILED"
             set_parent_status(tracking_uri, parent, status)
         return outcome
+
+
+def preload_trainer(p: Plan, options: LocalOptions, extra_env: Mapping[str, str]) -> None:
+    """Start the fork server (on a machine without GPUs) if some single-process run is still to
+    train, so that it loads the training stack while MLflow sets up its store. If it cannot
+    start, the executor finds out at the first run and starts interpreters instead."""
+    todo = [r for r in p.runs if not Path(r.config.result_path).exists()]
+    if not any(place(r.config.resources, 0).processes == 1 for r in todo):
+        return
+    cpus = os.cpu_count() or 1
+    env = trainer_env(os.environ | dict(extra_env), Placement(1, 0), [], threads_per_process(cpus, options.parallel, 1))
+    with contextlib.suppress(Exception):
+        start_server(env)
 
 
 def set_parent_status(tracking_uri: str, parent_run_id: str, status: str) -> None:
