@@ -258,7 +258,8 @@ def owner_uid(obj: Mapping[str, Any]) -> str | None:
 def create_run(kube: Kube, action: CreateRun, owner: str | None) -> tuple[dict[str, Any] | None, bool]:
     """Create a run's objects in order (ConfigMap, [Service], Job). An object that already
     exists was made by an earlier attempt (or another controller): it is read back and
-    kept. Returns the Job as the API has it and whether this call created it; (None, False)
+    kept, except a ConfigMap whose RUN.json is no longer what the spec says, which is
+    replaced. Returns the Job as the API has it and whether this call created it; (None, False)
     if an object of that name belongs to another owner (`owner` is the Experiment's uid,
     None when there is no Experiment)."""
     job: dict[str, Any] | None = None
@@ -275,6 +276,11 @@ def create_run(kube: Kube, action: CreateRun, owner: str | None) -> tuple[dict[s
             current = kube.get(resource, namespace, name)
             if owner_uid(current) != owner:
                 return None, False
+            if resource is CONFIG_MAPS and current.get("data") != manifest.get("data"):
+                # A run created again after a spec edit outside its run id (resources, storage,
+                # MLflow) must read the new RUN.json, not the one an earlier attempt left.
+                kube.delete(CONFIG_MAPS, namespace, name)
+                current = kube.create(manifest)
         if resource is JOBS:
             job = current
     return job, created

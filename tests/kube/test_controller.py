@@ -161,6 +161,9 @@ def test_job_deleted_by_hand_is_recreated_unless_its_run_finished(env: Env) -> N
         # The intermediate run has no result yet: deleting its Job loses the run, so the
         # controller creates it again.
         writer.write(baseline.run_id)
+        # An edit outside the run ids (the MLflow server) reaches the run created again.
+        env.cp.kubectl("patch", "experiment", "handdel", "--type=merge", "-p",
+                       '{"spec": {"mlflow": {"trackingUri": "http://mlflow.moved:5000"}}}', namespace=env.namespace)
         for run in (intermediate, baseline):
             env.cp.kubectl("delete", "job", job_name("handdel", run.run_id), "--wait=true", namespace=env.namespace)
 
@@ -170,6 +173,9 @@ def test_job_deleted_by_hand_is_recreated_unless_its_run_finished(env: Env) -> N
             return job is not None and job["metadata"]["uid"] != uid[job["metadata"]["name"]]
 
         env.cp.wait_for(recreated, timeout=30, what="the deleted Job recreated")
+        config_map = env.cp.kubectl_json("get", "configmap", job_name("handdel", intermediate.run_id),
+                                         namespace=env.namespace)
+        assert json.loads(config_map["data"]["run.json"])["tracking"]["tracking_uri"] == "http://mlflow.moved:5000"
         # The baseline run has its result: its Job stays deleted (checked across a resync).
         time.sleep(6)
         names_now = {j["metadata"]["name"] for j in list_jobs(env.cp, env.namespace, "handdel")}
