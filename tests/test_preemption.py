@@ -105,12 +105,15 @@ class Attempt:
     partials: list[str]  # staging directories left behind
 
 
-def launch(config: RunConfig) -> subprocess.Popen[str]:
+def launch(config: RunConfig, processes: int = 1) -> subprocess.Popen[str]:
     run_json = Path(config.storage_root) / "run.json"
+    run_json.parent.mkdir(parents=True, exist_ok=True)
     run_json.write_text(config.to_json())
-    env = os.environ | {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "xstilts.trainer", str(run_json)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    trainer = ["-m", "xstilts.trainer", str(run_json)]
+    command = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                *trainer] if processes > 1 else [sys.executable, *trainer])
+    env = os.environ | {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def progress_step(config: RunConfig) -> int:
@@ -120,10 +123,10 @@ def progress_step(config: RunConfig) -> int:
         return -1
 
 
-def interrupt(config: RunConfig, at_step: int, kill_in_write: bool = False) -> Attempt:
+def interrupt(config: RunConfig, at_step: int, kill_in_write: bool = False, processes: int = 1) -> Attempt:
     """One attempt: SIGTERM once progress.json shows `at_step`; with `kill_in_write`, SIGKILL
     as soon as a checkpoint's staging directory appears."""
-    process = launch(config)
+    process = launch(config, processes)
     while (step := progress_step(config)) < at_step:
         assert process.poll() is None, f"the run ended before step {at_step}:\n{process.communicate()[0][-4000:]}"
         time.sleep(0.02)
@@ -253,3 +256,36 @@ def test_mlflow_has_each_step_once_with_the_uninterrupted_values(
         assert len(steps) == len(set(steps)), f"{key} has a step twice: {sorted(steps)}"
         assert sorted(history) == sorted((m.step, m.value) for m in client.get_metric_history(theirs.info.run_id, key)
                                          ), key
+
+
+@pytest.mark.slow
+def test_a_zero3_run_on_two_ranks_resumes_mid_epoch_exactly(tiny_hub: TinyHub, tiny_cache: Path,
+                                                            tiny_tracking_uri: str, tmp_path: Path) -> None:
+    """DeepSpeed's own checkpoint (each rank's ZeRO-3 shards) is staged and renamed with the rest,
+    and a resume on several ranks continues with the batches of the epoch it stopped in."""
+    from safetensors.torch import load_file
+
+    hp = {"max_steps": 100, "batch_size": 4}  # 60 steps an epoch: the stop falls in the second
+    straight, preempted = (tiny_run_config(
+        tiny_hub, tmp_path / name, ("mnli",), tracking_uri=tiny_tracking_uri, experiment=f"preemption-zero3-{name}",
+        hyperparameters=hp, deepspeed={"zero_stage": 3}, resources={"processes_per_node": 2})
+        for name in ("straight", "preempted"))
+    output, _ = launch(straight, processes=2).communicate(timeout=600)
+    assert Path(straight.result_path).exists(), output[-4000:]
+
+    stopped = interrupt(preempted, 62, processes=2)
+    # torchrun itself exits 1 on SIGTERM; its workers said why
+    assert f"run {preempted.run_id} stopped by SIGTERM" in stopped.output, stopped.output[-4000:]
+    assert stopped.checkpoint and 60 < (step := int(stopped.checkpoint.rsplit("-", 1)[1])) < 100
+    files = {p.name for p in Path(stopped.checkpoint).iterdir()}
+    assert {f"global_step{step}", "latest", "rng_state_0.pth", "rng_state_1.pth", "loss_window_0.json",
+            "loss_window_1.json"} <= files, files
+    assert not stopped.partials
+
+    output, _ = launch(preempted, processes=2).communicate(timeout=600)
+    assert f"resuming from {stopped.checkpoint}" in output and Path(preempted.result_path).exists(), output[-4000:]
+    ours, theirs = (RunResult.model_validate_json(Path(c.result_path).read_text()) for c in (preempted, straight))
+    assert ours.tokens_seen == theirs.tokens_seen and ours.metrics == theirs.metrics
+    ours_weights, their_weights = (load_file(str(Path(c.checkpoint_dir) / "model.safetensors"))
+                                   for c in (preempted, straight))
+    assert all(ours_weights[k].equal(their_weights[k]) for k in their_weights)

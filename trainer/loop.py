@@ -122,6 +122,13 @@ class StiltsTrainer(Trainer):
         # accelerate deals the sampler's batches to the ranks in turn (see MultiTaskBatchSampler)
         return self.accelerator.prepare(loader)
 
+    def _run_epoch(self, *args: Any, epoch: int, **kwargs: Any) -> Any:
+        # On a resume on several ranks accelerate wraps the sampler twice (a shard, then the
+        # skip of the batches already trained) and its set_epoch reaches neither: the resumed
+        # epoch would replay epoch 0's batches.
+        self.batch_sampler.set_epoch(epoch)
+        return super()._run_epoch(*args, epoch=epoch, **kwargs)
+
     def predictor(self) -> Predictor:
         model = self.model_wrapped
 
