@@ -9,7 +9,9 @@ last attempt to the end. Each attempt resumes from the checkpoint of the attempt
 torn one never. The final metrics, the final model and the MLflow history (one point per step)
 are those of the uninterrupted run, to the bit: a deterministic single-process CPU run.
 
-The fast tests at the top check the checkpoint directory rules on the filesystem.
+A ZeRO-3 run on two ranks (torchrun, DeepSpeed on CPU), stopped in its second epoch and
+resumed, ends with the uninterrupted two-rank run's tokens, metrics and weights. The fast tests
+at the top check the checkpoint directory rules on the filesystem.
 """
 
 from __future__ import annotations
