@@ -26,13 +26,13 @@ demo: install
 test: install
 	bash scripts/build-control-plane.sh
 	$(BIN)/ruff check .
-	$(BIN)/mypy
+	$(BIN)/python scripts/typecheck.py
 	$(BIN)/pytest -q
 	$(BIN)/pytest -q -m slow
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy
+	$(BIN)/python scripts/typecheck.py
 
 clean:
 	rm -rf $(VENV) xstilts-out xstilts-demo .pytest_cache .mypy_cache .ruff_cache

@@ -122,12 +122,12 @@ def build_view(name: str, namespace: str, experiment: Mapping[str, Any] | None, 
         view.counts["pending"] = len(planned.runs)
     for run in planned.runs:
         labels = run.labels
-        seen = observed.get(run.run_id)
+        job_seen = observed[run.run_id][0] if run.run_id in observed else None
         view.rows.append(RunRow(
             run_id=run.run_id, stage=run.config.stage.value, model=labels.model, intermediate=labels.intermediate,
             target=labels.target, seed=run.config.seed, state=states.get(run.run_id, UNKNOWN),
-            job=seen[0].name if seen else None,
-            gpu_hours=_job_hours(seen[0], now) if seen else None, failure=failures.get(run.run_id)))
+            job=job_seen.name if job_seen else None,
+            gpu_hours=_job_hours(job_seen, now) if job_seen else None, failure=failures.get(run.run_id)))
     return view
 
 

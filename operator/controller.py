@@ -727,7 +727,7 @@ class Controller:
 
     def _apply(self, obj: Mapping[str, Any], plan_: Plan, decision: Decision) -> None:
         namespace, name = key_of(obj)
-        for action in (*decision.deletes, *decision.creates):
+        for action in decision.actions:  # deletes first, then creates: reconcile's order
             if self._stop.is_set():
                 raise NotLeading
             if isinstance(action, DeleteJob):

@@ -119,7 +119,7 @@ def find_or_create_experiment(client: MlflowClient, name: str, artifact_location
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return str(client.create_experiment(name, artifact_location=artifact_location))
         except MlflowException as e:  # created by someone else since we looked
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
