@@ -34,8 +34,10 @@ def gain_vs_size(report: Report) -> Figure:
     targets = g.targets
     fig = _new_figure(4.6 * len(targets) + 1.0, 3.8)
     axes = fig.subplots(1, len(targets), squeeze=False)[0]
-    sized = [m for m in report.models_by_size if report.parameters.get(m.name)]
-    unsized = [m.label for m in report.models_by_size if not report.parameters.get(m.name)]
+    # A model's parameter count may be unknown (None); only the known ones have an x position.
+    sizes = {m.name: n for m in report.models_by_size if (n := report.parameters.get(m.name))}
+    sized = [m for m in report.models_by_size if m.name in sizes]
+    unsized = [m.label for m in report.models_by_size if m.name not in sizes]
     for ax, target in zip(axes, targets, strict=True):
         for i, arm in enumerate(g.arms):
             # Each arm's points sit slightly apart (in log space) so that error bars do not hide each other.
@@ -44,7 +46,7 @@ def gain_vs_size(report: Report) -> Figure:
             for m in sized:
                 cell = report.cell(m.name, arm, target, AVG)
                 if cell is not None:
-                    xs.append(report.parameters[m.name] * dodge)
+                    xs.append(sizes[m.name] * dodge)
                     ys.append(cell.gain.mean)
                     errs.append(cell.gain.half_width or 0.0)
             if xs:
@@ -52,8 +54,8 @@ def gain_vs_size(report: Report) -> Figure:
         ax.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
         ax.set_xscale("log")
         if sized:
-            ticks = [report.parameters[m.name] for m in sized]
-            ax.set_xticks(ticks, [f"{m.label}\n{fmt_parameters(report.parameters[m.name])}" for m in sized])
+            ticks = [sizes[m.name] for m in sized]
+            ax.set_xticks(ticks, [f"{m.label}\n{fmt_parameters(sizes[m.name])}" for m in sized])
             ax.minorticks_off()
             lo, hi = min(ticks), max(ticks)
             ax.set_xlim(lo / 1.6, hi * 1.6)  # room for error bars at the ends, even with one model

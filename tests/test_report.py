@@ -5,6 +5,7 @@ readable, and logged to the experiment's MLflow parent run (a real SQLite MLflow
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import re
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 from xstilts.operator.cli import app
 from xstilts.operator.plan import Plan, plan
 from xstilts.operator.report import AVG, build_report, grid_of, tables, to_html, to_markdown
+from xstilts.operator.report_plots import gain_vs_size
 from xstilts.operator.spec import ExperimentSpec, load_spec_text
 from xstilts.operator.stats import Method
 from xstilts.trainer.config import RunResult, Stage
@@ -187,6 +189,16 @@ def png_size(data: bytes) -> tuple[int, int]:
     with Image.open(io.BytesIO(data)) as image:
         image.load()  # decodes every pixel: a truncated file fails here
         return image.size
+
+
+def test_the_size_plot_names_the_models_of_unknown_size_it_leaves_out() -> None:
+    spec = the_spec()
+    report = build_report(hand_made_results(plan(spec)), grid_of(spec))
+    report = dataclasses.replace(report, parameters={**report.parameters, "big": None})
+    figure = gain_vs_size(report)
+    assert figure.caption.endswith("Not plotted (parameter count unknown): big.")
+    width, height = png_size(figure.png)
+    assert 300 <= width <= 4000 and 200 <= height <= 3000
 
 
 def test_report_command_writes_files_and_logs_them_to_the_mlflow_parent_run(tmp_path: Path) -> None:
