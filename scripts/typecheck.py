@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import sys
 import tomllib
 from pathlib import Path
@@ -38,20 +37,29 @@ def build_tree(packages: dict[str, str]) -> dict[str, str]:
     """Links every file of each package into TREE/<package path>; returns link path -> repo path.
 
     Files, not directories, are linked: xstilts/ itself holds the subpackages' links, and
-    a linked directory would put them into the source tree. Rebuilt each run, so a new or
-    removed module is never stale.
+    a linked directory would put them into the source tree. The tree is brought up to date
+    in place rather than rebuilt, so that two runs at once never see it half-deleted: each
+    link is created or replaced atomically, and links to removed modules are dropped.
     """
     tree = ROOT / TREE
-    shutil.rmtree(tree, ignore_errors=True)
     links: dict[str, str] = {}
     for package, source in packages.items():
-        target = tree / package.replace(".", "/")
-        target.mkdir(parents=True, exist_ok=True)
+        folder = tree / package.replace(".", "/")
+        folder.mkdir(parents=True, exist_ok=True)
         for path in sorted((ROOT / source).iterdir()):
             if path.is_file() and path.suffix in {".py", ".pyi", ".typed"}:
-                link = target / path.name
-                link.symlink_to(os.path.relpath(path, target))
+                link = folder / path.name
+                target = os.path.relpath(path, folder)
+                if not (link.is_symlink() and os.readlink(link) == target):
+                    temporary = folder / f".{path.name}.{os.getpid()}"
+                    temporary.unlink(missing_ok=True)
+                    temporary.symlink_to(target)
+                    os.replace(temporary, link)
                 links[str(link.relative_to(ROOT))] = str(path.relative_to(ROOT))
+    for link in tree.rglob("*"):
+        # A module since removed or renamed; dot-names are another run's links in the making.
+        if link.is_symlink() and not link.name.startswith(".") and str(link.relative_to(ROOT)) not in links:
+            link.unlink(missing_ok=True)
     return links
 
 

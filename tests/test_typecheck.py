@@ -54,7 +54,14 @@ def test_cross_module_error_is_reported_at_the_repo_path(tmp_path: Path) -> None
     assert sorted(p.name for p in (tmp_path / "core").iterdir()) == ["__init__.py", "units.py", "use.py"]
 
 
-def test_correct_project_passes(tmp_path: Path) -> None:
-    result = typecheck(project(tmp_path, "int"))
+def test_correct_project_passes_and_a_removed_module_leaves_the_tree(tmp_path: Path) -> None:
+    root = project(tmp_path, "int")
+    (root / "core/old.py").write_text("")
+    result = typecheck(root)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Success: no issues found in 2 source files" in result.stdout
+    assert (root / "build/typecheck/pkg/core/old.py").is_symlink()
+
+    (root / "core/old.py").unlink()
+    assert typecheck(root).returncode == 0
+    assert not (root / "build/typecheck/pkg/core/old.py").is_symlink()
