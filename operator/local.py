@@ -1,6 +1,9 @@
 """The embedded executor behind `xstilts run`: the plan's DAG on this machine, each run a
 subprocess of `python -m xstilts.trainer RUN.json` (under torchrun when it asks for several
-processes), at most N at once, dependencies first. Never a shell.
+processes), at most N at once, dependencies first. Never a shell. On a machine without GPUs a
+single-process run is instead forked from a server that has imported the training stack once
+(forkserver.py), with the same process contract: for tiny runs the imports cost more than the
+training.
 
 Resumable by construction: a run whose result.json exists is skipped without starting a
 process, so a rerun after Ctrl-C, a crash or a SIGKILL picks up where the last one stopped.
