@@ -108,25 +108,30 @@ class MultiTaskBatchSampler(torch.utils.data.Sampler[list[int]]):
                 yield [offset + i for i in batch]
 
 
-# A row joins an evaluation batch only while the batch's padding stays under this share of its
-# tokens (or a few tokens: for short rows one more forward pass costs more than the padding).
+# Evaluation batches hold rows of one length while there are EVAL_MIN_ROWS of them: a batch
+# without padding needs no attention mask, and attention runs its fastest kernel. The rarer
+# lengths (a distribution's tails) share batches, a row joining only while the batch's padding
+# stays under MAX_EVAL_PADDING of its tokens (or a few tokens: for short rows one more forward
+# pass costs more than the padding).
+EVAL_MIN_ROWS = 16
 MAX_EVAL_PADDING = 0.1
 FEW_PAD_TOKENS = 4
 
 
 def eval_batches(lengths: Sequence[int], max_tokens: int, max_rows: int) -> list[list[int]]:
     """Rows sorted by length (longest first) and packed into batches of at most `max_tokens`
-    padded tokens and `max_rows` rows, each row within MAX_EVAL_PADDING (or FEW_PAD_TOKENS) of
-    its batch's longest: evaluation wastes almost nothing on padding, however small the split
-    is against the token budget."""
+    padded tokens and `max_rows` rows; a batch of EVAL_MIN_ROWS rows takes no shorter row, and
+    every row is within MAX_EVAL_PADDING (or FEW_PAD_TOKENS) of its batch's longest. Evaluation
+    wastes almost nothing on padding, however small the split is against the token budget."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:
         width = lengths[current[0]] if current else lengths[i]
         full = (len(current) + 1) * width > max_tokens or len(current) >= max_rows
+        shorter = lengths[i] < width and len(current) >= EVAL_MIN_ROWS
         too_short = width - lengths[i] > max(FEW_PAD_TOKENS, MAX_EVAL_PADDING * width)
-        if current and (full or too_short):
+        if current and (full or shorter or too_short):
             batches.append(current)
             current = []
         current.append(i)

@@ -26,6 +26,47 @@ from xstilts.trainer.tasks import Format, Task
 Forward = Callable[[dict[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 
 
+# On a CPU a batch of a few thousand tokens runs fastest: its activations stay in the caches
+# (benchmarks/eval_throughput.py). A GPU takes the trainer's budget as it is.
+CPU_EVAL_TOKENS = 4096
+
+
+def eval_token_budget(tokens: int, device: torch.device) -> int:
+    """Padded tokens per evaluation batch on `device`, from the budget the trainer derives from
+    its training micro batch."""
+    return min(tokens, CPU_EVAL_TOKENS) if device.type == "cpu" else tokens
+
+
+class _Pool:
+    """The rows of several splits of one task, addressed as one list: item k is row
+    `rows[k]` of split `split_of[k]`. Columns are read from Arrow once per split and batch (a
+    datasets lookup per row, or per Column iteration, costs tens of microseconds)."""
+
+    def __init__(self, splits: Sequence[Encoded], rows: Sequence[Sequence[int]]) -> None:
+        self.splits = list(splits)
+        self.split_of = [s for s, r in enumerate(rows) for _ in r]
+        self.rows = [i for r in rows for i in r]
+        self.lengths: list[int] = []
+        self._columns: dict[tuple[int, str], Any] = {}
+        for encoded, r in zip(splits, rows, strict=True):
+            all_lengths = encoded.features["length"][:]
+            self.lengths += [all_lengths[i] for i in r]
+
+    def column(self, name: str, items: Sequence[int]) -> list[Any]:
+        """Column `name` of `items`, in their order."""
+        by_split: dict[int, list[int]] = defaultdict(list)
+        for at, k in enumerate(items):
+            by_split[self.split_of[k]].append(at)
+        out: list[Any] = [None] * len(items)
+        for s, positions in by_split.items():
+            if (s, name) not in self._columns:  # the Arrow column, honouring a select()
+                self._columns[s, name] = self.splits[s].features.with_format("arrow")[name]
+            values = self._columns[s, name].take([self.rows[items[at]] for at in positions]).to_pylist()
+            for at, value in zip(positions, values, strict=True):
+                out[at] = value
+        return out
+
+
 @dataclass
 class Predictor:
     """Runs a model over feature rows on this rank's share of the batches."""
@@ -41,46 +82,56 @@ class Predictor:
     def predict(self, encoded: Encoded, task_index: int, rows: Sequence[int]) -> list[Any]:
         """One prediction per row of `rows` (indices into encoded.features), in that order:
         a class id, a list of tag ids, or a Span."""
-        features = encoded.features
-        fmt = encoded.task.format
-        # one read of the column: indexing a datasets Column reads Arrow once per access
-        all_lengths = list(features["length"])
-        lengths = [all_lengths[i] for i in rows]
-        if fmt is Format.MULTIPLE_CHOICE:  # the model sees choices x width tokens per row
-            n_choices = len(features[rows[0]]["input_ids"]) if rows else 1
+        return self.predict_splits([encoded], task_index, [rows])[0]
+
+    def predict_splits(self, splits: Sequence[Encoded], task_index: int,
+                       rows: Sequence[Sequence[int]]) -> list[list[Any]]:
+        """predict() of several splits of one task (a target's test languages) in one pass:
+        their rows are batched together, so rows of the same length fill whole batches that
+        need no padding, where one small split would leave a few rows of each length."""
+        if not splits:
+            return []
+        pool = _Pool(splits, rows)
+        fmt = splits[0].task.format
+        lengths = pool.lengths
+        if fmt is Format.MULTIPLE_CHOICE and lengths:  # the model sees choices x width tokens per row
+            n_choices = len(pool.column("input_ids", [0])[0])
             lengths = [n * n_choices for n in lengths]
-        batches = [[rows[i] for i in b] for b in eval_batches(lengths, self.max_tokens, self.max_rows)]
+        batches = eval_batches(lengths, self.max_tokens, self.max_rows)
         rounds = math.ceil(len(batches) / self.world_size) if batches else 0
         mine = batches[self.rank::self.world_size]
         results: list[tuple[int, Any]] = []
         for r in range(rounds):
             padding_round = r >= len(mine)
             batch = mine[r] if not padding_round else batches[0]
-            outputs = self._run(features, batch, task_index)
+            outputs = self._run(pool, batch, task_index)
             if not padding_round:
-                results += zip(batch, _reduce(fmt, features, batch, outputs), strict=True)
-        by_row = dict(_gather(results, self.world_size))
-        return [by_row[i] for i in rows]
+                results += zip(batch, _reduce(fmt, pool, batch, outputs), strict=True)
+        by_item = dict(_gather(results, self.world_size))
+        out: list[list[Any]] = [[] for _ in splits]
+        for k, s in enumerate(pool.split_of):
+            out[s].append(by_item[k])
+        return out
 
-    def _run(self, features: Any, batch: list[int], task_index: int) -> dict[str, torch.Tensor]:
-        # the model's inputs only, read for the whole batch at once
-        inputs = self.collator([{"input_ids": ids, "task_index": task_index} for ids in features[batch]["input_ids"]])
+    def _run(self, pool: _Pool, batch: list[int], task_index: int) -> dict[str, torch.Tensor]:
+        inputs = self.collator([{"input_ids": ids, "task_index": task_index}
+                                for ids in pool.column("input_ids", batch)])
         model_inputs = {k: inputs[k].to(self.device) for k in ("input_ids", "attention_mask", "task_index")}
-        with torch.no_grad():
+        with torch.inference_mode():
             outputs = self.forward(model_inputs)
-        return {k: v.detach().float().cpu() for k, v in outputs.items() if k != "loss" and v is not None}
+        return {k: v.float().cpu() for k, v in outputs.items() if k != "loss" and v is not None}
 
 
-def _reduce(fmt: Format, features: Any, batch: list[int], outputs: dict[str, torch.Tensor]) -> list[Any]:
+def _reduce(fmt: Format, pool: _Pool, batch: list[int], outputs: dict[str, torch.Tensor]) -> list[Any]:
     """Per-row predictions from a batch's outputs: small enough to gather across ranks."""
     if fmt in (Format.CLASSIFICATION, Format.MULTIPLE_CHOICE):
         return outputs["logits"].argmax(-1).tolist()
-    picked = features[batch]
+    lengths = [pool.lengths[k] for k in batch]
     if fmt is Format.TAGGING:
         tags = outputs["logits"].argmax(-1).tolist()
-        return [row[: n] for row, n in zip(tags, picked["length"], strict=True)]
+        return [row[: n] for row, n in zip(tags, lengths, strict=True)]
     spans = []
-    for i, (n, offsets) in enumerate(zip(picked["length"], picked["offsets"], strict=True)):
+    for i, (n, offsets) in enumerate(zip(lengths, pool.column("offsets", batch), strict=True)):
         spans.append(best_span(outputs["start_logits"][i, :n].tolist(), outputs["end_logits"][i, :n].tolist(),
                                offsets))
     return spans
@@ -99,18 +150,22 @@ def capped_rows(encoded: Encoded, max_examples: int | None) -> list[int]:
     example), or every row."""
     if max_examples is None:
         return list(range(len(encoded.features)))
-    return [i for i, e in enumerate(encoded.features["example_index"]) if e < max_examples]
+    return [i for i, e in enumerate(encoded.features["example_index"][:]) if e < max_examples]
 
 
 def score(task: Task, encoded: Encoded, rows: Sequence[int], predictions: Sequence[Any]) -> dict[str, float]:
     """The task's metrics of predictions for `rows`."""
     features = encoded.features.select(rows)
+
+    def column(name: str) -> list[Any]:  # one read, not one per row
+        return features[name][:]
+
     if task.format in (Format.CLASSIFICATION, Format.MULTIPLE_CHOICE):
-        return {"accuracy": accuracy(list(predictions), features["label"])}
+        return {"accuracy": accuracy(list(predictions), column("label"))}
     if task.format is Format.TAGGING:
-        return {"accuracy": token_accuracy(list(predictions), features["labels"])}
+        return {"accuracy": token_accuracy(list(predictions), column("labels"))}
     windows: dict[int, list[Span]] = defaultdict(list)
-    for example_index, span in zip(features["example_index"], predictions, strict=True):
+    for example_index, span in zip(column("example_index"), predictions, strict=True):
         windows[example_index].append(span)
     examples = encoded.examples
     answers: dict[str, str] = {}
@@ -124,8 +179,16 @@ def score(task: Task, encoded: Encoded, rows: Sequence[int], predictions: Sequen
 
 def evaluate_split(predictor: Predictor, encoded: Encoded, task_index: int,
                    max_examples: int | None = None) -> dict[str, float]:
-    rows = capped_rows(encoded, max_examples)
-    return score(encoded.task, encoded, rows, predictor.predict(encoded, task_index, rows))
+    return evaluate_splits(predictor, [encoded], task_index, max_examples)[0]
+
+
+def evaluate_splits(predictor: Predictor, splits: Sequence[Encoded], task_index: int,
+                    max_examples: int | None = None) -> list[dict[str, float]]:
+    """The metrics of each split of one task (a target's test languages), predicted in one
+    pass (Predictor.predict_splits); each split is scored on its own."""
+    rows = [capped_rows(e, max_examples) for e in splits]
+    predictions = predictor.predict_splits(splits, task_index, rows)
+    return [score(e.task, e, r, p) for e, r, p in zip(splits, rows, predictions, strict=True)]
 
 
 # --- naming the numbers ------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 from xstilts.trainer import checkpoints
 from xstilts.trainer.batching import Collator, MultiTaskBatchSampler, TrainSet
-from xstilts.trainer.evaluate import Predictor, dev_metrics, evaluate_split
+from xstilts.trainer.evaluate import Predictor, dev_metrics, eval_token_budget, evaluate_splits
 from xstilts.trainer.features import Encoded
 from xstilts.trainer.interrupt import Interruption, RunInterrupted
 from xstilts.trainer.results import ProgressFile, eta_seconds
@@ -136,16 +136,21 @@ class StiltsTrainer(Trainer):
             with self.autocast_smart_context_manager():
                 return model(**batch)
 
+        tokens = eval_token_budget(self.eval_tokens, self.args.device)
         return Predictor(forward, self.data_collator, self.args.device, self.args.process_index,
-                         self.args.world_size, max_tokens=self.eval_tokens,
-                         max_rows=min(MAX_EVAL_ROWS, self.eval_tokens))
+                         self.args.world_size, max_tokens=tokens, max_rows=min(MAX_EVAL_ROWS, tokens))
 
     def evaluate_split(self, encoded: Encoded, task_index: int) -> dict[str, float]:
+        return self.evaluate_splits([encoded], task_index)[0]
+
+    def evaluate_splits(self, splits: Sequence[Encoded], task_index: int) -> list[dict[str, float]]:
+        """The metrics of several splits of one task, predicted in one pass (a target's test
+        languages)."""
         model = self.model_wrapped
         was_training = model.training
         model.eval()
         try:
-            return evaluate_split(self.predictor(), encoded, task_index, self.eval_cap)
+            return evaluate_splits(self.predictor(), splits, task_index, self.eval_cap)
         finally:
             if was_training:
                 model.train()

@@ -307,7 +307,7 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
     metrics = dev_metrics(data.tasks, per_task)
     languages: dict[str, dict[str, float]] = {}
     if config.stage is Stage.TARGET:
-        languages = {e.ref.language: trainer.evaluate_split(e, 0) for e in data.test}
+        languages = dict(zip([e.ref.language for e in data.test], trainer.evaluate_splits(data.test, 0), strict=True))
         metrics |= test_metrics(config.tasks[0], languages)
     result = RunResult(
         run_id=config.run_id, config=config, metrics=metrics, languages=languages, primary_metric=selection,
