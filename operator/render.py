@@ -64,6 +64,7 @@ RUN_AS_USER = 1000
 # Long enough for a ZeRO-3 checkpoint of a 10B model (optimizer state included) to reach
 # shared storage after SIGTERM; the trainer then exits with ExitCode.INTERRUPTED.
 TERMINATION_GRACE_SECONDS = 300
+WORKER_SHUTDOWN_SECONDS = TERMINATION_GRACE_SECONDS - 20
 GPU_RESOURCE = "nvidia.com/gpu"
 # /dev/shm is memory-backed and counts against the container's memory limit. DataLoader
 # workers pass batches through it and NCCL keeps its buffers there: a quarter of the pod's
@@ -301,7 +302,11 @@ def trainer_command(config: RunConfig, name: str) -> list[str]:
         ]
     # Kubernetes restarts failed pods (within backoffLimit); torchrun restarting workers
     # inside a pod would hide failures from the podFailurePolicy.
-    command += ["--max_restarts=0", "-m", "xstilts.trainer", RUN_CONFIG_PATH]
+    # On SIGTERM torchrun passes the signal on and kills its workers after --shutdown_timeout
+    # (30 s by default): too soon for a large ZeRO-3 checkpoint. Leave them the grace period,
+    # less a margin for torchrun itself to exit.
+    command += ["--max_restarts=0", f"--shutdown_timeout={WORKER_SHUTDOWN_SECONDS}",
+                "-m", "xstilts.trainer", RUN_CONFIG_PATH]
     return command
 
 

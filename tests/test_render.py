@@ -135,6 +135,8 @@ def test_multi_node_run_is_an_indexed_job_with_a_headless_service_for_the_rendez
     assert "--nproc_per_node=8" in command and "--nnodes=2" in command
     assert f"--master_addr={name}-0.{name}" in command
     assert "--node_rank=$(JOB_COMPLETION_INDEX)" in command
+    # the workers keep the pod's grace period to checkpoint on SIGTERM, less torchrun's margin
+    assert f"--shutdown_timeout={job_spec['template']['spec']['terminationGracePeriodSeconds'] - 20}" in command
     assert command[-3:] == ["-m", "xstilts.trainer", RUN_CONFIG_PATH]
     index = env_of(job)["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert index == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
@@ -147,7 +149,7 @@ def test_multi_node_run_is_an_indexed_job_with_a_headless_service_for_the_rendez
 @pytest.mark.parametrize(("model", "expected"), [
     ("base", ["python", "-m", "xstilts.trainer", RUN_CONFIG_PATH]),
     ("xl", ["torchrun", "--nproc_per_node=4", "--nnodes=1", "--standalone", "--max_restarts=0",
-            "-m", "xstilts.trainer", RUN_CONFIG_PATH]),
+            "--shutdown_timeout=280", "-m", "xstilts.trainer", RUN_CONFIG_PATH]),
 ])
 def test_single_node_commands(model: str, expected: list[str]) -> None:
     spec, p = load("scaling")
