@@ -31,6 +31,12 @@ step (it restarts from an older checkpoint) must not log it again: the first val
 a (key, step) stays and later ones are skipped, live and in replay. On a deterministic resume
 the values are equal anyway. Metrics logged without a step count as step 0.
 
+Off the training thread. Metric logs (every few steps of training) are delivered by a
+background thread from a queue, so a training step never waits for MLflow, a slow server or
+the buffer file. Every other call (params, tags, artifacts, finish) and the properties first
+wait until the metrics queued before them are delivered: records keep their order, and what a
+caller reads afterwards (online, the buffer) includes them.
+
 Store. A RunConfig without a tracking URI uses `sqlite:///<storage_root>/mlflow.db`, with
 artifacts under `<storage_root>/mlartifacts` (the same store `xstilts run` sets up). MLflow 3
 deprecates the file store (`./mlruns`) and defaults to SQLite, which serialises concurrent
@@ -55,7 +61,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -140,18 +148,28 @@ class RunTracker:
         self._run: RunWriter | None = None  # set while MLflow is reachable
         self._outage = False  # an outage has been reported and not yet its end
         self._started = self._finished = self._start_buffered = self._buffer_broken = False
+        self._queue: queue.Queue[dict[str, Any]] = queue.Queue()  # metric records for the delivery thread
+        self._delivery: threading.Thread | None = None
 
     @property
     def mlflow_run_id(self) -> str | None:
+        self.flush()
         return self._run.run_id if self._run else None
 
     @property
     def online(self) -> bool:
+        self.flush()
         return self._run is not None
 
     @property
     def buffer_path(self) -> Path:
+        self.flush()
         return Path(self._buffer.path)
+
+    def flush(self) -> None:
+        """Wait until the metrics logged so far are delivered (to MLflow or the buffer)."""
+        if self._delivery is not None and threading.current_thread() is not self._delivery:
+            self._queue.join()
 
     def start(self) -> str | None:
         """Find or create this run's MLflow run (and the experiment and parent run) and mark it
@@ -160,6 +178,7 @@ class RunTracker:
         is every call until MLflow can be reached again."""
         if not self.enabled:
             return None
+        self.flush()
         if not self._started:
             self._started = True
             self._connect(starting=True)
@@ -168,20 +187,28 @@ class RunTracker:
         return self.mlflow_run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
+        self.flush()
         self._record({"kind": "params", "params": {str(k): "" if v is None else str(v) for k, v in params.items()}})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Log metric values at `step` (None: step 0). A (key, step) already logged keeps its
-        first value; a later one is skipped."""
-        self._record({"kind": "metrics", "metrics": {str(k): float(v) for k, v in metrics.items()},
-                      "step": int(step or 0), "timestamp": now_ms()})
+        first value; a later one is skipped. Returns at once: the delivery thread writes it."""
+        if not self.enabled:
+            return
+        if self._delivery is None:
+            self._delivery = threading.Thread(target=self._deliver, name="xstilts-mlflow", daemon=True)
+            self._delivery.start()
+        self._queue.put({"kind": "metrics", "metrics": {str(k): float(v) for k, v in metrics.items()},
+                         "step": int(step or 0), "timestamp": now_ms()})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
+        self.flush()
         self._record({"kind": "tags", "tags": {str(k): str(v) for k, v in tags.items()}})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a file or a directory. Buffered by path: a replay uploads the file as it is
         then. Paths inside the run directory are buffered relative to it."""
+        self.flush()
         path = Path(path).resolve()
         record: dict[str, Any] = {"kind": "artifact", "path": str(path), "artifact_path": artifact_path}
         with contextlib.suppress(ValueError):
@@ -195,6 +222,7 @@ class RunTracker:
             raise ValueError(f"status {status!r} is not one of {', '.join(TERMINAL_STATUSES)}")
         if not self.enabled or self._finished:
             return
+        self.flush()
         self._record({"kind": "finish", "status": status, "time": now_ms()})
         self._finished = True
         if status != "KILLED" and self._buffer.has_pending():
@@ -204,6 +232,18 @@ class RunTracker:
                         self._identity.run_id, self._buffer.path, redact_uri(self._uri))
 
     # --- delivery ---
+
+    def _deliver(self) -> None:
+        """The delivery thread: metric records from the queue, in order, for the life of the
+        process (a daemon: a process that dies loses only what it had not delivered yet)."""
+        while True:
+            record = self._queue.get()
+            try:
+                self._record(record)
+            except Exception:  # _record contains MLflow's failures; anything else must not stop delivery
+                log.exception("cannot deliver a metrics record of run %s", self._identity.run_id)
+            finally:
+                self._queue.task_done()
 
     def _record(self, record: dict[str, Any]) -> None:
         if not self.enabled:
