@@ -8,11 +8,14 @@ checkpoint it starts from. Every phase-2 checkpoint is trained once and shared b
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from xstilts.operator.spec import BASELINE, STAGE_DEFAULTS, ExperimentSpec, ModelSpec
 from xstilts.trainer.config import (
+    DeepSpeedSettings,
     HyperParameters,
     Resources,
     RunConfig,
@@ -62,7 +65,29 @@ def default_storage_root(spec: ExperimentSpec) -> str:
     return f"{DEFAULT_STORAGE}/{spec.name}"
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Builds tens of thousands of objects without the cyclic garbage collector.
+
+    Planning and rendering make no reference cycles, but every few hundred new dicts or
+    models the collector runs, and the full collections walk every live object (the plan,
+    what was rendered so far): at 10,000 runs that took more time than the work itself.
+    Reference counting still frees everything; the collector is restored as it was."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def plan(spec: ExperimentSpec, storage_root: str | None = None) -> Plan:
+    with gc_paused():
+        return _plan(spec, storage_root)
+
+
+def _plan(spec: ExperimentSpec, storage_root: str | None) -> Plan:
     root = storage_root or default_storage_root(spec)
     tracking = TrackingConfig(
         tracking_uri=spec.mlflow.tracking_uri,
@@ -70,15 +95,16 @@ def plan(spec: ExperimentSpec, storage_root: str | None = None) -> Plan:
     )
     runs: list[PlannedRun] = []
     for model in spec.models:
+        shared = _ModelShared.of(spec, model)
         for seed in spec.seeds:
             phase2: dict[str, str] = {}
             for arm in spec.intermediates:
-                run = _intermediate_run(spec, model, arm, seed, root, tracking)
+                run = _intermediate_run(spec, model, shared, arm, seed, root, tracking)
                 runs.append(run)
                 phase2[arm] = run.run_id
             for arm in [BASELINE, *spec.intermediates]:
                 for target in spec.targets:
-                    runs.append(_target_run(spec, model, arm, phase2.get(arm), target, seed, root, tracking))
+                    runs.append(_target_run(spec, model, shared, arm, phase2.get(arm), target, seed, root, tracking))
     by_id: dict[str, PlannedRun] = {}
     for run in runs:
         if run.run_id in by_id:  # cannot happen unless the grid itself repeats: a bug
@@ -87,24 +113,50 @@ def plan(spec: ExperimentSpec, storage_root: str | None = None) -> Plan:
     return Plan(spec.name, tuple(runs), by_id)
 
 
-def _intermediate_run(spec: ExperimentSpec, model: ModelSpec, arm: str, seed: int, root: str,
-                      tracking: TrackingConfig) -> PlannedRun:
+@dataclass(frozen=True)
+class _ModelShared:
+    """What every run of a model shares, whatever its seed: resolved once per model rather
+    than once per run (the same frozen models, so the configs are equal either way)."""
+
+    intermediate_hp: dict[str, HyperParameters]  # per intermediate task or group
+    target_hp: dict[str, HyperParameters]  # per target
+    deepspeed: DeepSpeedSettings
+    resources: Resources
+
+    @classmethod
+    def of(cls, spec: ExperimentSpec, model: ModelSpec) -> _ModelShared:
+        intermediate_hp = {}
+        for arm in spec.intermediates:
+            group = spec.group(arm)
+            hp = resolve_hyperparameters(spec, model, "intermediate", tuple(group.tasks) if group else (arm,))
+            if group and group.sampling_temperature is not None:
+                hp = hp.model_copy(update={"sampling_temperature": group.sampling_temperature})
+            intermediate_hp[arm] = hp
+        r = model.resources
+        return cls(
+            intermediate_hp=intermediate_hp,
+            target_hp={t: resolve_hyperparameters(spec, model, "target", (t,)) for t in spec.targets},
+            deepspeed=model.deepspeed(),
+            resources=Resources(gpus_per_node=r.gpus, nodes=r.nodes, processes_per_node=r.processes_per_node,
+                                micro_batch_size=r.micro_batch_size),
+        )
+
+
+def _intermediate_run(spec: ExperimentSpec, model: ModelSpec, shared: _ModelShared, arm: str, seed: int,
+                      root: str, tracking: TrackingConfig) -> PlannedRun:
     group = spec.group(arm)
     tasks = tuple(group.tasks) if group else (arm,)
-    hp = resolve_hyperparameters(spec, model, "intermediate", tasks)
-    if group and group.sampling_temperature is not None:
-        hp = hp.model_copy(update={"sampling_temperature": group.sampling_temperature})
-    config = _config(spec, model, Stage.INTERMEDIATE, tasks, seed, hp, None, (), root, tracking,
-                     RunLabels(experiment=spec.name, model=model.name, intermediate=arm,
-                               model_parameters=model.parameter_count))
+    config = _config(spec, model, shared, Stage.INTERMEDIATE, tasks, seed, shared.intermediate_hp[arm], None, (),
+                     root, tracking, RunLabels(experiment=spec.name, model=model.name, intermediate=arm,
+                                               model_parameters=model.parameter_count))
     return _planned(spec, model, config, ())
 
 
-def _target_run(spec: ExperimentSpec, model: ModelSpec, arm: str, parent: str | None, target: str,
-                seed: int, root: str, tracking: TrackingConfig) -> PlannedRun:
-    hp = resolve_hyperparameters(spec, model, "target", (target,))
+def _target_run(spec: ExperimentSpec, model: ModelSpec, shared: _ModelShared, arm: str, parent: str | None,
+                target: str, seed: int, root: str, tracking: TrackingConfig) -> PlannedRun:
     languages = tuple(spec.eval_languages.get(target, ()))
-    config = _config(spec, model, Stage.TARGET, (target,), seed, hp, parent, languages, root, tracking,
+    config = _config(spec, model, shared, Stage.TARGET, (target,), seed, shared.target_hp[target], parent,
+                     languages, root, tracking,
                      RunLabels(experiment=spec.name, model=model.name, intermediate=arm, target=target,
                                model_parameters=model.parameter_count))
     return _planned(spec, model, config, (parent,) if parent else ())
@@ -124,10 +176,9 @@ def resolve_hyperparameters(spec: ExperimentSpec, model: ModelSpec, stage: str,
     return hp
 
 
-def _config(spec: ExperimentSpec, model: ModelSpec, stage: Stage, tasks: tuple[str, ...], seed: int,
-            hp: HyperParameters, parent: str | None, languages: tuple[str, ...], root: str,
+def _config(spec: ExperimentSpec, model: ModelSpec, shared: _ModelShared, stage: Stage, tasks: tuple[str, ...],
+            seed: int, hp: HyperParameters, parent: str | None, languages: tuple[str, ...], root: str,
             tracking: TrackingConfig, labels: RunLabels) -> RunConfig:
-    r = model.resources
     return RunConfig(
         model=model.pretrained,
         stage=stage,
@@ -136,9 +187,8 @@ def _config(spec: ExperimentSpec, model: ModelSpec, stage: Stage, tasks: tuple[s
         hyperparameters=hp,
         init_from_run=parent,
         eval_languages=languages,
-        deepspeed=model.deepspeed(),
-        resources=Resources(gpus_per_node=r.gpus, nodes=r.nodes, processes_per_node=r.processes_per_node,
-                            micro_batch_size=r.micro_batch_size),
+        deepspeed=shared.deepspeed,
+        resources=shared.resources,
         storage_root=root,
         task_data={t: spec.data[t] for t in tasks if t in spec.data},
         tracking=tracking,
