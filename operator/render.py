@@ -21,10 +21,11 @@ references. Nothing here reads a clock or the API: the same inputs give the same
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from xstilts.operator.plan import Plan, PlannedRun
+from xstilts.operator.plan import Plan, PlannedRun, gc_paused
 from xstilts.operator.spec import ExperimentSpec, ModelResources
 from xstilts.trainer.config import RESULT_FILE, ExitCode, RunConfig, run_dir
 
@@ -221,22 +222,66 @@ def shm_size(memory: str, processes: int) -> str:
 # --- the objects -------------------------------------------------------------------------
 
 
+@dataclass
+class _Shared:
+    """What every run of an experiment has in common, worked out once per experiment:
+    rendering 10,000 runs would otherwise rebuild it 10,000 times. Each object still gets
+    its own dicts (callers may change what they receive), built from these values."""
+
+    spec: ExperimentSpec
+    owner: OwnerRef | None
+    namespace: str
+    pvc: str | None
+    env_tail: list[dict[str, Any]]  # the spec's variables, after the per-run ones
+    env_from: list[dict[str, Any]]
+    tolerations: list[dict[str, Any]]
+    models: dict[str, ModelResources]
+    shm: dict[tuple[str, int], str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, spec: ExperimentSpec, owner: OwnerRef | None) -> _Shared:
+        return cls(spec=spec, owner=owner, namespace=run_namespace(spec, owner), pvc=runs_pvc(spec),
+                   env_tail=_spec_env(spec), env_from=_env_from(spec),
+                   tolerations=[t.model_dump(by_alias=True, exclude_none=True) for t in spec.cluster.tolerations],
+                   models={m.name: m.resources for m in reversed(spec.models)})
+
+    def model(self, run: PlannedRun) -> ModelResources:
+        try:
+            return self.models[run.labels.model]
+        except KeyError:
+            raise ValueError(f"run {run.run_id} names model {run.labels.model!r}, which is not in the spec's"
+                             " models") from None
+
+    def shm_size(self, run: PlannedRun) -> str:
+        key = (run.labels.model, run.config.resources.procs_per_node)
+        if key not in self.shm:
+            self.shm[key] = shm_size(self.model(run).memory, key[1])
+        return self.shm[key]
+
+
 def render_run(run: PlannedRun, spec: ExperimentSpec, owner: OwnerRef | None = None) -> list[dict[str, Any]]:
     """The objects that execute one run, in creation order: ConfigMap, [headless Service
     for multi-node runs], Job, all in `run_namespace(spec, owner)`."""
-    name = job_name(spec.name, run.run_id)
-    labels = run_labels(run)
-    objects = [_config_map(run, spec, name, labels, owner)]
-    if run.config.resources.nodes > 1:
-        objects.append(_headless_service(spec, name, labels, owner))
-    objects.append(_job(run, spec, name, labels, owner))
-    return objects
+    return _render(run, _Shared.of(spec, owner))
 
 
 def render_experiment(plan: Plan, spec: ExperimentSpec, owner: OwnerRef | None = None) -> list[dict[str, Any]]:
     """Every run's objects in plan order (dependencies first): the whole experiment at once, e.g.
     to check each object against the Kubernetes schemas. The controller renders run by run."""
-    return [obj for run in plan.runs for obj in render_run(run, spec, owner)]
+    shared = _Shared.of(spec, owner)
+    # The cyclic collector would walk every object rendered so far, again and again.
+    with gc_paused():
+        return [obj for run in plan.runs for obj in _render(run, shared)]
+
+
+def _render(run: PlannedRun, shared: _Shared) -> list[dict[str, Any]]:
+    name = job_name(shared.spec.name, run.run_id)
+    labels = run_labels(run)
+    objects = [_config_map(run, shared, name, labels)]
+    if run.config.resources.nodes > 1:
+        objects.append(_headless_service(shared, name, labels))
+    objects.append(_job(run, shared, name, labels))
+    return objects
 
 
 def run_namespace(spec: ExperimentSpec, owner: OwnerRef | None = None) -> str:
@@ -245,32 +290,30 @@ def run_namespace(spec: ExperimentSpec, owner: OwnerRef | None = None) -> str:
     return owner.namespace if owner is not None and owner.namespace else spec.cluster.namespace
 
 
-def _metadata(spec: ExperimentSpec, name: str, labels: dict[str, str], owner: OwnerRef | None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "namespace": run_namespace(spec, owner), "labels": dict(labels)}
-    if owner is not None:
-        meta["ownerReferences"] = [owner.to_k8s()]
+def _metadata(shared: _Shared, name: str, labels: dict[str, str]) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": shared.namespace, "labels": dict(labels)}
+    if shared.owner is not None:
+        meta["ownerReferences"] = [shared.owner.to_k8s()]
     return meta
 
 
-def _config_map(run: PlannedRun, spec: ExperimentSpec, name: str, labels: dict[str, str],
-                owner: OwnerRef | None) -> dict[str, Any]:
+def _config_map(run: PlannedRun, shared: _Shared, name: str, labels: dict[str, str]) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(spec, name, labels, owner),
+        "metadata": _metadata(shared, name, labels),
         # The config is content-addressed by the run id: it never changes, and immutable
         # ConfigMaps are not watched by kubelets, which matters with thousands of runs.
         "immutable": True,
-        "data": {RUN_CONFIG_KEY: pod_run_config(run, spec).to_json()},
+        "data": {RUN_CONFIG_KEY: pod_run_config(run, shared.spec).to_json()},
     }
 
 
-def _headless_service(spec: ExperimentSpec, name: str, labels: dict[str, str],
-                      owner: OwnerRef | None) -> dict[str, Any]:
+def _headless_service(shared: _Shared, name: str, labels: dict[str, str]) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(spec, name, labels, owner),
+        "metadata": _metadata(shared, name, labels),
         "spec": {
             "clusterIP": "None",
             # Rank 0 must resolve before every pod is Ready: the other ranks connect to it
@@ -317,11 +360,10 @@ def literal_env_value(value: str) -> str:
     return value.replace("$", "$$")
 
 
-def _env(run: PlannedRun, spec: ExperimentSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _env(run: PlannedRun, shared: _Shared) -> list[dict[str, Any]]:
     config = run.config
-    storage = spec.cluster.storage
-    secrets = spec.cluster.secrets
-    hf_home = f"{storage.mount_path.rstrip('/')}/.cache/huggingface" if runs_pvc(spec) else "/tmp/huggingface"
+    spec = shared.spec
+    hf_home = f"{spec.cluster.storage.mount_path.rstrip('/')}/.cache/huggingface" if shared.pvc else "/tmp/huggingface"
     env: list[dict[str, Any]] = [
         {"name": "XSTILTS_EXPERIMENT", "value": literal_env_value(spec.name)},
         {"name": "XSTILTS_RUN_ID", "value": run.run_id},
@@ -341,19 +383,41 @@ def _env(run: PlannedRun, spec: ExperimentSpec) -> tuple[list[dict[str, Any]], l
         # where `--node_rank=$(JOB_COMPLETION_INDEX)` comes from, and the kubelet expands it.
         env.append({"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
             "fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}})
-    if storage.uri:
+    env += _copied(shared.env_tail)
+    return env
+
+
+def _spec_env(spec: ExperimentSpec) -> list[dict[str, Any]]:
+    """The variables that come from the spec alone, the same for every run."""
+    secrets = spec.cluster.secrets
+    env: list[dict[str, Any]] = []
+    if spec.cluster.storage.uri:
         env.append({"name": "XSTILTS_STORAGE_URI", "value": literal_env_value(pod_storage_root(spec))})
     if spec.mlflow.tracking_uri:
         env.append({"name": "MLFLOW_TRACKING_URI", "value": literal_env_value(spec.mlflow.tracking_uri)})
     if secrets.hf_token:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
             "name": secrets.hf_token, "key": HF_TOKEN_KEY}}})
-    env_from = [{"secretRef": {"name": name}} for name in (secrets.mlflow, secrets.s3) if name]
-    return env, env_from
+    return env
 
 
-def _resources(run: PlannedRun, spec: ExperimentSpec) -> dict[str, Any]:
-    model = _model_resources(run, spec)
+def _env_from(spec: ExperimentSpec) -> list[dict[str, Any]]:
+    secrets = spec.cluster.secrets
+    return [{"secretRef": {"name": name}} for name in (secrets.mlflow, secrets.s3) if name]
+
+
+def _copied(value: Any) -> Any:
+    """A fresh copy of JSON-like data (dicts, lists, scalars): each rendered object owns its
+    dicts, so changing one object never changes another run's."""
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copied(v) for v in value]
+    return value
+
+
+def _resources(run: PlannedRun, shared: _Shared) -> dict[str, Any]:
+    model = shared.model(run)
     # requests == limits for every resource: Guaranteed QoS makes run pods the last to be
     # evicted under node pressure (a multi-day run should not die for a log shipper) and
     # lets the kubelet's CPU manager pin cores for the data loaders.
@@ -363,20 +427,10 @@ def _resources(run: PlannedRun, spec: ExperimentSpec) -> dict[str, Any]:
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
-def _model_resources(run: PlannedRun, spec: ExperimentSpec) -> ModelResources:
-    name = run.labels.model
-    for model in spec.models:
-        if model.name == name:
-            return model.resources
-    raise ValueError(f"run {run.run_id} names model {name!r}, which is not in the spec's models")
-
-
-def _volumes(run: PlannedRun, spec: ExperimentSpec, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    model = _model_resources(run, spec)
+def _volumes(run: PlannedRun, shared: _Shared, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     volumes: list[dict[str, Any]] = [
         {"name": "run-config", "configMap": {"name": name}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory",
-                                      "sizeLimit": shm_size(model.memory, run.config.resources.procs_per_node)}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shared.shm_size(run)}},
         {"name": "tmp", "emptyDir": {}},
     ]
     mounts: list[dict[str, Any]] = [
@@ -384,10 +438,9 @@ def _volumes(run: PlannedRun, spec: ExperimentSpec, name: str) -> tuple[list[dic
         {"name": "dshm", "mountPath": "/dev/shm"},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
-    pvc = runs_pvc(spec)
-    if pvc:
-        volumes.append({"name": "runs", "persistentVolumeClaim": {"claimName": pvc}})
-        mounts.append({"name": "runs", "mountPath": spec.cluster.storage.mount_path})
+    if shared.pvc:
+        volumes.append({"name": "runs", "persistentVolumeClaim": {"claimName": shared.pvc}})
+        mounts.append({"name": "runs", "mountPath": shared.spec.cluster.storage.mount_path})
     return volumes, mounts
 
 
@@ -438,25 +491,23 @@ def container_security_context() -> dict[str, Any]:
     }
 
 
-def _job(run: PlannedRun, spec: ExperimentSpec, name: str, labels: dict[str, str],
-         owner: OwnerRef | None) -> dict[str, Any]:
-    cluster = spec.cluster
+def _job(run: PlannedRun, shared: _Shared, name: str, labels: dict[str, str]) -> dict[str, Any]:
+    cluster = shared.spec.cluster
     res = run.config.resources
-    env, env_from = _env(run, spec)
-    volumes, mounts = _volumes(run, spec, name)
+    volumes, mounts = _volumes(run, shared, name)
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": cluster.image,
         "imagePullPolicy": "IfNotPresent",
         "command": trainer_command(run.config, name),
-        "env": env,
-        "resources": _resources(run, spec),
+        "env": _env(run, shared),
+        "resources": _resources(run, shared),
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    if env_from:
-        container["envFrom"] = env_from
+    if shared.env_from:
+        container["envFrom"] = _copied(shared.env_from)
     if res.nodes > 1:
         container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
     pod_spec: dict[str, Any] = {
@@ -471,8 +522,8 @@ def _job(run: PlannedRun, spec: ExperimentSpec, name: str, labels: dict[str, str
     }
     if cluster.node_selector:
         pod_spec["nodeSelector"] = dict(cluster.node_selector)
-    if cluster.tolerations:
-        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in cluster.tolerations]
+    if shared.tolerations:
+        pod_spec["tolerations"] = _copied(shared.tolerations)
     if res.nodes > 1:
         pod_spec["subdomain"] = name  # with the Indexed hostname: <job>-<i>.<job>
     job_spec: dict[str, Any] = {
@@ -490,7 +541,7 @@ def _job(run: PlannedRun, spec: ExperimentSpec, name: str, labels: dict[str, str
         job_spec["activeDeadlineSeconds"] = cluster.active_deadline_seconds
     if cluster.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = cluster.ttl_seconds_after_finished
-    metadata = _metadata(spec, name, labels, owner)
+    metadata = _metadata(shared, name, labels)
     if cluster.queue:
         metadata["labels"][KUEUE_QUEUE_LABEL] = cluster.queue
         # Kueue admits a Job by unsuspending it; created suspended, it never starts pods
