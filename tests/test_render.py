@@ -469,3 +469,17 @@ def rendered_digest(case: str) -> str:
 @pytest.mark.parametrize("case", list(RENDER_DIGESTS))
 def test_rendering_is_pinned_byte_for_byte(case: str) -> None:
     assert rendered_digest(case) == RENDER_DIGESTS[case], f"render of {case} changed (see RENDER_DIGESTS)"
+
+
+def test_rendered_objects_share_no_dict_or_list() -> None:
+    """What all runs have in common is worked out once, but every object gets its own
+    dicts and lists: a caller changing one run's objects never changes another's."""
+    spec, p = load("scaling")
+    seen: set[int] = set()
+    pending: list[Any] = render_experiment(p, spec, OWNER)
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict | list):
+            assert id(value) not in seen, f"shared between objects: {value}"
+            seen.add(id(value))
+            pending.extend(value.values() if isinstance(value, dict) else value)
