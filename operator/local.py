@@ -126,11 +126,12 @@ def place(resources: Resources, machine_gpus: int) -> Placement:
 
 
 def trainer_command(config_path: Path, processes: int) -> list[str]:
-    """The trainer's argv: one process, or torchrun with one process per GPU (or per CPU rank).
+    """The trainer's argv: one process, or torchrun (by xstilts.trainer.launch, which passes the
+    trainer's exit codes on) with one process per GPU (or per CPU rank).
     `--standalone` gives each torchrun its own free rendezvous port, so runs can overlap."""
     trainer = ["-m", "xstilts.trainer", str(config_path)]
     if processes > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+        return [sys.executable, "-m", "xstilts.trainer.launch", "--standalone",
                 f"--nproc_per_node={processes}", *trainer]
     return [sys.executable, *trainer]
 

@@ -61,6 +61,7 @@ RUN_CONFIG_PATH = f"{RUN_CONFIG_DIR}/{RUN_CONFIG_KEY}"
 # Used when the spec names no storage: the runs PVC that k8s/ overlays create.
 DEFAULT_RUNS_PVC = "xstilts-runs"
 RENDEZVOUS_PORT = 29500
+LAUNCHER = ("python", "-m", "xstilts.trainer.launch")
 RUN_AS_USER = 1000
 # Long enough for a ZeRO-3 checkpoint of a 10B model (optimizer state included) to reach
 # shared storage after SIGTERM; the trainer then exits with ExitCode.INTERRUPTED.
@@ -328,13 +329,14 @@ def _headless_service(shared: _Shared, name: str, labels: dict[str, str]) -> dic
 
 def trainer_command(config: RunConfig, name: str) -> list[str]:
     """The container's exec array. One process: `python -m xstilts.trainer run.json`;
-    several per node: torchrun; several nodes: torchrun with a static rendezvous on pod 0
-    of the Indexed Job, each pod's rank being its completion index (expanded by the
-    kubelet from the container's environment, not by a shell)."""
+    several per node: torchrun (by xstilts.trainer.launch); several nodes: torchrun with a
+    static rendezvous on pod 0 of the Indexed Job, each pod's rank being its completion index
+    (expanded by the kubelet from the container's environment, not by a shell)."""
     res = config.resources
     if res.nodes == 1 and res.procs_per_node == 1:
         return ["python", "-m", "xstilts.trainer", RUN_CONFIG_PATH]
-    command = ["torchrun", f"--nproc_per_node={res.procs_per_node}", f"--nnodes={res.nodes}"]
+    # torchrun through the trainer's launcher, which passes the trainer's exit codes on
+    command = [*LAUNCHER, f"--nproc_per_node={res.procs_per_node}", f"--nnodes={res.nodes}"]
     if res.nodes == 1:
         command.append("--standalone")
     else:

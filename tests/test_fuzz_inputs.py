@@ -236,9 +236,10 @@ def within(path: str, root: str) -> bool:
 
 def command_is_fixed(command: list[str], job: str) -> bool:
     """The exec array holds only fixed words, numbers and the Job's own (validated) name."""
-    fixed = {"python", "-m", "xstilts.trainer", RUN_CONFIG_PATH, "torchrun", "--standalone", "--max_restarts=0",
+    fixed = {"python", "-m", "xstilts.trainer", RUN_CONFIG_PATH, "xstilts.trainer.launch", "--standalone",
+             "--max_restarts=0",
              "--node_rank=$(JOB_COMPLETION_INDEX)", f"--master_port={RENDEZVOUS_PORT}", f"--master_addr={job}-0.{job}"}
-    numbered = re.compile(r"--(nproc_per_node|nnodes)=[0-9]+")
+    numbered = re.compile(r"--(nproc_per_node|nnodes|shutdown_timeout)=[0-9]+")
     return all(isinstance(w, str) and (w in fixed or numbered.fullmatch(w)) for w in command)
 
 

@@ -150,7 +150,7 @@ def test_trainer_command_and_environment(tmp_path: Path) -> None:
     config = tmp_path / "run.json"
     assert trainer_command(config, 1) == [sys.executable, "-m", "xstilts.trainer", str(config)]
     torchrun = trainer_command(config, 2)
-    assert torchrun[:4] == [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    assert torchrun[:4] == [sys.executable, "-m", "xstilts.trainer.launch", "--standalone"]
     assert "--nproc_per_node=2" in torchrun and torchrun[-3:] == ["-m", "xstilts.trainer", str(config)]
 
     cpu = trainer_env({"PATH": "/bin"}, Placement(1, 0), [], threads_per_process(2, 2, 1))

@@ -132,7 +132,7 @@ def test_multi_node_run_is_an_indexed_job_with_a_headless_service_for_the_rendez
     assert selector.items() <= pod["metadata"]["labels"].items()
 
     command = container(job)["command"]
-    assert command[0] == "torchrun"
+    assert command[:3] == ["python", "-m", "xstilts.trainer.launch"]
     assert "--nproc_per_node=8" in command and "--nnodes=2" in command
     assert f"--master_addr={name}-0.{name}" in command
     assert "--node_rank=$(JOB_COMPLETION_INDEX)" in command
@@ -149,8 +149,8 @@ def test_multi_node_run_is_an_indexed_job_with_a_headless_service_for_the_rendez
 
 @pytest.mark.parametrize(("model", "expected"), [
     ("base", ["python", "-m", "xstilts.trainer", RUN_CONFIG_PATH]),
-    ("xl", ["torchrun", "--nproc_per_node=4", "--nnodes=1", "--standalone", "--max_restarts=0",
-            "--shutdown_timeout=280", "-m", "xstilts.trainer", RUN_CONFIG_PATH]),
+    ("xl", ["python", "-m", "xstilts.trainer.launch", "--nproc_per_node=4", "--nnodes=1", "--standalone",
+            "--max_restarts=0", "--shutdown_timeout=280", "-m", "xstilts.trainer", RUN_CONFIG_PATH]),
 ])
 def test_single_node_commands(model: str, expected: list[str]) -> None:
     spec, p = load("scaling")
@@ -445,9 +445,9 @@ def object_store_spec() -> tuple[ExperimentSpec, Plan]:
 RENDER_DIGESTS = {
     "demo": "596dc995eb0b81e87b21e34005972ca839f1e98a39601ee4b5bdd1013101445f",
     "phang2020": "0a330a8f0eb48d3ac0288d3578650ea84934d455f99fece322bc5dce06ac7515",
-    "scaling": "41d18720d93d3d9f931157382e0d821078c97466ac72c8b08fe801396f14c160",
-    "scaling-no-owner": "926d08cd8c15b6c9a5011d5d554ddaee1b6a4bcef41af5b442393e7619e6ce26",
-    "object-store": "97f7ed2e00abaa5890f5a72eba1d3de500f2e22a936f09759997c199dbd69299",
+    "scaling": "0c62c43e84a5a6d918cd0e3874bf97e26348f41dceaf6c56500e6ca32ee5152b",
+    "scaling-no-owner": "30982c188d594c7a65628e9449d2a51bc16e0cc8b4ff5f4985362d132dbb865e",
+    "object-store": "c770345b247a4f6d827ee5f67d1f1164354beac80a506552210e41280a836e57",
 }
 
 

@@ -1,0 +1,49 @@
+"""`python -m xstilts.trainer.launch [torchrun options] -m xstilts.trainer RUN.json`: torchrun,
+with the trainer's exit codes passed on.
+
+torchrun exits 1 whatever its workers exited with, and 1 again when a signal stopped it. The
+Job's podFailurePolicy and the local executor act on the trainer's codes (ExitCode.INVALID:
+never retried; ExitCode.INTERRUPTED: a retry resumes from the checkpoint), so this launcher
+runs torchrun in-process and maps its outcome back onto them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+
+from xstilts.trainer.config import ExitCode
+
+PROG = "python -m xstilts.trainer.launch"
+
+
+def exit_code_of(worker_codes: Iterable[int]) -> int:
+    """The launcher's code for failed workers: INVALID if any rank found the run invalid (a
+    retry cannot help), else INTERRUPTED if any rank was interrupted, else 1."""
+    codes = set(worker_codes)
+    if ExitCode.INVALID in codes:
+        return int(ExitCode.INVALID)
+    if ExitCode.INTERRUPTED in codes:
+        return int(ExitCode.INTERRUPTED)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(argv)
+    except SignalException as e:
+        # torchrun has passed the signal to its workers and waited --shutdown_timeout for them
+        # to checkpoint: a retry resumes.
+        print(f"{PROG}: stopped by {e.sigval.name}; a retry resumes from the last checkpoint", file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)
+    except ChildFailedError as e:  # torchrun has already printed which rank failed and how
+        return exit_code_of(failure.exitcode for failure in e.failures.values())
+    return int(ExitCode.OK)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
