@@ -90,6 +90,7 @@ def test_outage_mid_run_is_replayed_when_mlflow_returns(mlflow_server, unique_ex
     assert mlflow_run_id is not None
     for step in (1, 2, 3):
         tracker.log_metrics({"train.loss": float(step)}, step=step)
+    tracker.flush()  # metrics are delivered in the background: these three reach MLflow before the outage
 
     mlflow_server.stop()
     began = time.monotonic()
