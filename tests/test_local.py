@@ -177,7 +177,9 @@ def training_midway(p: Plan, done: set[str]) -> str | None:
 
 def test_resumes_after_ctrl_c_and_after_being_killed_without_training_anything_twice(
         tiny_hub: TinyHub, tiny_cache: Path, tmp_path: Path) -> None:
-    spec, p = write_spec(tmp_path, spec_text(tiny_hub, name="resume-test", steps=60))
+    # Runs forked ready-made train 60 steps in about a second, faster than progress.json (written
+    # once a second) can show one mid-way: 400 steps leave time to catch each run training.
+    spec, p = write_spec(tmp_path, spec_text(tiny_hub, name="resume-test", steps=400))
 
     # 1. Ctrl-C (SIGINT to the executor) once a run has finished and another is training
     proc = subprocess.Popen(run_command(spec, tmp_path, "--parallel", "1"), cwd=tmp_path, stdout=subprocess.PIPE,
