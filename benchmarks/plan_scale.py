@@ -21,10 +21,10 @@ import argparse
 import time
 from datetime import UTC, datetime
 
-from xstilts.operator.plan import Plan, plan
-from xstilts.operator.reconcile import Observed, ObservedJob, ResultSummary, reconcile
-from xstilts.operator.render import render_experiment, render_run
-from xstilts.operator.spec import ExperimentSpec, parse_document
+from xstilts.operator.cluster.reconcile import Observed, ObservedJob, ResultSummary, reconcile
+from xstilts.operator.cluster.render import render_experiment, render_run
+from xstilts.operator.experiment.plan import Plan, plan
+from xstilts.operator.experiment.spec import ExperimentSpec, parse_document
 from xstilts.trainer.config import RunConfig, Stage
 from xstilts.trainer.tasks import INTERMEDIATE_TASKS
 

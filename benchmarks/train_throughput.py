@@ -101,10 +101,10 @@ def xstilts_batches(config: Any, cache: Path) -> tuple[int, int]:
     """Real and padded tokens of the micro-batches the run trained on: its sampler, same seed,
     same data, same micro batch."""
     from transformers import AutoTokenizer
+    from xstilts.trainer.batch_plan import plan_schedule
     from xstilts.trainer.batching import MultiTaskBatchSampler
     from xstilts.trainer.data import SplitRef, open_split
     from xstilts.trainer.features import load_encoded, tokenizer_fingerprint
-    from xstilts.trainer.schedule import plan_schedule
     from xstilts.trainer.train import micro_batch_inputs
 
     tokenizer = AutoTokenizer.from_pretrained(config.model)

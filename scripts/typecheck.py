@@ -30,7 +30,17 @@ def package_dirs(pyproject: dict[str, Any]) -> dict[str, str]:
     setuptools = pyproject["tool"]["setuptools"]
     mapping: dict[str, str] = setuptools["package-dir"]
     packages: list[str] = setuptools["packages"]
-    return {package: mapping.get(package, package.replace(".", "/")) for package in packages}
+    return {package: source_dir(package, mapping) for package in packages}
+
+
+def source_dir(package: str, mapping: dict[str, str]) -> str:
+    """A subpackage lies under its nearest mapped parent, as setuptools resolves it."""
+    parts = package.split(".")
+    for n in range(len(parts), 0, -1):
+        parent = ".".join(parts[:n])
+        if parent in mapping:
+            return "/".join([mapping[parent], *parts[n:]])
+    return package.replace(".", "/")
 
 
 def build_tree(packages: dict[str, str]) -> dict[str, str]:

@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 
 from pydantic import ValidationError
+from xstilts.trainer.batch_plan import InvalidRun
 from xstilts.trainer.config import ExitCode, RunConfig
 from xstilts.trainer.data import DataError
 from xstilts.trainer.interrupt import Interruption, RunInterrupted
-from xstilts.trainer.schedule import InvalidRun
 
 PROG = "xstilts.trainer"
 # Read by datasets and tokenizers when they are imported: their progress bars would flood
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             precheck(config, int(os.environ.get("WORLD_SIZE", 1)))
             return ExitCode.OK
-        from xstilts.trainer.results import read_result
+        from xstilts.trainer.rundir import read_result
 
         if read_result(config) is not None:
             if rank == 0:

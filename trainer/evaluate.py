@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from xstilts.trainer.batching import Collator, eval_batches
 from xstilts.trainer.features import Encoded
-from xstilts.trainer.metrics import Span, accuracy, answer_text, best_span, mean, squad_scores, token_accuracy
+from xstilts.trainer.scoring import Span, accuracy, answer_text, best_span, mean, squad_scores, token_accuracy
 from xstilts.trainer.tasks import Format, Task
 
 Forward = Callable[[dict[str, torch.Tensor]], Mapping[str, torch.Tensor]]

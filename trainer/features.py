@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from xstilts.trainer.data import TRAIN, RawSplit, SplitRef, normalize_rows
-from xstilts.trainer.metrics import IGNORE
+from xstilts.trainer.scoring import IGNORE
 from xstilts.trainer.tasks import TASKS, Example, Format, Task
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from xstilts.trainer.batching import Collator, MultiTaskBatchSampler, TrainSet
 from xstilts.trainer.evaluate import Predictor, dev_metrics, eval_token_budget, evaluate_splits
 from xstilts.trainer.features import Encoded
 from xstilts.trainer.interrupt import Interruption, RunInterrupted
-from xstilts.trainer.results import ProgressFile, eta_seconds
+from xstilts.trainer.rundir import ProgressFile, eta_seconds
 from xstilts.trainer.tasks import Task
 
 MAX_EVAL_ROWS = 1024

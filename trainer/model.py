@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional
-from xstilts.trainer.metrics import IGNORE
+from xstilts.trainer.scoring import IGNORE
 from xstilts.trainer.tasks import Format
 
 HEADS_FILE = "heads.safetensors"

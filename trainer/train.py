@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xstilts.trainer.batch_plan import InvalidRun, check_batch_layout
 from xstilts.trainer.checkpoints import newest_checkpoint, remove_partial_checkpoints
 from xstilts.trainer.config import RunConfig, RunResult, Stage
 from xstilts.trainer.data import check_local_files, dev_splits, open_split, test_splits, training_splits
 from xstilts.trainer.interrupt import Interruption, RunInterrupted
-from xstilts.trainer.schedule import InvalidRun, check_batch_layout
 from xstilts.trainer.tasks import TASKS, Format, Task
 
 log = logging.getLogger("xstilts.trainer")
@@ -133,8 +133,8 @@ def micro_batch_inputs(config: RunConfig, dist: Distributed | None = None) -> di
 
     if config.resources.micro_batch_size is not None or not torch.cuda.is_available():
         return {}
+    from xstilts.trainer.batch_plan import mixed_precision
     from xstilts.trainer.model import parameter_count_of
-    from xstilts.trainer.schedule import mixed_precision
 
     local_rank = dist.local_rank if dist else 0
     memory = torch.cuda.get_device_properties(local_rank).total_memory / 2**30
@@ -146,7 +146,7 @@ def micro_batch_inputs(config: RunConfig, dist: Distributed | None = None) -> di
 class Batching:
     """The padding optimisations of training batches, on by default. Off, a run trains on the
     same rows with random batches padded to max_seq_length: the classic setting that
-    tests/test_performance_quality.py compares against, to show that the speed costs nothing
+    tests/trainer/test_performance_quality.py compares against, to show that the speed costs nothing
     in accuracy."""
 
     length_grouping: bool = True  # batches of rows of similar length (else random rows)
@@ -173,7 +173,7 @@ def run(config: RunConfig, interruption: Interruption | None = None, cache_dir: 
     Raises InvalidRun / DataError for a run that cannot succeed, RunInterrupted on a signal.
     `batching` switches the padding optimisations off (tests compare results with and without)."""
     from xstilts.trainer.features import default_cache_dir
-    from xstilts.trainer.results import write_config
+    from xstilts.trainer.rundir import write_config
 
     started = time.monotonic()
     interruption = interruption or Interruption()
@@ -181,7 +181,7 @@ def run(config: RunConfig, interruption: Interruption | None = None, cache_dir: 
     precheck(config, dist.world_size)
 
     import torch
-    from xstilts.trainer.schedule import check_runtime
+    from xstilts.trainer.batch_plan import check_runtime
 
     cuda = torch.cuda.is_available()
     check_runtime(config, cuda, _deepspeed_available())
@@ -225,7 +225,7 @@ class _NoTracker:
 
 def _tracker(config: RunConfig, enabled: bool) -> Any:
     try:
-        from xstilts.trainer.tracking import RunTracker
+        from xstilts.trainer.tracking.tracker import RunTracker
     except ImportError as e:
         log.warning("MLflow tracking is off: %s", e)
         return _NoTracker()
@@ -236,12 +236,12 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
                         tracker: Any, started: float, batching: Batching) -> RunResult:
     import torch
     from transformers import AutoTokenizer, set_seed
+    from xstilts.trainer.batch_plan import deepspeed_config, mixed_precision, plan_schedule
     from xstilts.trainer.batching import Collator, MultiTaskBatchSampler, TrainSet
     from xstilts.trainer.evaluate import dev_metrics, selection_metric, test_metrics
     from xstilts.trainer.loop import RunCallback, StiltsTrainer
     from xstilts.trainer.model import HeadSpec, build_model, encoder_parameter_count, save_checkpoint
-    from xstilts.trainer.results import ProgressFile, utc_now, versions, write_result
-    from xstilts.trainer.schedule import deepspeed_config, mixed_precision, plan_schedule
+    from xstilts.trainer.rundir import ProgressFile, utc_now, versions, write_result
 
     hp = config.hyperparameters
     tokenizer = AutoTokenizer.from_pretrained(config.model)
@@ -337,7 +337,7 @@ def _log_params(tracker: Any, config: RunConfig, schedule: Any, parameters: int,
     params: dict[str, Any] = {"parameter_count": parameters, "precision_resolved": precision,
                               "total_steps": schedule.total_steps}
     with contextlib.suppress(ImportError):
-        from xstilts.trainer.tracking import config_params
+        from xstilts.trainer.tracking.tracker import config_params
 
         params = config_params(config) | params
     tracker.log_params(params)

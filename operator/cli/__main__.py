@@ -1,0 +1,3 @@
+from xstilts.operator.cli.app import main
+
+main()

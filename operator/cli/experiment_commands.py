@@ -1,0 +1,132 @@
+"""`xstilts validate`, `plan` and `crd`: what a spec means, before anything runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.markup import escape
+from rich.table import Table
+from xstilts.operator.cli.common import CliExit, SpecPath, console, fail, load_spec
+from xstilts.operator.cluster.crd import crd as make_crd
+from xstilts.operator.experiment.plan import Plan, PlannedRun, plan
+from xstilts.operator.experiment.spec import ExperimentSpec
+
+
+def validate(specs: Annotated[list[Path], typer.Argument(help="One or more spec files.")]) -> None:
+    """Check specs; print every problem with its field path. Exit 0 if all are valid, else 2."""
+    failed = False
+    for path in specs:
+        try:
+            spec = load_spec(path)
+        except typer.Exit:
+            failed = True
+            continue
+        console.print(f"[green]ok[/green] {escape(str(path))}: {escape(spec.name)}, {spec.run_count} runs")
+    if failed:
+        raise typer.Exit(CliExit.INVALID)
+
+
+def _fmt_hours(hours: float | None) -> str:
+    if hours is None:
+        return "?"
+    return f"{hours:,.1f}" if hours >= 0.1 else f"{hours:.3f}"
+
+
+def plan_rows(p: Plan) -> list[dict[str, Any]]:
+    return [
+        {
+            "run_id": r.run_id,
+            "stage": r.config.stage.value,
+            "model": r.labels.model,
+            "intermediate": r.labels.intermediate,
+            "target": r.labels.target,
+            "tasks": list(r.config.tasks),
+            "seed": r.config.seed,
+            "depends_on": list(r.depends_on),
+            "train_tokens": r.train_tokens,
+            "gpu_hours": r.gpu_hours,
+            "gpus": r.config.resources.gpus_per_node * r.config.resources.nodes,
+            "zero_stage": r.config.deepspeed.zero_stage,
+            "offload": r.config.deepspeed.offload,
+        }
+        for r in p.runs
+    ]
+
+
+def plan_command(
+    spec_path: SpecPath,
+    output: Annotated[str, typer.Option("--output", "-o", help="table or json")] = "table",
+    configs: Annotated[bool, typer.Option(help="With --output json: include each run's full RunConfig.")] = False,
+) -> None:
+    """Show the runs a spec expands to, their dependencies and GPU-hour estimates."""
+    if output not in ("table", "json"):
+        fail(f"--output must be 'table' or 'json', not {output!r}", CliExit.INVALID)
+    spec = load_spec(spec_path)
+    p = plan(spec)
+    if output == "json":
+        rows = plan_rows(p)
+        if configs:
+            for row, run in zip(rows, p.runs, strict=True):
+                row["config"] = run.config.model_dump(mode="json")
+        doc = {
+            "experiment": spec.name,
+            "runs": rows,
+            "totals": _totals(p),
+        }
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return
+    _print_plan_table(spec, p)
+
+
+def _totals(p: Plan) -> dict[str, Any]:
+    from xstilts.trainer.config import Stage
+
+    return {
+        "runs": len(p.runs),
+        "intermediate_runs": p.count(Stage.INTERMEDIATE),
+        "target_runs": p.count(Stage.TARGET),
+        "gpu_hours": p.gpu_hours,
+        "unknown_gpu_hours": sum(1 for r in p.runs if r.gpu_hours is None),
+    }
+
+
+def _print_plan_table(spec: ExperimentSpec, p: Plan) -> None:
+    table = Table(title=f"{escape(spec.name)}: {len(p.runs)} runs", show_lines=False)
+    for column in ("run", "stage", "model", "intermediate", "target", "seed", "after", "GPUs", "ZeRO", "GPU-h"):
+        table.add_column(column, justify="right" if column in ("seed", "GPUs", "GPU-h") else "left")
+
+    def row(r: PlannedRun) -> list[str]:
+        ds = r.config.deepspeed
+        zero = f"{ds.zero_stage}" + ("" if ds.offload == "none" else f"+{ds.offload}")
+        res = r.config.resources
+        gpus = f"{res.gpus_per_node}x{res.nodes}" if res.nodes > 1 else str(res.gpus_per_node)
+        return [r.run_id, r.config.stage.value, r.labels.model, r.labels.intermediate,
+                r.labels.target or "-", str(r.config.seed), ",".join(r.depends_on) or "-",
+                gpus, zero, _fmt_hours(r.gpu_hours)]
+
+    for r in p.runs:
+        table.add_row(*row(r))
+    console.print(table)
+    t = _totals(p)
+    unknown = f" ({t['unknown_gpu_hours']} runs of unknown size not counted)" if t["unknown_gpu_hours"] else ""
+    console.print(
+        f"[bold]{t['runs']}[/bold] runs: {t['intermediate_runs']} intermediate, {t['target_runs']} target;"
+        f" estimated [bold]{_fmt_hours(t['gpu_hours'])}[/bold] GPU-hours at"
+        f" {spec.planning.assumed_tflops_per_gpu:g} TFLOP/s per GPU{unknown}"
+    )
+
+
+def crd() -> None:
+    """Print the Experiment CustomResourceDefinition (generated from the spec model)."""
+    sys.stdout.write(yaml.safe_dump(make_crd(), sort_keys=False, width=100, allow_unicode=True))
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(validate)
+    app.command("plan")(plan_command)
+    app.command()(crd)

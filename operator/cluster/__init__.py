@@ -1,0 +1,1 @@
+"""The Kubernetes side: render Jobs, reconcile desired vs observed, the CRD, status, and the controller."""

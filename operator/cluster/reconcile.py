@@ -1,0 +1,470 @@
+"""reconcile: (spec, plan, observed Jobs and results) → the actions to take and the
+Experiment's new status (pure; the caller passes `now`).
+
+The controller (and `xstilts submit --no-controller`) calls this on every event and resync:
+
+    observed = Observed(jobs=[ObservedJob.from_k8s(j) for j in jobs_with_the_experiment_label],
+                        results={r.run_id: ResultSummary.from_result(r) for r in results_found},
+                        previous_status=experiment.get("status"))
+    decision = reconcile(spec, plan(spec, ...), observed, now, owner=OwnerRef.of(experiment))
+    for action in decision.actions:   # deletes first, then creates in dependency order
+        DeleteJob → delete the Job and its ConfigMap/Service of the same name
+        CreateRun → create action.objects in order (ConfigMap, [Service], Job);
+                    AlreadyExists on any of them means an earlier attempt got there: fine
+    patch the status subresource with decision.status
+
+Rules, all derived from what is observed now (level-triggered):
+
+- a run whose result.json exists is done, whether or not its Job still exists (Jobs are
+  deleted ttlSecondsAfterFinished after they finish);
+- a run whose Job exists is never created again; a run with neither a Job nor a result is
+  (re)created once its dependencies have results: this recreates Jobs deleted by hand;
+- a failed run stays failed: its Job is not retried by reconcile (the Job's own
+  backoffLimit and podFailurePolicy already did that), and once the Job's TTL deletes it,
+  the failure is remembered through the previous status's `runs` and `failures` maps. To
+  retry failed runs, delete their Jobs and drop them from the status, e.g.
+  `kubectl patch experiment NAME --subresource=status --type=json
+  -p '[{"op": "remove", "path": "/status/runs/RUN_ID"}]'`;
+- a phase-3 run is created only when its phase-2 run has a result; if the phase-2 run
+  failed (or is blocked), the dependant is `blocked` and never created;
+- at most spec.cluster.maxParallel Jobs are active (pending or running), counting the Jobs
+  observed active (orphans included: they hold GPUs until they are gone) plus this
+  decision's creations;
+- Jobs labelled with this experiment whose run id is not in the plan are deleted.
+
+Only the runs created in this decision are rendered, so a reconcile of 10,000 runs costs
+a pass over the plan, not 10,000 renders.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import lru_cache
+from statistics import fmean
+from typing import Any, Literal
+
+from xstilts.operator.cluster.render import (
+    GPU_RESOURCE,
+    RUN_ID_LABEL,
+    OwnerRef,
+    job_name,
+    render_run,
+)
+from xstilts.operator.experiment.plan import Plan
+from xstilts.operator.experiment.spec import BASELINE, ExperimentSpec
+from xstilts.operator.report.stats import gain_interval
+from xstilts.trainer.config import RunResult, Stage
+
+JobPhase = Literal["pending", "running", "succeeded", "failed"]
+ACTIVE_PHASES: frozenset[str] = frozenset({"pending", "running"})
+
+# Per-run states in status.runs.
+WAITING = "waiting"  # a dependency has no result yet
+QUEUED = "queued"  # ready, held back by maxParallel
+CREATING = "creating"  # created by this decision
+PENDING = "pending"  # Job exists, no pod running yet (unscheduled, or suspended by Kueue)
+RUNNING = "running"
+FINISHING = "finishing"  # Job succeeded, result.json not visible yet
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+BLOCKED = "blocked"  # a dependency failed: never created
+
+# Each run state is counted under one of the status counts.
+COUNTED_AS = {
+    WAITING: "pending", QUEUED: "pending", CREATING: "pending", PENDING: "pending",
+    RUNNING: "running", FINISHING: "running",
+    SUCCEEDED: "succeeded", FAILED: "failed", BLOCKED: "blocked",
+}
+COUNT_KEYS = ("total", "pending", "running", "succeeded", "failed", "blocked")
+
+# Experiment phases.
+PHASE_PENDING = "Pending"
+PHASE_RUNNING = "Running"
+PHASE_SUCCEEDED = "Succeeded"
+PHASE_FAILED = "Failed"
+PHASE_PARTIALLY_FAILED = "PartiallyFailed"
+
+# How many failed runs the Degraded condition names before "and N more".
+FAILURES_NAMED = 5
+POINTS = 100.0  # scores are fractions; gains are in points
+
+
+# --- what is observed --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedJob:
+    """One Job of the experiment as the API shows it, reduced to what reconcile needs."""
+
+    name: str
+    run_id: str
+    phase: JobPhase
+    failure_reason: str | None = None
+    start_time: datetime | None = None
+    completion_time: datetime | None = None  # success time, or when the Job was marked failed
+    gpus: int = 0  # GPUs the Job's pods hold in total (per pod × parallelism)
+
+    @property
+    def active(self) -> bool:
+        return self.phase in ACTIVE_PHASES
+
+    @classmethod
+    def from_k8s(cls, job: Mapping[str, Any]) -> ObservedJob:
+        """From a Job in its JSON form (as `kubectl get -o json` or the Python client's
+        `ApiClient().sanitize_for_serialization(job)` give it).
+
+        Phase: a True `Complete` or `SuccessCriteriaMet` condition → succeeded; a True
+        `Failed` or `FailureTarget` condition → failed (reason and message kept); else
+        running when a pod is ready, pending otherwise (no pod yet, unscheduled, or
+        suspended). Raises ValueError for a Job without the run-id label: it was not made
+        by `render_run`."""
+        meta = job.get("metadata") or {}
+        name = str(meta.get("name") or "")
+        run_id = (meta.get("labels") or {}).get(RUN_ID_LABEL)
+        if not run_id:
+            raise ValueError(f"Job {name!r} has no {RUN_ID_LABEL} label; it was not created by xstilts")
+        spec = job.get("spec") or {}
+        status = job.get("status") or {}
+        true_conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+        start_time = _timestamp(status.get("startTime"))
+        completion_time = _timestamp(status.get("completionTime"))
+        failure_reason = None
+        phase: JobPhase
+        if done := true_conditions.get("Complete") or true_conditions.get("SuccessCriteriaMet"):
+            phase = "succeeded"
+            completion_time = completion_time or _timestamp(done.get("lastTransitionTime"))
+        elif failed := true_conditions.get("Failed") or true_conditions.get("FailureTarget"):
+            phase = "failed"
+            completion_time = completion_time or _timestamp(failed.get("lastTransitionTime"))
+            reason, message = failed.get("reason"), failed.get("message")
+            failure_reason = ": ".join(str(p) for p in (reason, message) if p) or "Failed"
+        elif (status.get("ready") or 0) > 0:
+            phase = "running"
+        else:
+            phase = "pending"
+        return cls(name=name, run_id=str(run_id), phase=phase, failure_reason=failure_reason,
+                   start_time=start_time, completion_time=completion_time, gpus=_job_gpus(spec))
+
+
+def _timestamp(value: Any) -> datetime | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def _job_gpus(job_spec: Mapping[str, Any]) -> int:
+    pod = ((job_spec.get("template") or {}).get("spec")) or {}
+    per_pod = 0
+    for container in pod.get("containers") or []:
+        resources = container.get("resources") or {}
+        limits, requests = resources.get("limits") or {}, resources.get("requests") or {}
+        per_pod += int(limits.get(GPU_RESOURCE, requests.get(GPU_RESOURCE, 0)))
+    return per_pod * int(job_spec.get("parallelism") or 1)
+
+
+@dataclass(frozen=True, slots=True)
+class ResultSummary:
+    """What reconcile needs of a run's result.json. `scores` holds the primary metric per
+    evaluation language and its mean under "avg" (target runs; empty for intermediate ones)."""
+
+    run_id: str
+    scores: dict[str, float] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    gpu_seconds: float = 0.0
+
+    @classmethod
+    def from_result(cls, result: RunResult) -> ResultSummary:
+        primary = result.primary_metric
+        scores = {lang: values[primary] for lang, values in sorted(result.languages.items()) if primary in values}
+        if scores:
+            scores["avg"] = fmean(scores.values())
+        else:
+            average = next((v for k, v in result.metrics.items() if k.endswith(f".test.{primary}.avg")), None)
+            if average is not None:
+                scores["avg"] = average
+        res = result.config.resources
+        return cls(run_id=result.run_id, scores=scores, wall_seconds=result.wall_seconds,
+                   gpu_seconds=result.wall_seconds * res.gpus_per_node * res.nodes)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """The experiment as seen now: its Jobs (selected by `render.experiment_selector`), the
+    results found on storage (`render.result_file` says where), and the Experiment's current
+    status as the API returned it (None for a new Experiment): reconcile reads its `runs`,
+    `failures` and `conditions` to keep failures and transition times."""
+
+    jobs: Iterable[ObservedJob] = ()
+    results: Mapping[str, ResultSummary] = field(default_factory=dict)
+    previous_status: Mapping[str, Any] | None = None
+
+
+# --- what to do --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CreateRun:
+    """Create `objects` in order (ConfigMap, [headless Service], Job)."""
+
+    run_id: str
+    job_name: str
+    objects: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteJob:
+    """Delete the Job `name` and the ConfigMap and Service of the same name."""
+
+    name: str
+    reason: str
+
+
+Action = CreateRun | DeleteJob
+
+
+@dataclass(frozen=True)
+class Decision:
+    actions: list[Action]
+    status: dict[str, Any]
+
+    @property
+    def creates(self) -> list[CreateRun]:
+        return [a for a in self.actions if isinstance(a, CreateRun)]
+
+    @property
+    def deletes(self) -> list[DeleteJob]:
+        return [a for a in self.actions if isinstance(a, DeleteJob)]
+
+
+# --- the gain so far ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Gain:
+    """Gain of an intermediate arm over the baseline on one target, in points of the target's
+    primary metric averaged over its languages, over `seeds` seeds (paired by seed when it
+    can be; `stats.gain_interval` decides, as in the report)."""
+
+    model: str
+    intermediate: str
+    target: str
+    points: float
+    seeds: int
+
+    def __str__(self) -> str:
+        return f"{self.points:+.1f} {self.target}/{self.intermediate}@{self.model}"
+
+
+def gains(plan: Plan, results: Mapping[str, ResultSummary]) -> list[Gain]:
+    """Every (model, intermediate, target) whose arm and baseline both have target results,
+    in plan order. The same computation as the report's language-average cells."""
+    scores: dict[tuple[str, str, str], dict[int, float]] = defaultdict(dict)
+    for run in plan.runs:
+        labels = run.labels
+        if run.config.stage is not Stage.TARGET or labels.target is None:
+            continue
+        avg = _average(results.get(run.run_id))
+        if avg is not None:
+            scores[(labels.model, labels.intermediate, labels.target)][run.config.seed] = POINTS * avg
+    found = []
+    for (model, arm, target), treated in scores.items():
+        if arm == BASELINE:
+            continue
+        baseline = scores.get((model, BASELINE, target), {})
+        gain = _seed_gain(tuple(sorted(treated.items())), tuple(sorted(baseline.items())))
+        if gain is not None:
+            found.append(Gain(model, arm, target, *gain))
+    return found
+
+
+@lru_cache(maxsize=1 << 16)
+def _seed_gain(treated: tuple[tuple[int, float], ...],
+               baseline: tuple[tuple[int, float], ...]) -> tuple[float, int] | None:
+    """Mean gain and seed count of one cell. gain_interval also computes a t interval (a few
+    milliseconds each); the cache makes a resync whose results did not change cost nothing."""
+    interval = gain_interval(dict(treated), dict(baseline))
+    return None if interval is None else (interval.mean, interval.n)
+
+
+def best_gain(plan: Plan, results: Mapping[str, ResultSummary]) -> Gain | None:
+    """The largest mean gain so far (the first in plan order on a tie), or None."""
+    best: Gain | None = None
+    for gain in gains(plan, results):
+        if best is None or gain.points > best.points:
+            best = gain
+    return best
+
+
+def _average(summary: ResultSummary | None) -> float | None:
+    return None if summary is None else summary.scores.get("avg")
+
+
+# --- reconcile ---------------------------------------------------------------------------
+
+
+def reconcile(spec: ExperimentSpec, plan: Plan, observed: Observed, now: datetime,
+              owner: OwnerRef | None = None) -> Decision:
+    """The actions that move the cluster towards the plan, and the status to write.
+    Deterministic: DeleteJob actions sorted by name, then CreateRun in plan order."""
+    results = observed.results
+    seen = tuple(observed.jobs)
+    jobs, deletes = _assign_jobs(spec, plan, seen)
+    previous = observed.previous_status or {}
+    previous_runs: Mapping[str, str] = previous.get("runs") or {}
+    previous_failures: Mapping[str, str] = previous.get("failures") or {}
+
+    active = sum(1 for job in seen if job.active)
+    budget = max(0, spec.cluster.max_parallel - active)
+    states: dict[str, str] = {}
+    failures: dict[str, str] = {}
+    creates: list[CreateRun] = []
+    for run in plan.runs:  # dependencies come before dependants
+        rid = run.run_id
+        job = jobs.get(rid)
+        if rid in results:
+            state = SUCCEEDED
+        elif job is not None:
+            state = {"pending": PENDING, "running": RUNNING, "succeeded": FINISHING, "failed": FAILED}[job.phase]
+            if state == FAILED:
+                failures[rid] = job.failure_reason or "Failed"
+        elif previous_runs.get(rid) == FAILED:
+            state = FAILED
+            failures[rid] = previous_failures.get(rid, "Failed")
+        else:
+            dependencies = [states[d] for d in run.depends_on]
+            if any(d in (FAILED, BLOCKED) for d in dependencies):
+                state = BLOCKED
+            elif any(d != SUCCEEDED for d in dependencies):
+                state = WAITING
+            elif budget > 0:
+                state = CREATING
+                budget -= 1
+                creates.append(CreateRun(rid, job_name(spec.name, rid), render_run(run, spec, owner)))
+            else:
+                state = QUEUED
+        states[rid] = state
+
+    status = _status(spec, plan, results, previous, now, states, failures, jobs)
+    return Decision(actions=[*deletes, *creates], status=status)
+
+
+def _assign_jobs(spec: ExperimentSpec, plan: Plan,
+                 observed: Iterable[ObservedJob]) -> tuple[dict[str, ObservedJob], list[DeleteJob]]:
+    """Each planned run's Job; orphans (run not in the plan) and duplicates (a second Job
+    for a run, which only another naming scheme could have made) are to be deleted."""
+    jobs: dict[str, ObservedJob] = {}
+    deletes: list[DeleteJob] = []
+    # The canonically named Job wins over a duplicate; ties broken by name.
+    ordered = sorted(observed, key=lambda j: (j.name != job_name(spec.name, j.run_id), j.name))
+    for job in ordered:
+        if job.run_id not in plan.by_id:
+            deletes.append(DeleteJob(job.name, f"run {job.run_id} is no longer in the plan of experiment {spec.name}"))
+        elif job.run_id in jobs:
+            deletes.append(DeleteJob(job.name, f"duplicate Job for run {job.run_id}; keeping {jobs[job.run_id].name}"))
+        else:
+            jobs[job.run_id] = job
+    deletes.sort(key=lambda d: d.name)
+    return jobs, deletes
+
+
+def _status(spec: ExperimentSpec, plan: Plan, results: Mapping[str, ResultSummary], previous: Mapping[str, Any],
+            now: datetime, states: dict[str, str], failures: dict[str, str],
+            jobs: Mapping[str, ObservedJob]) -> dict[str, Any]:
+    counts = dict.fromkeys(COUNT_KEYS, 0)
+    counts["total"] = len(states)
+    for state in states.values():
+        counts[COUNTED_AS[state]] += 1
+    phase = _phase(counts, states)
+    status: dict[str, Any] = {
+        "phase": phase,
+        "message": (f"{counts['succeeded']}/{counts['total']} runs succeeded, {counts['running']} running,"
+                    f" {counts['pending']} pending, {counts['failed']} failed, {counts['blocked']} blocked"),
+        "conditions": _conditions(counts, states, failures, phase, now, previous),
+        "counts": counts,
+        "gpuHoursEstimated": round(plan.gpu_hours, 3),
+        "gpuHoursUsed": round(_gpu_hours_used(plan, results, jobs, now), 3),
+        "mlflowExperiment": spec.mlflow.experiment_name or spec.name,
+        "runs": states,
+    }
+    if spec.mlflow.tracking_uri:
+        status["mlflowTrackingUri"] = spec.mlflow.tracking_uri
+    if failures:
+        status["failures"] = failures
+    gain = best_gain(plan, results)
+    if gain is not None:
+        status["bestGain"] = str(gain)
+    return status
+
+
+def _phase(counts: dict[str, int], states: dict[str, str]) -> str:
+    if counts["succeeded"] == counts["total"]:
+        return PHASE_SUCCEEDED
+    if counts["pending"] == 0 and counts["running"] == 0:  # only succeeded, failed, blocked left
+        return PHASE_FAILED if counts["succeeded"] == 0 else PHASE_PARTIALLY_FAILED
+    started = any(s not in (WAITING, QUEUED, CREATING, PENDING) for s in states.values())
+    return PHASE_RUNNING if started else PHASE_PENDING
+
+
+def _conditions(counts: dict[str, int], states: dict[str, str], failures: dict[str, str], phase: str,
+                now: datetime, previous_status: Mapping[str, Any]) -> list[dict[str, Any]]:
+    queued = sum(1 for s in states.values() if s == QUEUED)
+    if counts["pending"] + counts["running"] == 0:
+        progressing = ("False", "Finished", "no run is pending or running")
+    elif counts["running"] or any(s in (CREATING, PENDING) for s in states.values()):
+        progressing = ("True", "RunsActive", f"{counts['running']} running, {counts['pending']} pending"
+                       + (f" ({queued} held back by maxParallel)" if queued else ""))
+    elif queued:
+        progressing = ("True", "WaitingForCapacity", f"{queued} runs held back by maxParallel")
+    else:
+        progressing = ("True", "WaitingForDependencies", f"{counts['pending']} runs wait for phase-2 results")
+    if failures:
+        named = [f"{rid} ({reason})" for rid, reason in list(failures.items())[:FAILURES_NAMED]]
+        more = f" and {len(failures) - FAILURES_NAMED} more" if len(failures) > FAILURES_NAMED else ""
+        blocked = f"; {counts['blocked']} dependant runs blocked" if counts["blocked"] else ""
+        degraded = ("True", "RunsFailed", f"{len(failures)} runs failed: {', '.join(named)}{more}{blocked}")
+    else:
+        degraded = ("False", "NoFailures", "no run has failed")
+    ready_reason = {PHASE_SUCCEEDED: "AllRunsSucceeded", PHASE_FAILED: "RunsFailed",
+                    PHASE_PARTIALLY_FAILED: "RunsFailed"}.get(phase, "RunsInProgress")
+    ready = ("True" if phase == PHASE_SUCCEEDED else "False", ready_reason,
+             f"{counts['succeeded']}/{counts['total']} runs succeeded")
+    previous = {c.get("type"): c for c in previous_status.get("conditions") or []}
+    stamp = _rfc3339(now)
+    conditions = []
+    for kind, (value, reason, message) in (("Ready", ready), ("Progressing", progressing), ("Degraded", degraded)):
+        before = previous.get(kind)
+        # lastTransitionTime moves only when the condition's status does.
+        since = before["lastTransitionTime"] if before and before.get("status") == value and before.get(
+            "lastTransitionTime") else stamp
+        conditions.append({"type": kind, "status": value, "reason": reason, "message": message,
+                           "lastTransitionTime": since})
+    return conditions
+
+
+def _gpu_hours_used(plan: Plan, results: Mapping[str, ResultSummary], jobs: Mapping[str, ObservedJob],
+                    now: datetime) -> float:
+    """Measured wall time × GPUs of finished runs (from their results), plus the lifetime of
+    every Job without a result: running ones up to now, failed ones until they failed.
+    An upper bound for Jobs: their lifetime includes time waiting for a node."""
+    seconds = sum(r.gpu_seconds for rid, r in results.items() if rid in plan.by_id)
+    for run_id, job in jobs.items():
+        if run_id in results or job.start_time is None or not job.gpus:
+            continue
+        # A pending Job holds no GPU yet (its pods are not running, or Kueue holds it).
+        end = job.completion_time or (now if job.phase == "running" else None)
+        if end is not None:
+            seconds += max(0.0, (_aware(end) - _aware(job.start_time)).total_seconds()) * job.gpus
+    return seconds / 3600.0
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _rfc3339(moment: datetime) -> str:
+    return _aware(moment).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

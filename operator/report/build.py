@@ -1,0 +1,408 @@
+"""The scaling report, pure over result records: for every model × intermediate task ×
+target × language the gain over the baseline (mean and 95% t interval over seeds), per-model
+averages, the best intermediate task per model size, and what is still missing; rendered as
+Markdown and as a self-contained HTML page. Plots are in report_plots.py (matplotlib), files
+and MLflow in results.py.
+
+Gains are in points of the target's metric (accuracy × 100). A language-average ("avg") is the
+mean over every evaluated language of the target, English included, as XTREME averages.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from xstilts.operator.experiment.spec import BASELINE, ExperimentSpec
+from xstilts.operator.report.stats import Interval, Method, gain_interval, mean_interval
+from xstilts.trainer.config import RunResult, Stage
+from xstilts.trainer.tasks import TASKS
+
+AVG = "avg"
+POINTS = 100.0  # metrics are fractions; the report speaks in points
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    label: str
+    parameters: int | None  # from the spec; the report prefers the count the trainer measured
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What the spec asks for: the cells a complete report has."""
+
+    experiment: str
+    models: tuple[ModelInfo, ...]
+    arms: tuple[str, ...]  # intermediate tasks and multi-task groups; the baseline is implied
+    targets: tuple[str, ...]
+    seeds: tuple[int, ...]
+    languages: Mapping[str, tuple[str, ...]]  # target -> evaluated languages
+
+    def metric(self, target: str) -> str:
+        metric: str = TASKS[target].metric
+        return metric
+
+
+def grid_of(spec: ExperimentSpec) -> Grid:
+    return Grid(
+        experiment=spec.name,
+        models=tuple(ModelInfo(m.name, m.label, m.parameter_count) for m in spec.models),
+        arms=tuple(spec.intermediates),
+        targets=tuple(spec.targets),
+        seeds=tuple(spec.seeds),
+        languages={t: tuple(spec.eval_languages.get(t) or TASKS[t].languages) for t in spec.targets},
+    )
+
+
+# Scores of one target run, by language plus AVG when every language is there.
+Scores = dict[str, float]
+RunKey = tuple[str, str, str, int]  # model, arm (or baseline), target, seed
+
+
+@dataclass(frozen=True)
+class GainCell:
+    model: str
+    arm: str
+    target: str
+    language: str  # a language code or AVG
+    gain: Interval  # points
+
+
+@dataclass(frozen=True)
+class BestArm:
+    model: str
+    arm: str
+    gain: Interval  # averaged over targets and languages
+
+
+@dataclass(frozen=True)
+class Report:
+    grid: Grid
+    parameters: Mapping[str, int | None]  # model -> parameter count (measured when known)
+    scores: Mapping[tuple[str, str, str, str], Interval]  # (model, arm, target, language) -> points
+    cells: tuple[GainCell, ...]
+    model_averages: Mapping[tuple[str, str], Interval]  # (model, arm) -> gain over targets
+    best: tuple[BestArm, ...]
+    missing: tuple[str, ...]  # one line per gap, for humans
+    results_used: int
+    methods: frozenset[Method] = field(default_factory=frozenset)
+
+    @property
+    def models_by_size(self) -> list[ModelInfo]:
+        """Smallest first; models of unknown size last, in spec order."""
+        order = {m.name: i for i, m in enumerate(self.grid.models)}
+
+        def key(m: ModelInfo) -> tuple[int, float, int]:
+            n = self.parameters.get(m.name)
+            return (n is None, float(n or 0), order[m.name])
+
+        return sorted(self.grid.models, key=key)
+
+    def cell(self, model: str, arm: str, target: str, language: str) -> GainCell | None:
+        return self._cells.get((model, arm, target, language))
+
+    @cached_property
+    def _cells(self) -> dict[tuple[str, str, str, str], GainCell]:
+        return {(c.model, c.arm, c.target, c.language): c for c in self.cells}
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+
+# --- from result records to gains -----------------------------------------------------------
+
+
+def target_scores(results: Iterable[RunResult], grid: Grid) -> dict[RunKey, Scores]:
+    """Per-language scores (points) of every target run the grid contains. Should one cell have
+    several records (a rerun under another storage root), the latest one counts."""
+    latest: dict[RunKey, RunResult] = {}
+    models = {m.name for m in grid.models}
+    for r in results:
+        labels = r.config.labels
+        if r.config.stage is not Stage.TARGET or labels is None or labels.target is None:
+            continue
+        if labels.model not in models or labels.target not in grid.targets:
+            continue
+        if labels.intermediate not in (BASELINE, *grid.arms):
+            continue
+        key = (labels.model, labels.intermediate, labels.target, r.config.seed)
+        if key not in latest or r.finished_at > latest[key].finished_at:
+            latest[key] = r
+    out: dict[RunKey, Scores] = {}
+    for key, r in latest.items():
+        target = key[2]
+        scores: Scores = {}
+        for lang in grid.languages[target]:
+            value = r.languages.get(lang, {}).get(r.primary_metric)
+            if value is not None:
+                scores[lang] = value * POINTS
+        if scores and len(scores) == len(grid.languages[target]):
+            scores[AVG] = statistics.fmean(scores.values())
+        out[key] = scores
+    return out
+
+
+def _by_seed(scores: Mapping[RunKey, Scores], model: str, arm: str, target: str, language: str) -> dict[int, float]:
+    return {k[3]: s[language] for k, s in scores.items()
+            if k[:3] == (model, arm, target) and language in s}
+
+
+def _over_targets(scores: Mapping[RunKey, Scores], grid: Grid, model: str, arm: str) -> dict[int, float]:
+    """Per seed, the language-average score averaged over every target; only seeds that have
+    all targets, so that each seed's number means the same thing."""
+    out = {}
+    for seed in grid.seeds:
+        values = [scores.get((model, arm, t, seed), {}).get(AVG) for t in grid.targets]
+        if all(v is not None for v in values):
+            out[seed] = statistics.fmean(v for v in values if v is not None)
+    return out
+
+
+def build_report(results: Iterable[RunResult], grid: Grid) -> Report:
+    results = list(results)
+    scores = target_scores(results, grid)
+    arms_with_baseline = (BASELINE, *grid.arms)
+    absolute: dict[tuple[str, str, str, str], Interval] = {}
+    cells: list[GainCell] = []
+    for m in grid.models:
+        for target in grid.targets:
+            for language in (*grid.languages[target], AVG):
+                for arm in arms_with_baseline:
+                    values = _by_seed(scores, m.name, arm, target, language)
+                    if values:
+                        absolute[(m.name, arm, target, language)] = mean_interval(list(values.values()))
+                base = _by_seed(scores, m.name, BASELINE, target, language)
+                for arm in grid.arms:
+                    gain = gain_interval(_by_seed(scores, m.name, arm, target, language), base)
+                    if gain is not None:
+                        cells.append(GainCell(m.name, arm, target, language, gain))
+    averages: dict[tuple[str, str], Interval] = {}
+    best: list[BestArm] = []
+    for m in grid.models:
+        base = _over_targets(scores, grid, m.name, BASELINE)
+        for arm in grid.arms:
+            gain = gain_interval(_over_targets(scores, grid, m.name, arm), base)
+            if gain is not None:
+                averages[(m.name, arm)] = gain
+        candidates = [(averages[(m.name, a)].mean, -i, a) for i, a in enumerate(grid.arms) if (m.name, a) in averages]
+        if candidates:
+            _, _, arm = max(candidates)
+            best.append(BestArm(m.name, arm, averages[(m.name, arm)]))
+    methods = frozenset(c.gain.method for c in cells) | frozenset(g.method for g in averages.values())
+    return Report(grid, measured_parameters(results, grid), absolute, tuple(cells), averages, tuple(best),
+                  tuple(missing_lines(scores, grid)), len(results), methods)
+
+
+def measured_parameters(results: Iterable[RunResult], grid: Grid) -> dict[str, int | None]:
+    """Each model's parameter count as the trainer counted it (encoder only would differ by the
+    head; the median over runs smooths that), else the spec's."""
+    counts: dict[str, list[int]] = defaultdict(list)
+    for r in results:
+        if r.config.labels is not None:
+            counts[r.config.labels.model].append(r.parameter_count)
+    return {m.name: int(statistics.median(counts[m.name])) if counts[m.name] else m.parameters for m in grid.models}
+
+
+def _seed_list(seeds: Iterable[int]) -> str:
+    seeds = sorted(seeds)
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
+
+
+def missing_lines(scores: Mapping[RunKey, Scores], grid: Grid) -> list[str]:
+    """What a complete report would have and this one lacks: target results per seed, gains
+    without a baseline or an intermediate result, languages a result did not evaluate."""
+    lines: list[str] = []
+    for m in grid.models:
+        for target in grid.targets:
+            have = {arm: {s for s in grid.seeds if (m.name, arm, target, s) in scores}
+                    for arm in (BASELINE, *grid.arms)}
+            for arm, seeds in have.items():
+                lacking = [s for s in grid.seeds if s not in seeds]
+                if lacking:
+                    lines.append(f"{m.name} · {arm} → {target}: no result for {_seed_list(lacking)}")
+            for arm in grid.arms:
+                if not have[BASELINE] or not have[arm]:
+                    side = "baseline" if not have[BASELINE] else arm
+                    what = "baseline and intermediate results" if not have[BASELINE] and not have[arm] else (
+                        f"{side} results")
+                    lines.append(f"{m.name} · {arm} → {target}: no gain, it lacks {what}")
+            for arm in (BASELINE, *grid.arms):
+                for seed in sorted(have[arm]):
+                    have_scores = scores[(m.name, arm, target, seed)]
+                    absent = [lang for lang in grid.languages[target] if lang not in have_scores]
+                    if absent:
+                        lines.append(f"{m.name} · {arm} → {target} seed {seed}: no score for {', '.join(absent)}")
+    return lines
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+def fmt_points(value: float) -> str:
+    return f"{value:+.2f}"
+
+
+def fmt_interval(gain: Interval, signed: bool = True) -> str:
+    mean = fmt_points(gain.mean) if signed else f"{gain.mean:.2f}"
+    if gain.half_width is None:
+        return f"{mean} (n=1)"
+    mark = "†" if gain.method is Method.WELCH else ""
+    return f"{mean} ± {gain.half_width:.2f}{mark}"
+
+
+def fmt_parameters(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+@dataclass(frozen=True)
+class TableData:
+    title: str
+    headers: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    note: str = ""
+
+
+def method_text(report: Report) -> str:
+    seeds = len(report.grid.seeds)
+    text = (f"Gains are differences in points (metric × 100) against the baseline of the same model and"
+            f" target; ± is the half-width of the 95% confidence interval over seeds ({seeds} planned)"
+            " from Student's t distribution over seed-paired differences (the same seed with and without"
+            " intermediate training).")
+    if Method.WELCH in report.methods:
+        text += (" † marks cells with fewer than two seed pairs, where the interval is Welch's t over the"
+                 " two independent samples.")
+    if Method.SINGLE in report.methods:
+        text += " (n=1) marks cells with a single value: a mean without an interval."
+    return text + f" \"{AVG}\" averages every evaluated language of the target, English included."
+
+
+def tables(report: Report) -> list[TableData]:
+    g = report.grid
+    models = report.models_by_size
+    out: list[TableData] = []
+    out.append(TableData(
+        "Best intermediate task per model size",
+        ("model", "parameters", "best intermediate", "gain (avg over targets)"),
+        tuple((m.label, fmt_parameters(report.parameters.get(m.name)), b.arm, fmt_interval(b.gain))
+              for m in models for b in report.best if b.model == m.name),
+        "" if report.best else "No model has both baseline and intermediate results yet.",
+    ))
+    out.append(TableData(
+        "Average gain per model (over targets and languages)",
+        ("model", "parameters", *g.arms),
+        tuple((m.label, fmt_parameters(report.parameters.get(m.name)),
+               *(fmt_interval(report.model_averages[(m.name, a)]) if (m.name, a) in report.model_averages else "–"
+                 for a in g.arms))
+              for m in models),
+    ))
+    for target in g.targets:
+        languages = (*g.languages[target], AVG)
+        rows = []
+        for m in models:
+            for arm in g.arms:
+                cells = [report.cell(m.name, arm, target, lang) for lang in languages]
+                rows.append((m.label, arm, *(fmt_interval(c.gain) if c else "–" for c in cells)))
+        out.append(TableData(f"Gain on {target} by language ({g.metric(target)}, points)",
+                             ("model", "intermediate", *languages), tuple(rows)))
+        rows = []
+        for m in models:
+            for arm in (BASELINE, *g.arms):
+                values = [report.scores.get((m.name, arm, target, lang)) for lang in languages]
+                rows.append((m.label, arm, *(f"{v.mean:.2f}" if v else "–" for v in values)))
+        out.append(TableData(f"{target} {g.metric(target)} by language (mean over seeds)",
+                             ("model", "intermediate", *languages), tuple(rows)))
+    return out
+
+
+@dataclass(frozen=True)
+class Figure:
+    file_name: str
+    caption: str
+    png: bytes = b""
+
+
+def summary_line(report: Report) -> str:
+    g = report.grid
+    planned = len(g.models) * (len(g.arms) + 1) * len(g.targets) * len(g.seeds)
+    have = len({(k.model, k.arm, k.target) for k in report.cells if k.language == AVG})
+    return (f"{report.results_used} result records; {len(g.models)} models × {len(g.arms)} intermediate"
+            f" arms × {len(g.targets)} targets × {len(g.seeds)} seeds ({planned} target runs planned);"
+            f" gains for {have} of {len(g.models) * len(g.arms) * len(g.targets)} model × intermediate × target"
+            " cells" + ("." if report.complete else f"; {len(report.missing)} gaps listed under Missing."))
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def to_markdown(report: Report, figures: Sequence[Figure] = ()) -> str:
+    lines = [f"# {report.grid.experiment}: gain from English intermediate-task training vs model size", "",
+             summary_line(report), "", method_text(report), ""]
+    for fig in figures:
+        lines += [f"![{fig.caption}]({fig.file_name})", "", f"*{fig.caption}*", ""]
+    for t in tables(report):
+        lines += [f"## {t.title}", ""]
+        if t.rows:
+            lines.append("| " + " | ".join(_md_cell(h) for h in t.headers) + " |")
+            lines.append("|" + "|".join("---" for _ in t.headers) + "|")
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows]
+            lines.append("")
+        if t.note:
+            lines += [t.note, ""]
+    lines += ["## Missing", ""]
+    lines += [f"- {m}" for m in report.missing] or ["Nothing: every planned cell has its results."]
+    return "\n".join(lines) + "\n"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:75em;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em}th,td{border:1px solid #ccc;padding:0.25em 0.6em;
+text-align:right}th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}
+figure{margin:1em 0}img{max-width:100%}figcaption{font-style:italic;color:#555}.pos{color:#176117}
+.neg{color:#9b1c1c}"""
+
+
+def _html_cell(text: str) -> str:
+    cls = ' class="pos"' if text.startswith("+") and not text.startswith("+0.00") else (
+        ' class="neg"' if text.startswith("-") else "")
+    return f"<td{cls}>{html.escape(text)}</td>"
+
+
+def to_html(report: Report, figures: Sequence[Figure] = ()) -> str:
+    """One self-contained page: the plots inlined as base64 PNG data URIs."""
+    e = html.escape
+    title = f"{report.grid.experiment}: gain from English intermediate-task training vs model size"
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(title)}</title>",
+             f"<style>{_CSS}</style></head><body>", f"<h1>{e(title)}</h1>",
+             f"<p>{e(summary_line(report))}</p>", f"<p>{e(method_text(report))}</p>"]
+    for fig in figures:
+        data = base64.b64encode(fig.png).decode("ascii")
+        parts.append(f'<figure><img alt="{e(fig.caption)}" src="data:image/png;base64,{data}">'
+                     f"<figcaption>{e(fig.caption)}</figcaption></figure>")
+    for t in tables(report):
+        parts.append(f"<h2>{e(t.title)}</h2>")
+        if t.rows:
+            parts.append("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in t.headers) + "</tr></thead><tbody>")
+            parts += ["<tr>" + "".join(_html_cell(c) for c in row) + "</tr>" for row in t.rows]
+            parts.append("</tbody></table>")
+        if t.note:
+            parts.append(f"<p>{e(t.note)}</p>")
+    parts.append("<h2>Missing</h2>")
+    if report.missing:
+        parts.append("<ul>" + "".join(f"<li>{e(m)}</li>" for m in report.missing) + "</ul>")
+    else:
+        parts.append("<p>Nothing: every planned cell has its results.</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"

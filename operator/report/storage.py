@@ -1,0 +1,147 @@
+"""The report's I/O, kept thin: result records from the result files under a storage root (the
+record of what happened) or from MLflow (the view, e.g. for runs a cluster trained), and
+the report's files written to disk and logged to the experiment's MLflow parent run."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+from xstilts.operator.experiment.plan import Plan
+from xstilts.operator.report.build import Figure, Report, to_html, to_markdown
+from xstilts.trainer.config import RESULT_FILE, RunResult
+from xstilts.trainer.tracking.buffer import RUN_ID_TAG, redact_uri
+from xstilts.trainer.tracking.mlflow_client import first_line, open_client
+
+REPORT_DIR = "report"
+REPORT_FORMATS = ("md", "html", "png", "json")
+MLFLOW_REPORT_PATH = "report"
+
+
+@dataclass
+class Loaded:
+    results: list[RunResult] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # unreadable records, one line each
+
+
+def _parse(text: str, where: str, loaded: Loaded) -> None:
+    try:
+        loaded.results.append(RunResult.model_validate_json(text))
+    except ValidationError as e:
+        first = e.errors()[0]
+        field_path = ".".join(str(p) for p in first["loc"]) or "(root)"
+        loaded.problems.append(f"{where}: not a valid result record ({field_path}: {first['msg']}); skipped")
+
+
+def load_result_files(p: Plan) -> Loaded:
+    """The result.json of every planned run that has one. Results of runs the spec no longer
+    plans (an edited spec) are left out: the report is about this spec."""
+    loaded = Loaded()
+    for run in p.runs:
+        path = Path(run.config.result_path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            loaded.problems.append(f"{path}: cannot read ({e.strerror or e}); skipped")
+            continue
+        _parse(text, str(path), loaded)
+    return loaded
+
+
+def load_mlflow_results(tracking_uri: str, experiment_name: str, run_ids: Iterable[str]) -> Loaded:
+    """Result records from MLflow: each training run logs its result.json as an artifact of
+    its run, tagged with the xstilts run id. The newest MLflow run per xstilts run counts."""
+    from mlflow.exceptions import MlflowException
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per record otherwise
+    client = open_client(tracking_uri)
+    loaded = Loaded()
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        loaded.problems.append(f"MLflow at {redact_uri(tracking_uri)} has no experiment {experiment_name!r}")
+        return loaded
+    wanted = set(run_ids)
+    newest: dict[str, str] = {}
+    page_token = None
+    while True:
+        page = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{RUN_ID_TAG}` != ''",
+                                  order_by=["attributes.start_time ASC"], max_results=1000, page_token=page_token)
+        for mlflow_run in page:
+            run_id = mlflow_run.data.tags.get(RUN_ID_TAG)
+            if run_id in wanted and mlflow_run.info.status == "FINISHED":
+                newest[run_id] = mlflow_run.info.run_id
+        page_token = page.token
+        if not page_token:
+            break
+    with tempfile.TemporaryDirectory() as tmp:
+        for run_id, mlflow_run_id in sorted(newest.items()):
+            try:
+                local = client.download_artifacts(mlflow_run_id, RESULT_FILE, os.path.join(tmp, run_id))
+            except (MlflowException, OSError) as e:
+                loaded.problems.append(f"MLflow run {mlflow_run_id} (xstilts run {run_id}): no {RESULT_FILE}"
+                                       f" ({first_line(e, tracking_uri)})")
+                continue
+            _parse(Path(local).read_text(encoding="utf-8"), f"MLflow run {mlflow_run_id}", loaded)
+    return loaded
+
+
+def write_report(report: Report, figures: Sequence[Figure], out_dir: Path, formats: Iterable[str]) -> list[Path]:
+    """report.md (figures beside it), report.html (figures inlined), the PNGs, report.json."""
+    formats = set(formats)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    def write(name: str, data: str | bytes) -> None:
+        path = out_dir / name
+        tmp = path.with_name(f".{name}.tmp")
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+        os.replace(tmp, path)
+        written.append(path)
+
+    if "png" in formats:
+        for fig in figures:
+            write(fig.file_name, fig.png)
+    if "md" in formats:
+        write("report.md", to_markdown(report, figures if "png" in formats else ()))
+    if "html" in formats:
+        write("report.html", to_html(report, figures))
+    if "json" in formats:
+        write("report.json", json.dumps(report_record(report), indent=2))
+    return written
+
+
+def report_record(report: Report) -> dict[str, object]:
+    """The report's numbers, for machines: every gain cell with its interval."""
+    return {
+        "experiment": report.grid.experiment,
+        "parameters": dict(report.parameters),
+        "gains": [
+            {"model": c.model, "intermediate": c.arm, "target": c.target, "language": c.language,
+             "mean": c.gain.mean, "half_width": c.gain.half_width, "n": c.gain.n, "method": c.gain.method.value}
+            for c in report.cells
+        ],
+        "model_averages": [
+            {"model": m, "intermediate": a, "mean": g.mean, "half_width": g.half_width, "n": g.n,
+             "method": g.method.value}
+            for (m, a), g in report.model_averages.items()
+        ],
+        "best": [{"model": b.model, "intermediate": b.arm, "mean": b.gain.mean} for b in report.best],
+        "missing": list(report.missing),
+    }
+
+
+def log_report(paths: Sequence[Path], tracking_uri: str, parent_run_id: str) -> None:
+    """The report's files as artifacts of the experiment's parent run, under report/."""
+    client = open_client(tracking_uri)
+    for path in paths:
+        client.log_artifact(parent_run_id, str(path), MLFLOW_REPORT_PATH)
