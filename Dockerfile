@@ -9,16 +9,25 @@
 # Base images are pinned by tag; Python packages by the versions pyproject.toml pins for
 # [train] (torch, DeepSpeed, transformers, datasets, accelerate, MLflow). Every final stage
 # runs as user 1000 and carries no compiler.
+#
+# Two build arguments serve the tests, which build these images without a registry
+# (scripts/build-images.sh, with buildah): PYTHON_BASE replaces the python image by a
+# local one (a Debian bookworm root filesystem with Python 3.11, made offline), and
+# TRAINER_FLAVOR=cpu builds the trainer on that base without the CUDA images: torch from
+# PyPI, DeepSpeed with no prebuilt ops (they compile just in time; DS_ACCELERATOR=cpu).
+# The defaults are the production images.
+ARG PYTHON_BASE=python:3.11.14-slim-bookworm
+ARG TRAINER_FLAVOR=cuda
 
 # --- the xstilts wheel, shared by the trainer and the controller ---------------------------
-FROM python:3.11.14-slim-bookworm AS wheel
+FROM ${PYTHON_BASE} AS wheel
 WORKDIR /src
 # .dockerignore lets in only the package sources, pyproject.toml and README.md.
 COPY . .
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # --- controller: the core only (spec, plan, render, reconcile, CLI), no torch ------------
-FROM python:3.11.14-slim-bookworm AS controller
+FROM ${PYTHON_BASE} AS controller
 LABEL org.opencontainers.image.title="xstilts controller" \
       org.opencontainers.image.description="Reconciles xstilts Experiments into Kubernetes Jobs" \
       org.opencontainers.image.licenses="Apache-2.0"
@@ -34,7 +43,7 @@ ENTRYPOINT ["xstilts"]
 CMD ["controller"]
 
 # --- mlflow: the tracking server with the PostgreSQL and S3 clients ----------------------
-FROM python:3.11.14-slim-bookworm AS mlflow
+FROM ${PYTHON_BASE} AS mlflow
 LABEL org.opencontainers.image.title="xstilts mlflow" \
       org.opencontainers.image.description="MLflow tracking server with PostgreSQL and S3 support" \
       org.opencontainers.image.licenses="Apache-2.0"
@@ -79,8 +88,8 @@ RUN DS_BUILD_CPU_ADAM=1 DS_BUILD_FUSED_ADAM=1 DS_BUILD_UTILS=1 \
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     pip install --no-cache-dir --find-links=/wheels "xstilts[train]==${XSTILTS_VERSION}"
 
-# --- trainer: the image every run's pod executes --------------------------------------------
-FROM nvidia/cuda:13.2.1-cudnn-runtime-ubuntu24.04 AS trainer
+# --- trainer (CUDA): the image every run's pod executes --------------------------------------
+FROM nvidia/cuda:13.2.1-cudnn-runtime-ubuntu24.04 AS trainer-cuda
 LABEL org.opencontainers.image.title="xstilts trainer" \
       org.opencontainers.image.description="One xstilts training run: python -m xstilts.trainer RUN.json" \
       org.opencontainers.image.licenses="Apache-2.0"
@@ -101,3 +110,31 @@ ENV VIRTUAL_ENV=/opt/venv \
 USER 1000:1000
 WORKDIR /tmp
 CMD ["python", "-m", "xstilts.trainer", "--help"]
+
+# --- trainer (CPU, for tests): TRAINER_FLAVOR=cpu --------------------------------------------
+# No compiler: DeepSpeed installs without building ops. Torch gets a layer of its own, so a
+# change of the xstilts sources rebuilds only the last, small layer.
+FROM ${PYTHON_BASE} AS trainer-cpu
+LABEL org.opencontainers.image.title="xstilts trainer (CPU)" \
+      org.opencontainers.image.description="One xstilts training run on CPU: python -m xstilts.trainer RUN.json" \
+      org.opencontainers.image.licenses="Apache-2.0"
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    DS_ACCELERATOR=cpu \
+    DS_BUILD_OPS=0
+ARG TORCH_VERSION=2.15.0
+ARG DEEPSPEED_VERSION=0.19.8
+ARG XSTILTS_VERSION=0.1.0
+RUN (id -u 1000 >/dev/null 2>&1 || useradd --uid 1000 --user-group --create-home --shell /usr/sbin/nologin xstilts) \
+    && pip install --no-cache-dir "torch==${TORCH_VERSION}"
+# hadolint ignore=DL3059
+RUN pip install --no-cache-dir --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}"
+RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
+    pip install --no-cache-dir --find-links=/wheels "xstilts[train]==${XSTILTS_VERSION}"
+USER 1000:1000
+WORKDIR /tmp
+CMD ["python", "-m", "xstilts.trainer", "--help"]
+
+# --- trainer: the target to build; TRAINER_FLAVOR picks CUDA (default) or CPU --------------
+# hadolint ignore=DL3006
+FROM trainer-${TRAINER_FLAVOR} AS trainer

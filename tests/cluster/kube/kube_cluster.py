@@ -149,7 +149,7 @@ class _Pki:
     sa_pub: Path
 
 
-def _write_pki(directory: Path) -> _Pki:
+def _write_pki(directory: Path, extra_ips: Sequence[str] = ()) -> _Pki:
     """A cluster CA (serving + admin client certs), a front-proxy CA (request
     header authentication, as kubeadm sets it up) and the service-account key."""
     from cryptography import x509
@@ -251,6 +251,7 @@ def _write_pki(directory: Path) -> _Pki:
             x509.DNSName("kubernetes.default.svc.cluster.local"),
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
             x509.IPAddress(service_ip),
+            *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in extra_ips),
         ]
     )
     serving = leaf(ca, name("kube-apiserver"), ExtendedKeyUsageOID.SERVER_AUTH, serving_sans)
@@ -746,6 +747,7 @@ class ControlPlane:
         keep_workdir: bool | None = None,
         startup_timeout: float = 120.0,
         verbosity: int = 0,
+        advertise_address: str | None = None,
     ) -> None:
         self.bin_dir = Path(bin_dir) if bin_dir else find_bin_dir()
         self.node_count = nodes
@@ -753,6 +755,10 @@ class ControlPlane:
         self.pod_run_seconds = pod_run_seconds
         self.startup_timeout = startup_timeout
         self.verbosity = verbosity
+        # A non-loopback local address (tests/e2e sets one up): the API server binds and
+        # advertises it, and keeps the endpoints of the "kubernetes" Service, so that real
+        # pods reach the API. None: loopback only, no endpoints (kwok needs none).
+        self.advertise_address = advertise_address
         self._given_workdir = Path(workdir) if workdir else None
         if keep_workdir is None:
             keep_workdir = os.environ.get("XSTILTS_K8S_KEEP", "") not in ("", "0")
@@ -807,12 +813,13 @@ class ControlPlane:
         deadline = time.monotonic() + self.startup_timeout
         wd = self.workdir
         (wd / "logs").mkdir(exist_ok=True)
-        pki = self._pki = _write_pki(wd / "pki")
+        address = self.advertise_address or "127.0.0.1"
+        pki = self._pki = _write_pki(wd / "pki", [self.advertise_address] if self.advertise_address else [])
         self.ca_cert = pki.ca_cert
 
         etcd_port, etcd_peer = _free_port(), _free_port()
         api_port, kcm_port, sched_port = _free_port(), _free_port(), _free_port()
-        self.server = f"https://127.0.0.1:{api_port}"
+        self.server = f"https://{address}:{api_port}"
         self.kubeconfig = wd / "kubeconfig"
         self._write_kubeconfig(self.kubeconfig)
         ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
@@ -844,11 +851,15 @@ class ControlPlane:
             "kube-apiserver",
             [
                 f"--etcd-servers={etcd_url}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={address}",
+                f"--advertise-address={address}",
                 # A loopback advertise address is refused by the endpoint reconciler;
-                # nothing here reaches the API through the "kubernetes" Service.
-                "--endpoint-reconciler-type=none",
+                # without an advertise address nothing reaches the API through the
+                # "kubernetes" Service.
+                f"--endpoint-reconciler-type={'lease' if self.advertise_address else 'none'}",
+                # logs, exec and port-forward on a real kubelet: the admin identity.
+                f"--kubelet-client-certificate={pki.admin_cert}",
+                f"--kubelet-client-key={pki.admin_key}",
                 f"--secure-port={api_port}",
                 f"--cert-dir={wd / 'apiserver'}",
                 f"--tls-cert-file={pki.serving_cert}",
