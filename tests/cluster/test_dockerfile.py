@@ -34,7 +34,9 @@ class Stage:
 @cache
 def stages() -> dict[str, Stage]:
     """FROM-separated stages of the Dockerfile, each instruction with its continuation lines
-    joined and comments dropped."""
+    joined and comments dropped. A FROM's ``${ARG}`` takes the global ARG's default (the
+    production build); a stage FROM another stage by a name built from an ARG (the
+    ``trainer`` target picks ``trainer-${TRAINER_FLAVOR}``) stands for that stage."""
     logical: list[str] = []
     pending = ""
     for raw in DOCKERFILE.read_text().splitlines():
@@ -48,12 +50,20 @@ def stages() -> dict[str, Stage]:
         pending = ""
     found: dict[str, Stage] = {}
     current: Stage | None = None
+    global_args: dict[str, str] = {}
     for instruction in logical:
         keyword, _, args = instruction.partition(" ")
-        if keyword.upper() == "FROM":
+        if keyword.upper() == "ARG" and current is None:
+            key, _, default = args.strip().partition("=")
+            global_args[key] = default
+        elif keyword.upper() == "FROM":
             match = re.fullmatch(r"(\S+)\s+AS\s+(\S+)", args.strip(), flags=re.IGNORECASE)
             assert match, f"every stage is named: FROM {args}"
-            current = Stage(match.group(2), match.group(1))
+            image = re.sub(r"\$\{(\w+)\}", lambda m: global_args[m.group(1)], match.group(1))
+            if image in found and "$" in match.group(1):
+                current = Stage(match.group(2), found[image].image, list(found[image].instructions))
+            else:
+                current = Stage(match.group(2), image)
             found[current.name] = current
         else:
             assert current is not None, f"{keyword} before the first FROM"

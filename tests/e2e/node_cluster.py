@@ -58,7 +58,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kube"))
 
-from cluster import (  # noqa: E402  (tests/kube is not a package)
+from cluster import (
     BinariesNotFound,
     ControlPlane,
     ControlPlaneError,
@@ -87,6 +87,7 @@ CLUSTER_DOMAIN = "cluster.local"
 RUN_DIR = Path("/run/xstilts-e2e")
 #: hostPath volumes of k8s/overlays/test live here (made by start(), removed by stop()).
 HOST_DATA = Path("/var/lib/xstilts-e2e")
+HOST_DATA_DIRS = {"runs": 1000, "mlflow-artifacts": 1000, "postgres": 999}
 PAUSE_IMAGE = "localhost/xstilts/pause:e2e"
 K8S_NAMESPACE = "k8s.io"
 
@@ -355,7 +356,7 @@ class NodeCluster:
                 value = check()
                 if value:
                     return value
-            except Exception as e:  # noqa: BLE001 - reported on timeout
+            except Exception as e:
                 last = e
             if time.monotonic() > deadline:
                 tail = f"\n{_tail(proc.log)}" if proc else ""
@@ -504,6 +505,10 @@ class NodeCluster:
             shutil.rmtree(HOST_DATA)
         HOST_DATA.mkdir(parents=True)
         HOST_DATA.chmod(0o755)
+        # The hostPath volumes of k8s/overlays/test, owned by the uids their pods run as.
+        for sub, uid in HOST_DATA_DIRS.items():
+            (HOST_DATA / sub).mkdir()
+            os.chown(HOST_DATA / sub, uid, uid)
         self._undo.append(("host data", lambda: shutil.rmtree(HOST_DATA, ignore_errors=True)))
 
     # -- containerd -------------------------------------------------------------
@@ -827,11 +832,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 continue
             try:
                 fn()
-            except Exception as e:  # noqa: BLE001 - every undo step runs
+            except Exception as e:
                 errors.append(f"{name}: {e}")
-        if self.workdir is not None and self._given_workdir is None:
-            if os.environ.get("XSTILTS_K8S_KEEP", "") in ("", "0"):
-                shutil.rmtree(self.workdir, ignore_errors=True)
+        keep = os.environ.get("XSTILTS_K8S_KEEP", "") not in ("", "0")
+        if self.workdir is not None and self._given_workdir is None and not keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
         if self._lock_fh is not None:
             self._lock_fh.close()
             self._lock_fh = None
