@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-all lint clean
+.PHONY: install demo test test-all lint clean node-deps cluster-parts e2e
 
 $(BIN)/xstilts: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +20,11 @@ demo: install
 	$(BIN)/xstilts run examples/demo.yaml
 	$(BIN)/xstilts report examples/demo.yaml
 
-# Builds the test Kubernetes control plane from Go modules (cached outside the repo), then the
-# default suite, then the slow tests (DeepSpeed under torchrun, the control-plane scenarios,
-# the end-to-end demo), which CI runs too.
-test: install
-	bash scripts/build-control-plane.sh
+# Builds the test Kubernetes control plane and node from Go modules and the images from the
+# Dockerfile (all cached outside the repo), then the default suite, then the slow tests
+# (DeepSpeed under torchrun, the control-plane scenarios, the end-to-end demo, the one-node
+# cluster of tests/e2e), which CI runs too.
+test: install cluster-parts
 	$(BIN)/ruff check .
 	$(BIN)/python scripts/typecheck.py
 	$(BIN)/pytest -q
@@ -36,3 +36,18 @@ lint: install
 
 clean:
 	rm -rf $(VENV) xstilts-out xstilts-demo .pytest_cache .mypy_cache .ruff_cache
+
+# Debian packages of the one-node cluster and the image builds (apt-get, only when missing).
+node-deps:
+	bash scripts/setup-node-deps.sh
+
+# Everything the Kubernetes tests run, each step timed; every step reuses its cache.
+cluster-parts: node-deps
+	@t=$$(date +%s); bash scripts/build-control-plane.sh >/dev/null && echo "control plane: $$(( $$(date +%s) - t ))s"
+	@t=$$(date +%s); bash scripts/build-node.sh >/dev/null && echo "node: $$(( $$(date +%s) - t ))s"
+	@t=$$(date +%s); bash scripts/build-images.sh >/dev/null && echo "images: $$(( $$(date +%s) - t ))s"
+
+# The end-to-end tests on a real one-node cluster (kubelet, containerd, the images built
+# from the Dockerfile): builds or reuses the parts, runs tests/e2e, tears the cluster down.
+e2e: install cluster-parts
+	@t=$$(date +%s); $(BIN)/pytest -q -s -m slow tests/e2e; rc=$$?; echo "e2e tests: $$(( $$(date +%s) - t ))s"; exit $$rc

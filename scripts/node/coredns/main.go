@@ -8,6 +8,7 @@ import (
 	"github.com/coredns/coredns/core/dnsserver"
 	"github.com/coredns/coredns/coremain"
 
+	_ "github.com/coredns/coredns/plugin/bind"
 	_ "github.com/coredns/coredns/plugin/cache"
 	_ "github.com/coredns/coredns/plugin/errors"
 	_ "github.com/coredns/coredns/plugin/forward"
@@ -23,7 +24,7 @@ import (
 
 func init() {
 	dnsserver.Directives = []string{
-		"reload", "ready", "health", "errors", "log", "loadbalance",
+		"reload", "bind", "ready", "health", "errors", "log", "loadbalance",
 		"cache", "hosts", "kubernetes", "loop", "forward",
 	}
 }
