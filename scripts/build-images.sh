@@ -145,6 +145,12 @@ if ! "${bh[@]}" inspect --type image "${base_ref}" >/dev/null 2>&1; then
 fi
 
 common=(build --isolation chroot --network host --layers --pull-never)
+# RUN steps trust what this machine trusts (a TLS-inspecting proxy's CA, say), without the
+# bundle entering an image: it is mounted for the build only.
+host_ca=/etc/ssl/certs/ca-certificates.crt
+if [[ -f "${host_ca}" ]]; then
+  common+=(--volume "${host_ca}:${host_ca}:ro")
+fi
 for n in "${names[@]}"; do
   archive="$(archive_of "$n")"
   ref="localhost/xstilts/${n}:${tag}"
@@ -154,6 +160,15 @@ for n in "${names[@]}"; do
     case "${n}" in
       postgres)
         "${bh[@]}" "${common[@]}" --build-arg BASE="${base_ref}" -t "${ref}" "${here}/images/postgres" >&2 ;;
+      trainer|controller)
+        # buildah 1.28 cannot bind-mount from a stage that came entirely from its layer
+        # cache (RUN --mount=...,from=wheel finds nothing): drop the cached wheel, so that
+        # the target's build makes it again (a few seconds).
+        "${bh[@]}" "${common[@]}" --quiet --build-arg PYTHON_BASE="${base_ref}" --target wheel \
+          -t localhost/xstilts/wheel:cache -f "${repo}/Dockerfile" "${repo}" >/dev/null
+        "${bh[@]}" rmi -f localhost/xstilts/wheel:cache >/dev/null
+        "${bh[@]}" "${common[@]}" --build-arg PYTHON_BASE="${base_ref}" --build-arg TRAINER_FLAVOR=cpu \
+          --target "${n}" -t "${ref}" -f "${repo}/Dockerfile" "${repo}" >&2 ;;
       *)
         "${bh[@]}" "${common[@]}" --build-arg PYTHON_BASE="${base_ref}" --build-arg TRAINER_FLAVOR=cpu \
           --target "${n}" -t "${ref}" -f "${repo}/Dockerfile" "${repo}" >&2 ;;

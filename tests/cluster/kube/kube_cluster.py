@@ -860,6 +860,7 @@ class ControlPlane:
                 # logs, exec and port-forward on a real kubelet: the admin identity.
                 f"--kubelet-client-certificate={pki.admin_cert}",
                 f"--kubelet-client-key={pki.admin_key}",
+                "--kubelet-preferred-address-types=InternalIP,Hostname",
                 f"--secure-port={api_port}",
                 f"--cert-dir={wd / 'apiserver'}",
                 f"--tls-cert-file={pki.serving_cert}",
