@@ -50,7 +50,7 @@ LABEL org.opencontainers.image.title="xstilts mlflow" \
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 ARG MLFLOW_VERSION=3.17.2
-RUN pip install --no-cache-dir "mlflow==${MLFLOW_VERSION}" psycopg2-binary==2.9.13 boto3==1.44.8
+RUN pip install --no-cache-dir "mlflow==${MLFLOW_VERSION}" "psycopg[binary]==3.3.9" boto3==1.44.8
 USER 1000:1000
 WORKDIR /tmp
 EXPOSE 5000

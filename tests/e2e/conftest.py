@@ -59,6 +59,9 @@ def wait_rollout(nc: NodeCluster, kind: str, name: str, namespace: str, timeout:
     if proc.returncode != 0:
         pods = nc.kubectl("get", "pods", "-o", "wide", namespace=namespace, check=False).stdout
         events = nc.kubectl("get", "events", "--sort-by=.lastTimestamp", namespace=namespace, check=False).stdout
+        logs = nc.kubectl("logs", f"{kind}/{name}", "--all-containers", "--previous", "--tail=30",
+                          namespace=namespace, check=False)
+        events += f"\n{kind}/{name} logs (previous):\n{logs.stdout}{logs.stderr}"
         raise AssertionError(f"{kind}/{name} not rolled out: {proc.stdout}{proc.stderr}\n{pods}\n{events[-4000:]}"
                              f"\nkubelet:\n{nc.logs('kubelet', 30)}")
 
