@@ -35,6 +35,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 # pyproject.toml's version (tests/test_dockerfile.py checks they agree).
 ARG XSTILTS_VERSION=0.1.0
+# A layer-cache key for builders whose cache does not see a bind mount's content (buildah
+# 1.28): scripts/build-images.sh passes the sources' hash. Docker builds can leave it.
+ARG SOURCE_DIGEST=none
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     pip install --no-cache-dir --find-links=/wheels "xstilts==${XSTILTS_VERSION}"
 USER 1000:1000
@@ -129,6 +132,9 @@ RUN (id -u 1000 >/dev/null 2>&1 || useradd --uid 1000 --user-group --create-home
     && pip install --no-cache-dir "torch==${TORCH_VERSION}"
 # hadolint ignore=DL3059
 RUN pip install --no-cache-dir --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}"
+# A layer-cache key for builders whose cache does not see a bind mount's content (buildah
+# 1.28): scripts/build-images.sh passes the sources' hash. Docker builds can leave it.
+ARG SOURCE_DIGEST=none
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     pip install --no-cache-dir --find-links=/wheels "xstilts[train]==${XSTILTS_VERSION}"
 USER 1000:1000

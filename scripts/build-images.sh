@@ -168,6 +168,7 @@ for n in "${names[@]}"; do
           -t localhost/xstilts/wheel:cache -f "${repo}/Dockerfile" "${repo}" >/dev/null
         "${bh[@]}" rmi -f localhost/xstilts/wheel:cache >/dev/null
         "${bh[@]}" "${common[@]}" --build-arg PYTHON_BASE="${base_ref}" --build-arg TRAINER_FLAVOR=cpu \
+          --build-arg SOURCE_DIGEST="$(context_hash)" \
           --target "${n}" -t "${ref}" -f "${repo}/Dockerfile" "${repo}" >&2 ;;
       *)
         "${bh[@]}" "${common[@]}" --build-arg PYTHON_BASE="${base_ref}" --build-arg TRAINER_FLAVOR=cpu \

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kube"))  # the control plane
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster" / "kube"))  # the control plane
 
-from cluster import BinariesNotFound, find_kubectl
+from kube_cluster import BinariesNotFound, find_kubectl
 from node_cluster import REPO_ROOT, NodeCluster, NodeUnavailable, find_image_dir
 
 XSTILTS_NAMESPACE = "xstilts"

@@ -1,6 +1,6 @@
 """A real one-node Kubernetes cluster on this machine, for the end-to-end tests.
 
-The control plane is :class:`ControlPlane` from ``tests/kube/cluster.py`` (etcd,
+The control plane is :class:`ControlPlane` from ``tests/cluster/kube/kube_cluster.py`` (etcd,
 kube-apiserver, kube-controller-manager, kube-scheduler), advertised on a private
 address of a dummy interface so that pods reach the API through the ``kubernetes``
 Service. On top of it this module runs the node:
@@ -56,9 +56,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kube"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster" / "kube"))
 
-from cluster import (
+from kube_cluster import (
     BinariesNotFound,
     ControlPlane,
     ControlPlaneError,

@@ -8,7 +8,7 @@ import json
 import uuid
 
 import pytest
-from cluster import ControlPlane
+from kube_cluster import ControlPlane
 from node_cluster import NODE_IP, NODE_NAME, NodeCluster, dns_query_a
 
 pytestmark = [pytest.mark.slow, pytest.mark.k8s]
