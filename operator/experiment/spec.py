@@ -101,7 +101,7 @@ class FieldError(ValueError):
 
 
 def dns_label(value: str, *, max_length: int = 63) -> str:
-    if len(value) > max_length or not DNS_LABEL.match(value):
+    if len(value) > max_length or not DNS_LABEL.fullmatch(value):
         raise ValueError(
             f"{shown_value(value)} is not a valid name: use at most {max_length} lowercase letters, digits"
             " and '-', starting and ending with a letter or digit (DNS-1123 label), e.g. 'xlmr-large'"
@@ -296,7 +296,7 @@ class HyperParameterSpec(_Spec):
 
 def label_key(key: str) -> str:
     prefix, _, name = key.rpartition("/")
-    if (prefix and (len(prefix) > 253 or not SECRET_NAME.match(prefix))) or len(name) > 63 \
+    if (prefix and (len(prefix) > 253 or not SECRET_NAME.fullmatch(prefix))) or len(name) > 63 \
             or not LABEL_NAME.fullmatch(name):
         raise ValueError(f"{shown_value(key)} is not a label key: an optional DNS prefix and '/', then at most 63"
                          " letters, digits, '-', '_' or '.', e.g. 'nvidia.com/gpu.product'")
@@ -394,7 +394,7 @@ class SecretRefs(_Spec):
     @field_validator("hf_token", "mlflow", "s3")
     @classmethod
     def _name(cls, v: str | None) -> str | None:
-        if v is not None and (len(v) > 253 or not SECRET_NAME.match(v)):
+        if v is not None and (len(v) > 253 or not SECRET_NAME.fullmatch(v)):
             raise ValueError(  # without the value: what is not a name may be the secret itself
                 "not a Secret name (lowercase DNS-1123 subdomain); give the name, never the value")
         return v

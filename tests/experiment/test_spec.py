@@ -172,3 +172,14 @@ def test_auto_zero_picks_the_least_partitioned_stage_that_fits() -> None:
     # XL 56 GB does not, but ZeRO-2 over 8 GPUs (2N + 14N/8 = 13 GB) does; XXL over 16 GPUs
     # needs 2N + 14N/16 = 31 GB with ZeRO-2; XL on one GPU needs optimizer offload.
     assert chosen == {"base": (0, "none"), "xl": (2, "none"), "xxl": (2, "none"), "xl1": (3, "optimizer")}
+
+
+@pytest.mark.parametrize("value", ["hx\n", "a/b\n", "ok\n"])
+def test_a_trailing_newline_is_never_a_valid_name(value: str) -> None:
+    """`$` in Python's re matches before a final newline; names must match in full."""
+    from xstilts.operator.experiment.spec import dns_label, label_key
+
+    with pytest.raises(ValueError, match="not a"):
+        dns_label(value)
+    with pytest.raises(ValueError, match="not a label key"):
+        label_key(value.replace("a/b", "nvidia.com\n/gpu"))
