@@ -132,7 +132,7 @@ def hub_datasets(task: Task, ref: SplitRef) -> list[Any]:
         if split_name is None:
             continue
         name = source.config.format(lang=ref.language) if source.config else None
-        loaded.append(datasets.load_dataset(source.path, name, split=split_name))
+        loaded.append(datasets.load_dataset(source.path, name, split=split_name, revision=source.revision))
     if not loaded:
         raise DataError(f"task {task.name!r} has no hub split {ref.split!r}; give local files with task_data")
     return loaded

@@ -34,13 +34,17 @@ class Format(StrEnum):
 
 @dataclass(frozen=True)
 class HubSource:
-    """One hub dataset. `config` may contain "{lang}" for per-language configurations."""
+    """One hub dataset. `config` may contain "{lang}" for per-language configurations.
+    `revision` names a branch or ref to load instead of the main branch: the hub's Parquet
+    conversion (`refs/convert/parquet`) for datasets whose main branch holds a loading script,
+    which `datasets` no longer runs."""
 
     path: str
     config: str | None = None
     splits: Mapping[str, str] = field(
         default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"}
     )
+    revision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,8 @@ _TASK_LIST = [
          (HubSource("tau/commonsense_qa", None, {"train": "train", "validation": "validation"}),),
          _commonsense_qa, train_examples=9_741, tokens_per_example=5 * 20),
     Task("cosmosqa", Format.MULTIPLE_CHOICE, "Cosmos QA reading comprehension with commonsense",
-         (HubSource("allenai/cosmos_qa", None, {"train": "train", "validation": "validation"}),),
+         (HubSource("allenai/cosmos_qa", None, {"train": "train", "validation": "validation"},
+                    revision="refs/convert/parquet"),),
          _cosmos_qa, train_examples=25_262, tokens_per_example=4 * 110, default_max_seq_length=256),
     Task("ccg", Format.TAGGING, "CCGbank supertagging (local files only: CCGbank is licensed)",
          (), _tagging, train_examples=38_015, tokens_per_example=40),
