@@ -131,8 +131,9 @@ class ModelResources(_Spec):
     """Per-model resources. `zeroStage: auto` picks the least partitioned ZeRO stage whose
     model states (16 bytes per parameter for mixed-precision Adam) fit the GPUs."""
 
-    gpus: Annotated[int, Field(ge=0, le=16, description="GPUs per node (0: CPU)")] = 1
-    nodes: Annotated[int, Field(ge=1, le=512)] = 1
+    # strict: 2.0, '1' and true are typos, not GPU counts
+    gpus: Annotated[int, Field(ge=0, le=16, strict=True, description="GPUs per node (0: CPU)")] = 1
+    nodes: Annotated[int, Field(ge=1, le=512, strict=True)] = 1
     processes_per_node: Annotated[int | None, Field(ge=1, le=64)] = None
     gpu_memory_gb: Annotated[float, Field(gt=0, le=1024)] = 80
     zero_stage: Literal[0, 1, 2, 3, "auto"] = "auto"
@@ -140,6 +141,13 @@ class ModelResources(_Spec):
     micro_batch_size: Annotated[int | None, Field(ge=1, le=4096)] = None
     cpu: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$")] = "8"
     memory: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")] = "64Gi"
+
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _nonzero(cls, v: str) -> str:
+        if not any(c in "123456789" for c in v.rstrip("mKMGTi")):
+            raise ValueError("must be above zero: a zero request gives the pod no guaranteed resources")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelResources:

@@ -183,3 +183,15 @@ def test_a_trailing_newline_is_never_a_valid_name(value: str) -> None:
         dns_label(value)
     with pytest.raises(ValueError, match="not a label key"):
         label_key(value.replace("a/b", "nvidia.com\n/gpu"))
+
+
+@pytest.mark.parametrize(("field", "value"), [("gpus", 2.0), ("gpus", "1"), ("gpus", True), ("nodes", "2"),
+                                              ("cpu", "0"), ("cpu", "0.0m"), ("memory", "0"), ("memory", "0Gi")])
+def test_resources_reject_loose_counts_and_zero_requests(field: str, value: object) -> None:
+    from pydantic import ValidationError
+    from xstilts.operator.experiment.spec import ModelResources
+
+    with pytest.raises(ValidationError) as err:
+        ModelResources.model_validate({field: value})
+    assert err.value.errors()[0]["loc"] == (field,)
+    ModelResources.model_validate({field: {"gpus": 2, "nodes": 2, "cpu": "500m", "memory": "1Gi"}[field]})
