@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-all lint clean node-deps cluster-parts e2e
+.PHONY: install demo test test-all lint clean node-deps cluster-parts e2e gpu-bundle
 
 $(BIN)/xstilts: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: install cluster-parts
 	$(BIN)/python scripts/typecheck.py
 	$(BIN)/pytest -q
 	$(BIN)/pytest -q -m slow
+
+# The wheels a bare GPU machine (Python 3.12, no network) lacks, into gpu-bundle/, size-checked
+# against the 64 MiB that can be carried to it.
+gpu-bundle: install
+	PYTHON=$(BIN)/python bash scripts/build-gpu-bundle.sh
 
 lint: install
 	$(BIN)/ruff check .
