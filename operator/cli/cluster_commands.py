@@ -26,8 +26,19 @@ if TYPE_CHECKING:
 Kubeconfig = Annotated[str | None, typer.Option(
     "--kubeconfig", help="Kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or in-cluster).")]
 Context = Annotated[str | None, typer.Option("--context", help="Kubeconfig context (default: the current one).")]
+def _checked_namespace(value: str | None) -> str | None:
+    """--namespace bypasses the spec's own check, so it gets the same one here (exit 2 on a bad name)."""
+    from xstilts.operator.experiment.spec import dns_label
+    if value is None:
+        return None
+    try:
+        return dns_label(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
 Namespace = Annotated[str | None, typer.Option(
-    "--namespace", "-n", help="Namespace (default: the kubeconfig context's).")]
+    "--namespace", "-n", callback=_checked_namespace, help="Namespace (default: the kubeconfig context's).")]
 ExperimentName = Annotated[str, typer.Argument(help="The experiment's name (metadata.name = spec.name).")]
 
 
@@ -87,7 +98,8 @@ def _with_namespace(spec: ExperimentSpec, namespace: str | None) -> ExperimentSp
 def submit(
     spec_path: Annotated[Path, typer.Argument(help="Experiment spec: a bare spec or a kind: Experiment object.")],
     namespace: Annotated[str | None, typer.Option(
-        "--namespace", "-n", help="Namespace (default: the spec's cluster.namespace).")] = None,
+        "--namespace", "-n", callback=_checked_namespace,
+        help="Namespace (default: the spec's cluster.namespace).")] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Print the objects as YAML instead of creating them; needs no cluster.")] = False,
     no_controller: Annotated[bool, typer.Option(

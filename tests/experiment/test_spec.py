@@ -195,3 +195,11 @@ def test_resources_reject_loose_counts_and_zero_requests(field: str, value: obje
         ModelResources.model_validate({field: value})
     assert err.value.errors()[0]["loc"] == (field,)
     ModelResources.model_validate({field: {"gpus": 2, "nodes": 2, "cpu": "500m", "memory": "1Gi"}[field]})
+
+
+@pytest.mark.parametrize("command", [
+    ["submit", str(Path(__file__).parents[2] / "examples" / "demo.yaml"), "--dry-run"], ["status", "x"]])
+def test_a_bad_namespace_option_exits_2_naming_it(command: list[str]) -> None:
+    result = CliRunner().invoke(app, [*command, "-n", "BAD NS!"])
+    assert result.exit_code == 2
+    assert "--namespace" in result.output and "not a valid name" in result.output
