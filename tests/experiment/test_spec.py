@@ -203,3 +203,9 @@ def test_a_bad_namespace_option_exits_2_naming_it(command: list[str]) -> None:
     result = CliRunner().invoke(app, [*command, "-n", "BAD NS!"])
     assert result.exit_code == 2
     assert "--namespace" in result.output and "not a valid name" in result.output
+
+
+def test_a_duplicate_yaml_key_is_rejected_not_resolved() -> None:
+    with pytest.raises(SpecError) as err:
+        load_spec_text("name: a\nname: b\n")
+    assert "duplicate key 'name'" in " ".join(err.value.problems)
