@@ -26,6 +26,9 @@ PROGRESS_FILE = "progress.json"
 
 
 def write_atomic(path: str | Path, text: str) -> None:
+    """Replace `path` with `text` so that a reader sees the old or the new file, never a part,
+    and so that the new file survives a crash right after: the file is fsynced before the
+    rename and the directory after it (the project's one atomic-write helper)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -38,6 +41,11 @@ def write_atomic(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def write_config(config: RunConfig) -> Path:

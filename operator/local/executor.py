@@ -42,6 +42,7 @@ from xstilts.operator.local.dag_state import (
 from xstilts.operator.local.display import Display, ProgressView, RunningRow, format_seconds
 from xstilts.operator.local.forkserver import ForkedRun, die_with_parent, fork_run, start_server, wait_for_exit
 from xstilts.trainer.config import ExitCode, Resources, RunLabels, TrackingConfig
+from xstilts.trainer.rundir import write_atomic
 from xstilts.trainer.tracking.buffer import redact_uri
 from xstilts.trainer.tracking.mlflow_client import first_line, open_client
 from xstilts.trainer.tracking.tracker import find_or_create_parent_run, local_tracking_uri
@@ -211,12 +212,6 @@ def result_seconds(result_path: Path) -> float | None:
     except (OSError, ValueError, AttributeError):
         return None
     return float(value) if isinstance(value, int | float) else None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def log_tail(log_path: Path, offset: int, lines: int = LOG_TAIL_LINES) -> list[str]:
