@@ -2,7 +2,8 @@
 # Builds the wheels a bare GPU machine lacks (Python 3.12, manylinux x86-64, no network) into
 # gpu-bundle/ and fails if they exceed the 64 MiB that can be carried to it. The machine already
 # has torch, transformers, accelerate, tokenizers, safetensors, pyarrow, pyyaml, rich and typer,
-# so only the rest of the training stack's closure is fetched, each without its dependencies.
+# so only the rest of the training stack's closure is fetched, each without its dependencies
+# (numpy included: none of those requires it, and datasets and pandas do).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -16,7 +17,7 @@ BINARY=(
   "pydantic-core==$($PY -c 'import pydantic_core; print(pydantic_core.__version__)')"
   annotated-types typing-inspection typing-extensions
   "datasets==$($PY -c 'import datasets; print(datasets.__version__)')"
-  dill multiprocess xxhash fsspec pandas python-dateutil pytz tzdata six
+  numpy dill multiprocess xxhash fsspec pandas python-dateutil pytz tzdata six
   hjson py-cpuinfo msgpack psutil einops ninja
 )
 $PY -m pip download --quiet --no-deps --only-binary=:all: \
