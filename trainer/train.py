@@ -239,9 +239,14 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
     from xstilts.trainer.batch_plan import deepspeed_config, mixed_precision, plan_schedule
     from xstilts.trainer.batching import Collator, MultiTaskBatchSampler, TrainSet
     from xstilts.trainer.evaluate import dev_metrics, selection_metric, test_metrics
+    from xstilts.trainer.hf_seams import check_hf_seams
     from xstilts.trainer.loop import RunCallback, StiltsTrainer
     from xstilts.trainer.model import HeadSpec, build_model, encoder_parameter_count, save_checkpoint
     from xstilts.trainer.rundir import ProgressFile, utc_now, versions, write_result
+
+    missing = check_hf_seams()  # StiltsTrainer's overrides would silently not run
+    if missing:
+        raise InvalidRun("the installed transformers lacks Trainer internals xstilts needs: " + "; ".join(missing))
 
     hp = config.hyperparameters
     tokenizer = AutoTokenizer.from_pretrained(config.model)
