@@ -532,6 +532,13 @@ class ExperimentSpec(_Spec):
                     f"names model {shown_value(model)}, which is not in models"
                     f" ({', '.join(m.name for m in self.models)})"
                 )
+        # A task without a hub source (CCG: its corpus is licensed) reads only `data:`; without
+        # that entry it would fail in the pod, after the runs before it had been paid for.
+        used = [*self.intermediate_tasks, *(t for g in self.multi_task_groups for t in g.tasks), *self.targets]
+        for task in dict.fromkeys(used):
+            if not TASKS[task].hub and task not in self.data:
+                raise FieldError(f"data{path_part(task)}",
+                                 f"task {task!r} has no hub source; give its local data directory here")
         for target, languages in self.eval_languages.items():
             if target not in self.targets:
                 raise FieldError(f"evalLanguages{path_part(target)}",

@@ -417,6 +417,7 @@ def grid(models: int, intermediates: int, groups: int, targets: int, seeds: int,
         "targets": list(TARGET_TASKS[:targets]),
         "seeds": list(range(seeds)),
         "planning": {"maxRuns": max_runs},
+        "data": {"ccg": "corpora/ccg"},  # the one local-only task
     }
 
 

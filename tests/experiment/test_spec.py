@@ -110,6 +110,9 @@ INVALID: list[tuple[str, object, str]] = [
     ("maxParallel zero", with_changes(cluster={"maxParallel": 0}), "cluster.maxParallel"),
     ("eval language not in target", with_changes(evalLanguages={"xnli": ["ja"]}), "evalLanguages.xnli"),
     ("grid over the run limit", with_changes(seeds=list(range(100)), planning={"maxRuns": 50}), "planning.maxRuns"),
+    ("local-only task without data", with_changes(intermediateTasks=["ccg"]), "data.ccg"),
+    ("local-only task in a group without data",
+     with_changes(multiTaskGroups=[{"name": "mix", "tasks": ["mnli", "ccg"]}]), "data.ccg"),
 ]
 
 
@@ -209,3 +212,8 @@ def test_a_duplicate_yaml_key_is_rejected_not_resolved() -> None:
     with pytest.raises(SpecError) as err:
         load_spec_text("name: a\nname: b\n")
     assert "duplicate key 'name'" in " ".join(err.value.problems)
+
+
+def test_local_only_task_with_its_data_validates(tmp_path: Path) -> None:
+    code, output = validate(tmp_path, with_changes(intermediateTasks=["ccg"], data={"ccg": "corpora/ccg"}))
+    assert code == 0, output
