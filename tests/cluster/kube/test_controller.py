@@ -325,7 +325,9 @@ def test_a_standby_takes_over_when_the_leader_stops(env: Env) -> None:
         env.cp.wait_for(lambda: a.metrics().get("xstilts_leader") == 1 or b.metrics().get("xstilts_leader") == 1,
                         timeout=30, what="a leader")
         leader, standby = (a, b) if a.metrics().get("xstilts_leader") == 1 else (b, a)
-        assert standby.get("/readyz")[0] == 200  # a standby is ready: it reached the API
+        # A standby becomes ready (it reached the API) without leading; under load its
+        # server may come up after the leader was elected, so wait for it.
+        env.cp.wait_for(lambda: standby.get("/readyz")[0] == 200, timeout=30, what="the standby ready")
         assert standby.metrics().get("xstilts_jobs_created_total", 0) == 0
         env.cp.wait_for(lambda: writer.write_finished(), timeout=60, what="a first result")
         assert leader.stop(signal.SIGTERM) == 0
