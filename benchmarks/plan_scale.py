@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from xstilts.operator.cluster.reconcile import Observed, ObservedJob, ResultSummary, reconcile
 from xstilts.operator.cluster.render import render_experiment, render_run
 from xstilts.operator.experiment.plan import Plan, plan
-from xstilts.operator.experiment.spec import ExperimentSpec, parse_document
+from xstilts.operator.experiment.spec import MAX_RUNS, ExperimentSpec, parse_document
 from xstilts.trainer.config import RunConfig, Stage
 from xstilts.trainer.tasks import INTERMEDIATE_TASKS
 
@@ -42,7 +42,7 @@ def spec_with_runs(target_runs: int) -> ExperimentSpec:
         "multiTaskGroups": [{"name": "all", "tasks": list(INTERMEDIATE_TASKS)}],
         "targets": ["xnli", "pawsx"],
         "seeds": list(range(seeds)),
-        "planning": {"maxRuns": 1_000_000},
+        "planning": {"maxRuns": MAX_RUNS},
     })
 
 

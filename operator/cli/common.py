@@ -10,7 +10,7 @@ from typing import Annotated, NoReturn
 import typer
 from rich.console import Console
 from rich.markup import escape
-from xstilts.operator.experiment.spec import ExperimentSpec, SpecError, load_spec_text
+from xstilts.operator.experiment.spec import MAX_SPEC_BYTES, ExperimentSpec, SpecError, load_spec_text
 
 console = Console()
 err = Console(stderr=True)
@@ -44,7 +44,12 @@ def warn(message: str) -> None:
 def load_spec(path: Path) -> ExperimentSpec:
     """Read and validate a spec file; on any problem print every error and exit 2."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:  # never more than the limit: `validate /dev/zero` must end
+            data = f.read(MAX_SPEC_BYTES + 1)
+        if len(data) > MAX_SPEC_BYTES:
+            fail(f"cannot read {path}: larger than {MAX_SPEC_BYTES:,} bytes, the limit for a spec"
+                 " (a spec is a few kilobytes)", CliExit.INVALID)
+        text = data.decode("utf-8")
     except OSError as e:
         fail(f"cannot read {path}: {e.strerror or e}", CliExit.INVALID)
     except UnicodeDecodeError as e:

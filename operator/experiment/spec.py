@@ -8,6 +8,7 @@ Validation is strict: every error names its field path, the bad value and what i
 from __future__ import annotations
 
 import re
+import reprlib
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
@@ -76,11 +77,20 @@ _URI_CREDENTIALS = re.compile(r"//[^/@\s'\"]*@")
 _URI_PASSWORD = re.compile(r"//[^/@:\s]*:[^/@\s]*@")
 
 
+# repr of a container stops after a few items and levels: a YAML alias bomb is a small file
+# whose full repr is gigabytes.
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxlist, _SHORT_REPR.maxdict, _SHORT_REPR.maxtuple = 2, 4, 4, 4
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = MAX_SHOWN
+
+
 def shown_value(value: Any) -> str:
     """repr(value), cut to MAX_SHOWN characters (a 1 MB name must not make a 1 MB error), with
     the credentials of a URI (`//user:password@`) masked: errors reach terminals, logs and
     the Experiment's status and events."""
-    text = _URI_CREDENTIALS.sub("//***@", repr(value))
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {len(str(abs(value))) if value.bit_length() < 14_000 else 'thousands of'} digits"
+    text = _URI_CREDENTIALS.sub("//***@", repr(value) if isinstance(value, str) else _SHORT_REPR.repr(value))
     return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN - 1]}…"
 
 
@@ -457,12 +467,18 @@ class MlflowSpec(_Spec):
         return v
 
 
+# The most runs one Experiment may plan. A planned run holds about 2.5 kB (RunConfig, labels,
+# estimate); 20,000 runs plan in about 2 s and 50 MB, which the controller (1 GiB) can hold
+# for several such Experiments at once (benchmarks/plan_scale.py measures it).
+MAX_RUNS = 20_000
+
+
 class PlanningSpec(_Spec):
     """Assumptions of the GPU-hour estimate, and a guard against accidental huge grids."""
 
     # Sustained model FLOP/s per GPU (bf16), i.e. peak × utilisation.
     assumed_tflops_per_gpu: Annotated[float, Field(gt=0, le=10000)] = 300.0
-    max_runs: Annotated[int, Field(ge=1, le=1_000_000)] = 2000
+    max_runs: Annotated[int, Field(ge=1, le=MAX_RUNS)] = 2000
 
 
 # --- the experiment ---------------------------------------------------------------------
@@ -552,7 +568,8 @@ class ExperimentSpec(_Spec):
         if runs > self.planning.max_runs:
             raise FieldError("planning.maxRuns",
                 f"the grid has {runs} runs, more than planning.maxRuns ({self.planning.max_runs});"
-                " shrink the grid or raise planning.maxRuns"
+                + (" shrink the grid or raise planning.maxRuns" if runs <= MAX_RUNS else
+                   f" an experiment may have at most {MAX_RUNS:,}: split the grid into several experiments")
             )
         return self
 
@@ -612,11 +629,20 @@ class ExperimentObject(BaseModel):
         return self
 
 
+# Bounds on what a spec may cost to read. A real spec is a few kilobytes and a few hundred
+# YAML nodes; these are far above that and far below what would hurt the CLI or the controller.
+MAX_SPEC_BYTES = 1024 * 1024  # also about the API server's own limit for one object
+MAX_SPEC_NODES = 200_000  # YAML nodes after aliases are expanded (an alias bomb is tiny on disk)
+MAX_PROBLEMS = 50  # lines of one SpecError; the rest are counted
+
+
 class SpecError(Exception):
     """A spec that cannot be used, with one line per problem: `field.path: message (got value)`."""
 
     def __init__(self, source: str, problems: list[str]):
         self.source = source
+        if len(problems) > MAX_PROBLEMS:  # a list of 100,000 bad seeds is one mistake, not 100,000
+            problems = [*problems[:MAX_PROBLEMS], f"... and {len(problems) - MAX_PROBLEMS:,} more problems"]
         self.problems = problems
         super().__init__(f"{source}: " + "; ".join(problems))
 
@@ -678,15 +704,59 @@ class _SpecLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignor
         return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
 
 
+def _expanded_size(node: yaml.Node, limit: int) -> int:
+    """Nodes of the document once every alias is expanded, counted without expanding it (an
+    alias is the same node object): memoised per node, so linear in the file's size."""
+    sizes: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def size(n: yaml.Node) -> int:
+        known = sizes.get(id(n))
+        if known is not None:
+            return known
+        if id(n) in busy:
+            raise SpecError("", ["<document>: an alias refers to its own anchor (a recursive structure)"])
+        busy.add(id(n))
+        total = 1
+        if isinstance(n, yaml.SequenceNode):
+            for child in n.value:
+                total += size(child)
+                if total > limit:
+                    break
+        elif isinstance(n, yaml.MappingNode):
+            for key, value in n.value:
+                total += size(key) + size(value)
+                if total > limit:
+                    break
+        busy.discard(id(n))
+        sizes[id(n)] = total
+        return total
+
+    return size(node)
+
+
 def load_spec_text(text: str, source: str = "<spec>") -> ExperimentSpec:
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(source, [f"<document>: {len(text):,} characters, more than a spec may hold"
+                                 f" ({MAX_SPEC_BYTES:,}); a spec is a few kilobytes"])
+    loader = _SpecLoader(text)  # a safe loader (no Python objects)
     try:
-        document = yaml.load(text, Loader=_SpecLoader)  # a safe loader (no Python objects)
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, MAX_SPEC_NODES) > MAX_SPEC_NODES:
+            raise SpecError(source, [f"<document>: more than {MAX_SPEC_NODES:,} values once its aliases are"
+                                     " expanded; a spec is a few hundred (write it without a chain of aliases)"])
+        document = None if node is None else loader.construct_document(node)
+    except SpecError as e:
+        raise SpecError(source, e.problems) from None
     except yaml.YAMLError as e:
         raise SpecError(source, [f"<document>: not valid YAML: {' '.join(str(e).split())}"]) from None
     except RecursionError:
         raise SpecError(source, ["<document>: nested too deeply to be a spec"]) from None
-    except ValueError as e:  # the YAML reader's own limits, e.g. integers of more than 4300 digits
-        raise SpecError(source, [f"<document>: cannot be read: {e}"]) from None
+    except ValueError as e:  # the YAML reader's own limits: integers of more than 4300 digits
+        reason = "a number has too many digits" if "digits" in str(e) else " ".join(str(e).split())[:200]
+        raise SpecError(source, [f"<document>: cannot be read: {reason}"]) from None
+    finally:
+        loader.dispose()
     return parse_document(document, source)
 
 
