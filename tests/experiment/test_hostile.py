@@ -112,3 +112,15 @@ def test_a_huge_integer_gets_a_plain_message() -> None:
     lines = problems(spec(seeds=[10**1000]))
     assert lines == ["seeds[0]: Input should be less than or equal to 2147483647 (got an integer of 1001 digits)"]
     assert "set_int_max_str_digits" not in " ".join(problems(spec(seeds=[10**5000])))
+
+
+# --- the command line itself -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["validate"], ["plan"], ["submit", "--dry-run", "--no-controller"],
+                                     ["status", "x", "--kubeconfig"]])
+def test_rich_markup_in_a_path_is_printed_as_text(tmp_path: Path, command: list[str]) -> None:
+    path = tmp_path / "a[/red]ok[bold].yaml"
+    result = runner.invoke(app, [*command, str(path)])
+    assert result.exit_code in (1, 2) and isinstance(result.exception, SystemExit), result.exception
+    assert "a[/red]ok[bold].yaml" in result.output.replace("\n", "")
