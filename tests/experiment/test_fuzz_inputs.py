@@ -45,7 +45,7 @@ from xstilts.operator.cluster.render import (
     result_file,
 )
 from xstilts.operator.experiment.plan import default_storage_root, plan
-from xstilts.operator.experiment.spec import ExperimentSpec, SpecError, parse_document
+from xstilts.operator.experiment.spec import MAX_RUNS, ExperimentSpec, SpecError, parse_document
 from xstilts.trainer.config import ExitCode, RunConfig
 
 # --- what a hostile user sends ----------------------------------------------------------------
@@ -442,7 +442,7 @@ def test_a_grid_over_planning_max_runs_is_rejected_with_its_count(models: int, i
 @pytest.mark.parametrize(("what", "doc"), [
     ("a million seeds", grid(1, 1, 0, 1, 1_000_000, 2000)),
     ("ten thousand models", grid(10_000, 1, 0, 1, 1, 2000)),
-    ("a million seeds over the largest limit", grid(1, 9, 3, 2, 1_000_000, 1_000_000)),
+    ("a million seeds over the largest limit", grid(1, 9, 3, 2, 1_000_000, MAX_RUNS)),
 ])
 def test_a_huge_grid_is_rejected_fast_with_its_count(what: str, doc: dict[str, Any]) -> None:
     started = time.monotonic()
