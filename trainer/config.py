@@ -58,7 +58,12 @@ class HyperParameters(_Frozen):
     # Multi-task runs draw each batch's task with probability ∝ n_task^(1/T):
     # T=1 is proportional sampling, large T tends to uniform.
     sampling_temperature: Annotated[float, Field(ge=1, le=100)] = 1.0
+    # Retrieval targets (BUCC, Tatoeba): the encoder layer whose mean-pooled states embed a
+    # sentence (0: the embeddings). None: XTREME's depth share, layer 14 of 24 (retrieval.py).
+    retrieval_layer: Annotated[int | None, Field(ge=0, le=1000)] = None
 
+
+UNSET_NOT_IN_IDENTITY = ("retrieval_layer",)
 
 OffloadMode = Literal["none", "optimizer", "all"]
 
@@ -241,11 +246,16 @@ class RunConfig(_Frozen):
     def identity(self) -> dict[str, Any]:
         """The fields that determine the run's result. Output locations, resources, tracking
         and labels are left out: the same run requested twice, anywhere, has the same id."""
-        return self.model_dump(
+        identity = self.model_dump(
             mode="json",
             include={"model", "stage", "tasks", "seed", "hyperparameters", "precision",
                      "init_from_run", "eval_languages"},
         )
+        # Settings added later count only when set, so that the runs planned before keep their ids.
+        for name in UNSET_NOT_IN_IDENTITY:
+            if identity["hyperparameters"].get(name) is None:
+                identity["hyperparameters"].pop(name, None)
+        return identity
 
     @property
     def run_id(self) -> str:

@@ -43,13 +43,18 @@ class SplitRef:
         return f"{self.task}/{self.split}" + (f"/{self.language}" if TASKS[self.task].is_multilingual else "")
 
 
+def is_retrieval(config: RunConfig) -> bool:
+    """A retrieval target (BUCC, Tatoeba) trains nothing: it only evaluates an encoder."""
+    return TASKS[config.tasks[0]].format is Format.RETRIEVAL
+
+
 def training_splits(config: RunConfig) -> list[SplitRef]:
-    return [SplitRef(t, TRAIN) for t in config.tasks]
+    return [] if is_retrieval(config) else [SplitRef(t, TRAIN) for t in config.tasks]
 
 
 def dev_splits(config: RunConfig) -> list[SplitRef]:
     """English dev sets: model selection."""
-    return [SplitRef(t, VALIDATION) for t in config.tasks]
+    return [] if is_retrieval(config) else [SplitRef(t, VALIDATION) for t in config.tasks]
 
 
 def eval_languages(config: RunConfig) -> tuple[str, ...]:
@@ -63,8 +68,17 @@ def test_splits(config: RunConfig) -> list[SplitRef]:
     return [SplitRef(config.tasks[0], TEST, lang) for lang in eval_languages(config)]
 
 
+def tuning_splits(config: RunConfig) -> list[SplitRef]:
+    """Per-language dev sets of a retrieval target that has them (BUCC): its score threshold
+    is chosen on them, as in XTREME."""
+    task = TASKS[config.tasks[0]]
+    if task.format is not Format.RETRIEVAL or not any(VALIDATION in s.splits for s in task.hub):
+        return []
+    return [SplitRef(task.name, VALIDATION, lang) for lang in eval_languages(config)]
+
+
 def required_splits(config: RunConfig) -> list[SplitRef]:
-    return training_splits(config) + dev_splits(config) + test_splits(config)
+    return training_splits(config) + dev_splits(config) + tuning_splits(config) + test_splits(config)
 
 
 # --- local files ----------------------------------------------------------------------------
@@ -123,7 +137,8 @@ def file_digest(path: Path) -> str:
 
 def hub_datasets(task: Task, ref: SplitRef) -> list[Any]:
     """The task's hub datasets for one split (several sources: ANLI+), loaded with
-    `datasets.load_dataset`. Sources without that split are skipped."""
+    `datasets.load_dataset`. Sources without that split are skipped. A task whose split holds
+    every language (TyDiQA-GoldP) keeps the rows of the split's language."""
     import datasets
 
     loaded = []
@@ -131,11 +146,20 @@ def hub_datasets(task: Task, ref: SplitRef) -> list[Any]:
         split_name = source.splits.get(ref.split)
         if split_name is None:
             continue
-        name = source.config.format(lang=ref.language) if source.config else None
-        loaded.append(datasets.load_dataset(source.path, name, split=split_name, revision=source.revision))
+        dataset = datasets.load_dataset(source.path, source.config_for(ref.language), split=split_name,
+                                        revision=source.revision)
+        if task.language_of is not None:
+            dataset = dataset.filter(_of_language(task, ref.language))
+        loaded.append(dataset)
     if not loaded:
         raise DataError(f"task {task.name!r} has no hub split {ref.split!r}; give local files with task_data")
     return loaded
+
+
+def _of_language(task: Task, language: str) -> Any:
+    language_of = task.language_of
+    assert language_of is not None
+    return lambda row: language_of(row) == language
 
 
 # --- one split, raw --------------------------------------------------------------------------

@@ -20,7 +20,18 @@ from typing import Any
 import torch
 from xstilts.trainer.batching import Collator, eval_batches
 from xstilts.trainer.features import Encoded
-from xstilts.trainer.scoring import Span, accuracy, answer_text, best_span, mean, squad_scores, token_accuracy
+from xstilts.trainer.scoring import (
+    Span,
+    accuracy,
+    answer_text,
+    best_span,
+    is_bio,
+    mean,
+    squad_scores,
+    tag_f1,
+    token_accuracy,
+    word_tags,
+)
 from xstilts.trainer.tasks import Format, Task
 
 Forward = Callable[[dict[str, torch.Tensor]], Mapping[str, torch.Tensor]]
@@ -163,7 +174,10 @@ def score(task: Task, encoded: Encoded, rows: Sequence[int], predictions: Sequen
     if task.format in (Format.CLASSIFICATION, Format.MULTIPLE_CHOICE):
         return {"accuracy": accuracy(list(predictions), column("label"))}
     if task.format is Format.TAGGING:
-        return {"accuracy": token_accuracy(list(predictions), column("labels"))}
+        labels = column("labels")
+        preds, golds = word_tags(list(predictions), labels, encoded.labels)
+        return {"accuracy": token_accuracy(list(predictions), labels),
+                "f1": tag_f1(preds, golds, entities=is_bio(encoded.labels))}
     windows: dict[int, list[Span]] = defaultdict(list)
     for example_index, span in zip(column("example_index"), predictions, strict=True):
         windows[example_index].append(span)

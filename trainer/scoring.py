@@ -1,7 +1,9 @@
 """Metrics and span decoding: pure functions over plain Python values.
 
 accuracy for classification and multiple choice; token accuracy for tagging (over each word's
-first sub-token); exact match and F1 for span QA with the SQuAD reference's answer
+first sub-token) and F1: entity-level over BIO spans (conlleval's rule, as seqeval scores
+PAN-X in XTREME) or, for tag sets without BIO prefixes (POS), micro F1 over words, which with
+one tag per word is word accuracy; exact match and F1 for span QA with the SQuAD reference's answer
 normalisation (lower case, no punctuation, no articles, single spaces), maximised over the gold
 answers; an unanswerable question's gold answer is the empty string.
 """
@@ -36,6 +38,55 @@ def token_accuracy(predictions: Sequence[Sequence[int]], labels: Sequence[Sequen
                 total += 1
                 correct += int(p == y)
     return correct / total if total else 0.0
+
+
+def bio_entities(tags: Sequence[str]) -> set[tuple[str, int, int]]:
+    """(type, first, last) of each entity in a BIO sequence. An I- tag that does not continue
+    an entity of its type starts one (conlleval's rule)."""
+    entities: set[tuple[str, int, int]] = set()
+    kind, start = None, 0
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, _, label = tag.partition("-")
+        continues = prefix == "I" and label == kind
+        if kind is not None and not continues:
+            entities.add((kind, start, i - 1))
+            kind = None
+        if prefix in ("B", "I") and not continues:
+            kind, start = label, i
+    return entities
+
+
+def is_bio(labels: Sequence[str]) -> bool:
+    return any(t.startswith(("B-", "I-")) for t in labels)
+
+
+def tag_f1(predictions: Sequence[Sequence[str]], golds: Sequence[Sequence[str]], entities: bool) -> float:
+    """Micro F1 over sentences of word tags: of entity spans when `entities`, else of words
+    (every word has one gold and one predicted tag, so precision = recall = accuracy)."""
+    if not entities:
+        pairs = [(p, g) for row_p, row_g in zip(predictions, golds, strict=True)
+                 for p, g in zip(row_p, row_g, strict=True)]
+        return sum(p == g for p, g in pairs) / len(pairs) if pairs else 0.0
+    found = gold = correct = 0
+    for row_p, row_g in zip(predictions, golds, strict=True):
+        p, g = bio_entities(row_p), bio_entities(row_g)
+        found, gold, correct = found + len(p), gold + len(g), correct + len(p & g)
+    if not correct:
+        return 0.0
+    precision, recall = correct / found, correct / gold
+    return 2 * precision * recall / (precision + recall)
+
+
+def word_tags(predictions: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
+              names: Sequence[str]) -> tuple[list[list[str]], list[list[str]]]:
+    """Predicted and gold tag names of each word (the positions whose label is not IGNORE);
+    a gold tag outside the label set (id -1) gets a name no prediction has."""
+    preds, golds = [], []
+    for row_p, row_y in zip(predictions, labels, strict=True):
+        kept = [(p, y) for p, y in zip(row_p, row_y, strict=False) if y != IGNORE]
+        preds.append([names[p] for p, _ in kept])
+        golds.append([names[y] if y >= 0 else "<unknown>" for _, y in kept])
+    return preds, golds
 
 
 # --- SQuAD --------------------------------------------------------------------------------------

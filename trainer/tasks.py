@@ -9,6 +9,7 @@ the format's normalised example:
     span_qa          {"id": str, "question": str, "context": str,
                       "answers": {"text": [str], "answer_start": [int]}}   (empty: no answer)
     tagging          {"tokens": [str], "tags": [str]}
+    retrieval        {"source": str, "target": str}   (a sentence and its translation)
 
 Local files: `<dir>/<split>.jsonl`, or `<dir>/<language>/<split>.jsonl` for multilingual
 targets, with the hub dataset's columns. Pure Python: no torch, no datasets import.
@@ -30,6 +31,7 @@ class Format(StrEnum):
     MULTIPLE_CHOICE = "multiple_choice"
     SPAN_QA = "span_qa"
     TAGGING = "tagging"
+    RETRIEVAL = "retrieval"  # no training: sentences are embedded by the encoder and matched
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,14 @@ class HubSource:
         default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"}
     )
     revision: str | None = None
+    # Hub config names that spell a language otherwise than the task's code: "udpos.English"
+    # for "en", "tatoeba.deu" for "de". Codes not listed are used as they are.
+    language_names: Mapping[str, str] = field(default_factory=dict)
+
+    def config_for(self, language: str) -> str | None:
+        if self.config is None:
+            return None
+        return self.config.format(lang=self.language_names.get(language, language))
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,10 @@ class Task:
     # Span QA: some questions have no answer in the context (SQuAD v2.0), so predicting
     # "no answer" is allowed when it scores higher than every span.
     no_answer: bool = False
+    # One hub split holding every language (TyDiQA-GoldP): the language of a row, so that a
+    # language's split keeps only its rows.
+    language_of: Callable[[Row], str] | None = None
+    xtreme: bool = False  # one of the nine tasks of the XTREME benchmark's average
 
     @property
     def is_multilingual(self) -> bool:
@@ -129,10 +143,63 @@ def _tagging(row: Row) -> Example | None:
     return {"tokens": list(row["tokens"]), "tags": list(row["tags"])}
 
 
+def _hub_tags(column: str, names: tuple[str, ...]) -> Callable[[Row], Example | None]:
+    """A tagging row of a hub dataset whose tags are class ids (a ClassLabel sequence; a
+    local copy may also spell them as names)."""
+
+    def normalize(row: Row) -> Example | None:
+        tags = [names[t] if isinstance(t, int) else str(t) for t in row[column]]
+        return _tagging({"tokens": row["tokens"], "tags": tags})
+
+    return normalize
+
+
+def _retrieval(row: Row) -> Example | None:
+    return {"source": str(row["source_sentence"]), "target": str(row["target_sentence"])}
+
+
+# TyDiQA-GoldP holds every language in one split; an id starts with the language's name.
+TYDIQA_NAMES = {"en": "english", "ar": "arabic", "bn": "bengali", "fi": "finnish", "id": "indonesian",
+                "ko": "korean", "ru": "russian", "sw": "swahili", "te": "telugu"}
+_TYDIQA_CODES = {name: code for code, name in TYDIQA_NAMES.items()}
+
+
+def _tydiqa_language(row: Row) -> str:
+    return _TYDIQA_CODES.get(str(row["id"]).split("-", 1)[0], "")
+
+
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 XNLI_LANGUAGES = ("en", "fr", "es", "de", "el", "bg", "ru", "tr", "ar", "vi", "th", "zh", "hi", "sw", "ur")
 PAWSX_LANGUAGES = ("en", "de", "es", "fr", "ja", "ko", "zh")
 GLUE = "nyu-mll/glue"
+# google/xtreme on the hub: Parquet files on its main branch (one directory per config), so
+# no loading script runs. Languages and metrics are those of the XTREME paper (Hu et al.
+# 2020, Table 1 and its scripts).
+XTREME = "google/xtreme"
+SQUAD_V1 = HubSource("rajpurkar/squad", None, {"train": "train", "validation": "validation"})
+XQUAD_LANGUAGES = ("en", "es", "de", "el", "ru", "tr", "ar", "vi", "th", "zh", "hi")
+MLQA_LANGUAGES = ("en", "es", "de", "ar", "hi", "vi", "zh")
+TYDIQA_LANGUAGES = tuple(TYDIQA_NAMES)
+PANX_LANGUAGES = ("en", "af", "ar", "bg", "bn", "de", "el", "es", "et", "eu", "fa", "fi", "fr", "he", "hi", "hu",
+                  "id", "it", "ja", "jv", "ka", "kk", "ko", "ml", "mr", "ms", "my", "nl", "pt", "ru", "sw", "ta",
+                  "te", "th", "tl", "tr", "ur", "vi", "yo", "zh")
+PANX_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC")
+# UD v2.5 treebanks by language name, as the hub's configs name them ("udpos.English")
+UDPOS_NAMES = {"en": "English", "af": "Afrikaans", "ar": "Arabic", "bg": "Bulgarian", "de": "German",
+               "el": "Greek", "es": "Spanish", "et": "Estonian", "eu": "Basque", "fa": "Persian", "fi": "Finnish",
+               "fr": "French", "he": "Hebrew", "hi": "Hindi", "hu": "Hungarian", "id": "Indonesian",
+               "it": "Italian", "ja": "Japanese", "kk": "Kazakh", "ko": "Korean", "mr": "Marathi", "nl": "Dutch",
+               "pt": "Portuguese", "ru": "Russian", "ta": "Tamil", "te": "Telugu", "th": "Thai", "tl": "Tagalog",
+               "tr": "Turkish", "ur": "Urdu", "vi": "Vietnamese", "yo": "Yoruba", "zh": "Chinese"}
+UDPOS_TAGS = ("ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN", "PUNCT",
+              "SCONJ", "SYM", "VERB", "X")
+BUCC_LANGUAGES = ("de", "fr", "ru", "zh")
+# Tatoeba configs by ISO 639-3 code. XTREME has 36 languages; the hub has no Telugu config.
+TATOEBA_NAMES = {"af": "afr", "ar": "ara", "bg": "bul", "bn": "ben", "de": "deu", "el": "ell", "es": "spa",
+                 "et": "est", "eu": "eus", "fa": "pes", "fi": "fin", "fr": "fra", "he": "heb", "hi": "hin",
+                 "hu": "hun", "id": "ind", "it": "ita", "ja": "jpn", "jv": "jav", "ka": "kat", "kk": "kaz",
+                 "ko": "kor", "ml": "mal", "mr": "mar", "nl": "nld", "pt": "por", "ru": "rus", "sw": "swh",
+                 "ta": "tam", "th": "tha", "tl": "tgl", "tr": "tur", "ur": "urd", "vi": "vie", "zh": "cmn"}
 
 
 def _anli_round(r: int) -> HubSource:
@@ -177,11 +244,41 @@ _TASK_LIST = [
     Task("xnli", Format.CLASSIFICATION, "XNLI: MNLI-style training, 15-language zero-shot test",
          (HubSource("facebook/xnli", "{lang}"),),
          _pair("premise", "hypothesis"), NLI_LABELS, XNLI_LANGUAGES, is_target=True,
-         train_examples=392_702, tokens_per_example=40),
+         train_examples=392_702, tokens_per_example=40, xtreme=True),
     Task("pawsx", Format.CLASSIFICATION, "PAWS-X paraphrase identification, 7 languages",
          (HubSource("google-research-datasets/paws-x", "{lang}"),),
          _pair("sentence1", "sentence2"), ("different", "paraphrase"), PAWSX_LANGUAGES,
-         is_target=True, train_examples=49_401, tokens_per_example=50),
+         is_target=True, train_examples=49_401, tokens_per_example=50, xtreme=True),
+    # Question answering: span head, SQuAD's F1 and exact match.
+    Task("xquad", Format.SPAN_QA, "XQuAD: SQuAD v1.1 training, 11-language zero-shot test",
+         (SQUAD_V1, HubSource(XTREME, "XQuAD.{lang}", {"test": "validation"})),
+         _squad, languages=XQUAD_LANGUAGES, is_target=True, metric="f1", train_examples=87_599,
+         tokens_per_example=160, default_max_seq_length=384, xtreme=True),
+    Task("mlqa", Format.SPAN_QA, "MLQA: SQuAD v1.1 training, 7-language zero-shot test",
+         (SQUAD_V1, HubSource(XTREME, "MLQA.{lang}.{lang}", {"test": "test"})),
+         _squad, languages=MLQA_LANGUAGES, is_target=True, metric="f1", train_examples=87_599,
+         tokens_per_example=160, default_max_seq_length=384, xtreme=True),
+    Task("tydiqa", Format.SPAN_QA, "TyDiQA-GoldP: English training, 9-language zero-shot test (its dev set)",
+         (HubSource(XTREME, "tydiqa", {"train": "train", "validation": "validation", "test": "validation"}),),
+         _squad, languages=TYDIQA_LANGUAGES, is_target=True, metric="f1", train_examples=3_696,
+         tokens_per_example=160, default_max_seq_length=384, language_of=_tydiqa_language, xtreme=True),
+    # Structured prediction: tagging head, F1 (entity-level for PAN-X's BIO tags).
+    Task("udpos", Format.TAGGING, "UD POS (v2.5): English training, 33-language zero-shot test",
+         (HubSource(XTREME, "udpos.{lang}", language_names=UDPOS_NAMES),),
+         _hub_tags("pos_tags", UDPOS_TAGS), UDPOS_TAGS, tuple(UDPOS_NAMES), is_target=True, metric="f1",
+         train_examples=21_253, tokens_per_example=40, xtreme=True),
+    Task("panx", Format.TAGGING, "PAN-X (WikiANN) NER: English training, 40-language zero-shot test",
+         (HubSource(XTREME, "PAN-X.{lang}"),),
+         _hub_tags("ner_tags", PANX_TAGS), PANX_TAGS, PANX_LANGUAGES, is_target=True, metric="f1",
+         train_examples=20_000, tokens_per_example=30, xtreme=True),
+    # Sentence retrieval: no training; mean-pooled hidden states of a middle layer.
+    Task("bucc2018", Format.RETRIEVAL, "BUCC 2018 parallel sentence mining (to English), F1",
+         (HubSource(XTREME, "bucc18.{lang}", {"validation": "validation", "test": "test"}),),
+         _retrieval, languages=BUCC_LANGUAGES, is_target=True, metric="f1", tokens_per_example=40,
+         xtreme=True),
+    Task("tatoeba", Format.RETRIEVAL, "Tatoeba sentence retrieval (to English), 35 languages, accuracy",
+         (HubSource(XTREME, "tatoeba.{lang}", {"test": "validation"}, language_names=TATOEBA_NAMES),),
+         _retrieval, languages=tuple(TATOEBA_NAMES), is_target=True, tokens_per_example=20, xtreme=True),
 ]
 
 TASKS: dict[str, Task] = {t.name: t for t in _TASK_LIST}

@@ -37,7 +37,14 @@ from typing import Any
 from xstilts.trainer.batch_plan import InvalidRun, check_batch_layout
 from xstilts.trainer.checkpoints import newest_checkpoint, remove_partial_checkpoints
 from xstilts.trainer.config import RunConfig, RunResult, Stage
-from xstilts.trainer.data import check_local_files, dev_splits, open_split, test_splits, training_splits
+from xstilts.trainer.data import (
+    check_local_files,
+    dev_splits,
+    is_retrieval,
+    open_split,
+    test_splits,
+    training_splits,
+)
 from xstilts.trainer.interrupt import Interruption, RunInterrupted
 from xstilts.trainer.tasks import TASKS, Format, Task
 
@@ -190,8 +197,13 @@ def run(config: RunConfig, interruption: Interruption | None = None, cache_dir: 
     tracker = _tracker(config, dist.is_main)
     tracker.start()
     try:
-        result = _train_and_evaluate(config, dist, interruption, cache_dir or default_cache_dir(), tracker, started,
-                                     batching or Batching())
+        if is_retrieval(config):  # BUCC, Tatoeba: evaluate the encoder, train nothing
+            from xstilts.trainer.retrieval import run_retrieval
+
+            result = run_retrieval(config, tracker, started, dist.is_main)
+        else:
+            result = _train_and_evaluate(config, dist, interruption, cache_dir or default_cache_dir(), tracker,
+                                         started, batching or Batching())
     except RunInterrupted:
         tracker.finish("KILLED")
         raise

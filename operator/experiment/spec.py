@@ -278,6 +278,7 @@ class HyperParameterOverrides(_Spec):
     max_train_examples: Annotated[int | None, Field(ge=1)] = None
     max_eval_examples: Annotated[int | None, Field(ge=1)] = None
     sampling_temperature: Annotated[float | None, Field(ge=1, le=100)] = None
+    retrieval_layer: Annotated[int | None, Field(ge=0, le=1000)] = None
 
     def apply(self, base: HyperParameters) -> HyperParameters:
         changes = self.model_dump(exclude_none=True, by_alias=False)
