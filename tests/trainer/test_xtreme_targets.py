@@ -63,7 +63,7 @@ def test_tydiqa_keeps_the_rows_of_each_language_from_its_one_config(repos: dict[
     assert [e["id"] for e in examples(repos, "tydiqa", "train")] == ["english-train-0", "english-train-1"]
     assert [e["id"] for e in examples(repos, "tydiqa", "test", "fi")] == ["finnish-validation-0",
                                                                          "finnish-validation-1"]
-    assert [e["id"] for e in examples(repos, "tydiqa", "test", "ar")][0].startswith("arabic-validation")
+    assert {e["id"].split("-")[0] for e in examples(repos, "tydiqa", "test", "ar")} == {"arabic"}
 
 
 def test_panx_and_udpos_tags_are_read_from_class_label_ids(repos: dict[str, Path]) -> None:
