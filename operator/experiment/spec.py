@@ -73,8 +73,9 @@ TargetTaskName = Annotated[str, AfterValidator(_target_name), _schema_enum(TARGE
 
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 MAX_SHOWN = 80  # characters of a bad value quoted in an error
-_URI_CREDENTIALS = re.compile(r"//[^/@\s'\"]*@")
-_URI_PASSWORD = re.compile(r"//[^/@:\s]*:[^/@\s]*@")
+_URI_CREDENTIALS = re.compile(r"//[^/?#@'\"]*@")
+_QUERY_CREDENTIALS = re.compile(r"(?i)([?&;][^=&#'\"]*(pass|pwd|token|secret|key|auth|credential|signature)"
+                                r"[^=&#'\"]*=)[^&#'\"]*")
 
 
 # repr of a container stops after a few items and levels: a YAML alias bomb is a small file
@@ -86,11 +87,12 @@ _SHORT_REPR.maxstring = _SHORT_REPR.maxother = MAX_SHOWN
 
 def shown_value(value: Any) -> str:
     """repr(value), cut to MAX_SHOWN characters (a 1 MB name must not make a 1 MB error), with
-    the credentials of a URI (`//user:password@`) masked: errors reach terminals, logs and
+    the credentials of a URI (`//user:password@`, `?token=…`) masked: errors reach terminals, logs and
     the Experiment's status and events."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
         return f"an integer of {len(str(abs(value))) if value.bit_length() < 14_000 else 'thousands of'} digits"
-    text = _URI_CREDENTIALS.sub("//***@", repr(value) if isinstance(value, str) else _SHORT_REPR.repr(value))
+    text = repr(value) if isinstance(value, str) else _SHORT_REPR.repr(value)
+    text = _QUERY_CREDENTIALS.sub(r"\1***", _URI_CREDENTIALS.sub("//***@", text))
     return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN - 1]}…"
 
 
@@ -403,19 +405,34 @@ class StorageSpec(_Spec):
         return self
 
 
+# What each Secret reference holds, for the message that sends a pasted value to the right field.
+SECRET_HOLDS = {
+    "hfToken": "the key HF_TOKEN",
+    "mlflow": "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN",
+    "s3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+}
+
+
+def _secret_name() -> Any:
+    return Field(json_schema_extra={"pattern": SECRET_NAME.pattern, "maxLength": 253},
+                 description="name of a Secret in the Experiment's namespace (never the value itself)")
+
+
 class SecretRefs(_Spec):
     """Names of Secrets in the Experiment's namespace; never their values."""
 
-    hf_token: str | None = None
-    mlflow: str | None = None
-    s3: str | None = None
+    hf_token: Annotated[str | None, _secret_name()] = None
+    mlflow: Annotated[str | None, _secret_name()] = None
+    s3: Annotated[str | None, _secret_name()] = None
 
     @field_validator("hf_token", "mlflow", "s3")
     @classmethod
-    def _name(cls, v: str | None) -> str | None:
+    def _name(cls, v: str | None, info: Any) -> str | None:
         if v is not None and (len(v) > 253 or not SECRET_NAME.fullmatch(v)):
+            field = to_camel(info.field_name)
             raise ValueError(  # without the value: what is not a name may be the secret itself
-                "not a Secret name (lowercase DNS-1123 subdomain); give the name, never the value")
+                f"not a Secret name (lowercase DNS-1123 subdomain): never paste a credential into the spec; put it"
+                f" into a Secret ({SECRET_HOLDS[field]}) and give that Secret's name here")
         return v
 
 
@@ -453,18 +470,43 @@ class ClusterSpec(_Spec):
         return None if v is None else dns_label(v)
 
 
+# Credentials travel only by Secret reference. A URI is rendered into every Job's env and
+# RUN.json and shown by `plan`, so one with a user part (`token@`, `user:password@`) or a
+# credential-shaped query parameter is refused, here and (the same expressions, RE2 and
+# Python agree on them) by the CRD's CEL rules.
+URI_USERINFO = r"^[A-Za-z][A-Za-z0-9+.-]*:/*[^/?#]*@"
+URI_SECRET_QUERY = r"(?i)[?&;][^=&#]*(pass|pwd|token|secret|key|auth|credential|signature)[^=&#]*="
+_MLFLOW_SECRET = ("put the credentials into a Secret (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or"
+                  " MLFLOW_TRACKING_TOKEN) and name it in cluster.secrets.mlflow")
+_URI_RULES = [
+    {"rule": f"!self.matches('{URI_USERINFO}')",
+     "message": f"holds credentials in its user part (user@ or user:password@); {_MLFLOW_SECRET}"},
+    {"rule": f"!self.matches('{URI_SECRET_QUERY}')",
+     "message": f"holds a credential in its query; {_MLFLOW_SECRET}"},
+]
+
+
+def uri_credential_problem(uri: str) -> str | None:
+    """What the CRD's rules on a URI say about it, or None when it holds no credential."""
+    for rule, expression in zip(_URI_RULES, (URI_USERINFO, URI_SECRET_QUERY), strict=True):
+        if re.search(expression, uri):
+            return rule["message"]
+    return None
+
+
 class MlflowSpec(_Spec):
-    tracking_uri: Annotated[str | None, Field(pattern=r"^(https?|file|sqlite|postgresql|databricks)[:+]")] = None
+    tracking_uri: Annotated[str | None, Field(
+        pattern=r"^(https?|file|sqlite|postgresql|databricks)[:+][^\x00-\x20\x7f]*$", max_length=2048,
+        description="MLflow tracking server; credentials go into the Secret cluster.secrets.mlflow, never here",
+        json_schema_extra={"x-kubernetes-validations": _URI_RULES})] = None
     experiment_name: str | None = None  # default: the experiment's name
 
     @field_validator("tracking_uri")
     @classmethod
-    def _no_password(cls, v: str | None) -> str | None:
-        # The URI is rendered into every Job's env and RUN.json, and shown by `plan`: a password
-        # in it would be everywhere. MLflow reads credentials from its own variables instead.
-        if v is not None and _URI_PASSWORD.search(v):
-            raise ValueError("holds a password (user:password@); remove it from the URI and name a Secret with "
-                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in cluster.secrets.mlflow")
+    def _no_credentials(cls, v: str | None) -> str | None:
+        problem = None if v is None else uri_credential_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
 

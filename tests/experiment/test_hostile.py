@@ -124,3 +124,37 @@ def test_rich_markup_in_a_path_is_printed_as_text(tmp_path: Path, command: list[
     result = runner.invoke(app, [*command, str(path)])
     assert result.exit_code in (1, 2) and isinstance(result.exception, SystemExit), result.exception
     assert "a[/red]ok[bold].yaml" in result.output.replace("\n", "")
+
+
+# --- credentials only by reference -----------------------------------------------------------
+
+TOKEN = "s3cr3tT0ken"
+
+
+@pytest.mark.parametrize("uri", [
+    f"https://{TOKEN}@mlflow.example.org", f"https://user:{TOKEN}@mlflow.example.org",
+    f"https://user:pass word{TOKEN}@mlflow.example.org", f"http://mlflow:5000/?password={TOKEN}",
+    f"https://mlflow/api?x=1&access_token={TOKEN}", f"https://mlflow/?API_KEY={TOKEN}",
+    f"postgresql://mlflow:{TOKEN}@db/mlflow", f"https://mlflow/?X-Amz-Signature={TOKEN}",
+])
+def test_a_credential_in_the_tracking_uri_is_refused_naming_the_secret_field(uri: str) -> None:
+    lines = problems(spec(mlflow={"trackingUri": uri}))
+    assert len(lines) == 1 and lines[0].startswith("mlflow.trackingUri: "), lines
+    assert TOKEN not in lines[0]
+    assert "cluster.secrets.mlflow" in lines[0] or "should match pattern" in lines[0]
+
+
+@pytest.mark.parametrize("uri", ["https://mlflow.example.org:5000", "http://mlflow/?sslmode=require",
+                                 "file:///data/mlruns", "databricks://profile"])
+def test_a_tracking_uri_without_credentials_is_accepted(uri: str) -> None:
+    assert parse_document(spec(mlflow={"trackingUri": uri})).mlflow.tracking_uri == uri
+
+
+@pytest.mark.parametrize(("field", "holds"), [("hfToken", "HF_TOKEN"), ("mlflow", "MLFLOW_TRACKING_PASSWORD"),
+                                              ("s3", "AWS_SECRET_ACCESS_KEY")])
+@pytest.mark.parametrize("value", ["hf_AbCdEf0123456789", "ghp_" + TOKEN, "Bearer " + TOKEN, "x" * 300])
+def test_a_token_pasted_into_a_secret_reference_is_refused_without_echoing_it(field: str, holds: str,
+                                                                              value: str) -> None:
+    lines = problems(spec(cluster={"secrets": {field: value}}))
+    assert len(lines) == 1 and lines[0].startswith(f"cluster.secrets.{field}: "), lines
+    assert value not in lines[0] and holds in lines[0]
