@@ -48,7 +48,7 @@ def test_examples_in_object_form_validate_against_the_crd_schema(example: Path) 
 
 
 @pytest.mark.parametrize(("path", "value"), [
-    (("targets",), ["tydiqa"]),
+    (("targets",), ["no-such-target"]),
     (("name",), "Not_DNS"),
     (("models", 0, "resources", "gpus"), -1),
     (("seeds",), []),
