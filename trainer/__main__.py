@@ -15,6 +15,7 @@ A run whose result.json already exists is not trained again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 from xstilts.trainer.batch_plan import InvalidRun
-from xstilts.trainer.config import ExitCode, RunConfig
+from xstilts.trainer.config import ExitCode, RunConfig, first_error
 from xstilts.trainer.data import DataError
 from xstilts.trainer.interrupt import Interruption, RunInterrupted
 
@@ -30,13 +31,6 @@ PROG = "xstilts.trainer"
 # Read by datasets and tokenizers when they are imported: their progress bars would flood
 # train.log, and tokenizers' threads fight the run's own.
 QUIET_ENV = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def one_line(error: ValidationError) -> str:
-    first = error.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(root)"
-    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-    return f"{where}: {first['msg']}{more}"
 
 
 def load_config(path: Path) -> RunConfig:
@@ -50,7 +44,7 @@ def load_config(path: Path) -> RunConfig:
     try:
         return RunConfig.model_validate_json(text)
     except ValidationError as e:
-        raise InvalidRun(f"{path}: {one_line(e)}") from None
+        raise InvalidRun(f"{path}: {first_error(e)}") from None
 
 
 def _configure_logging(rank: int) -> None:
@@ -77,11 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             precheck(config, int(os.environ.get("WORLD_SIZE", 1)))
             return ExitCode.OK
-        from xstilts.trainer.rundir import read_result
+        from xstilts.trainer.rundir import ResultProblem, RunDir, read_result
 
-        if read_result(config) is not None:
+        result_path = RunDir.of(config).result
+        with contextlib.suppress(ResultProblem):  # none, or torn: train (and write it anew)
+            read_result(result_path)
             if rank == 0:
-                print(f"{PROG}: run {config.run_id} already has {config.result_path}; nothing to do", file=sys.stderr)
+                print(f"{PROG}: run {config.run_id} already has {result_path}; nothing to do", file=sys.stderr)
             return ExitCode.OK
         from xstilts.trainer.train import run
 

@@ -15,12 +15,10 @@ from enum import IntEnum, StrEnum
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from xstilts.trainer.rundir import RunDir, run_dir
 
 RUN_ID_LENGTH = 12
-RESULT_FILE = "result.json"
-CHECKPOINT_DIR = "checkpoint"
-RUNS_DIR = "runs"
 
 
 class ExitCode(IntEnum):
@@ -30,6 +28,16 @@ class ExitCode(IntEnum):
     OK = 0
     INVALID = 42
     INTERRUPTED = 75  # EX_TEMPFAIL
+
+
+def first_error(error: ValidationError) -> str:
+    """The first problem of a pydantic ValidationError on one line, `field.path: message`,
+    saying how many more there are (the one formatter of the trainer,
+    the result readers and the CLI)."""
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(root)"
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}"
 
 
 class Stage(StrEnum):
@@ -162,8 +170,8 @@ class RunConfig(_Frozen):
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
     hyperparameters: HyperParameters = HyperParameters()
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    # Phase 3 starts from its phase-2 run's checkpoint; None starts from `model`. A run id,
-    # never a path: the checkpoint it names is always inside this storage root.
+    # Phase 3 starts from its phase-2 run's final model; None starts from `model`. A run id,
+    # never a path: the model it names is always inside this storage root.
     init_from_run: str | None = None
     eval_languages: tuple[str, ...] = ()  # empty: every language the target task has
     deepspeed: DeepSpeedSettings = DeepSpeedSettings()
@@ -268,18 +276,12 @@ class RunConfig(_Frozen):
         return run_dir(self.storage_root, self.run_id)
 
     @property
-    def checkpoint_dir(self) -> str:
-        return f"{self.run_dir}/{CHECKPOINT_DIR}"
-
-    @property
-    def result_path(self) -> str:
-        return f"{self.run_dir}/{RESULT_FILE}"
-
-    @property
-    def init_checkpoint_dir(self) -> str | None:
+    def init_model_dir(self) -> str | None:
+        """The final model of the phase-2 run this run starts from (a string: the storage root
+        may be a URI); the run directory's other paths are `rundir.RunDir.of(config)`'s."""
         if self.init_from_run is None:
             return None
-        return f"{run_dir(self.storage_root, self.init_from_run)}/{CHECKPOINT_DIR}"
+        return f"{run_dir(self.storage_root, self.init_from_run)}/{RunDir.MODEL}"
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
@@ -288,10 +290,6 @@ class RunConfig(_Frozen):
 def run_id_of(identity: dict[str, Any]) -> str:
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:RUN_ID_LENGTH]
-
-
-def run_dir(storage_root: str, run_id: str) -> str:
-    return f"{storage_root.rstrip('/')}/{RUNS_DIR}/{run_id}"
 
 
 # --- ZeRO stage from memory ----------------------------------------------------------------
@@ -382,7 +380,7 @@ def choose_micro_batch(parameters: int, tokens_per_row: int, gpu_memory_gb: floa
 
 
 class RunResult(BaseModel):
-    """result.json, written atomically next to the checkpoint when a run succeeds. It is the
+    """result.json, written atomically next to the final model when a run succeeds. It is the
     record of what happened; MLflow is a view that can be rebuilt from it."""
 
     model_config = ConfigDict(extra="forbid")

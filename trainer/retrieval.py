@@ -176,7 +176,7 @@ def run_retrieval(config: RunConfig, tracker: Any, started: float, is_main: bool
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    encoder = load_encoder(config.init_checkpoint_dir or config.model).to(device).eval()
+    encoder = load_encoder(config.init_model_dir or config.model).to(device).eval()
     n_layers = int(encoder.config.num_hidden_layers)
     layer = config.hyperparameters.retrieval_layer
     layer = default_layer(n_layers) if layer is None else layer

@@ -1,10 +1,21 @@
-"""The files a run leaves in its run directory, each replaced atomically (temp file in the
-same directory + os.replace), so a reader never sees half a file:
+"""The run directory, `<storage root>/runs/<run id>/`: every file a run leaves there has its
+name here and nowhere else (`RunDir`), and the files that readers poll are replaced atomically
+(temp file in the same directory, fsync, os.replace), so a reader never sees half a file:
 
-    config.json    the resolved RunConfig, written when the run starts
-    progress.json  {"step", "total_steps", "epoch", "loss", "tokens_seen", "elapsed_s", "eta_s",
+    run.json        the RunConfig the local executor hands to the trainer (on a cluster, the
+                    ConfigMap mounted into the pod)
+    config.json     the resolved RunConfig, written by the trainer when the run starts
+    progress.json   {"step", "total_steps", "epoch", "loss", "tokens_seen", "elapsed_s", "eta_s",
                     "phase": "train" | "eval"}, every few steps (the local executor's progress bars)
-    result.json    the RunResult, written once, only when the run succeeded
+    checkpoints/    the Trainer's checkpoint-N directories: what a retry resumes from (removed
+                    once result.json is written); see checkpoints.py
+    checkpoint/     the final model (model.save_checkpoint): what a phase-3 run starts from
+    result.json     the RunResult, written once, only when the run succeeded; read by
+                    `read_result` alone
+    failed.json     a final failure the local executor recorded (not retried without --retry-failed)
+    train.log       the run's stdout and stderr under the local executor, every attempt appended
+    .lock           held by the run's local process while it lives
+    mlflow-buffer.* tracking calls made while MLflow was unreachable (tracking/buffer.py)
 
 Under torchrun only rank 0 writes them.
 """
@@ -15,26 +26,123 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from xstilts.trainer.config import RunConfig, RunResult
+if TYPE_CHECKING:  # config.py builds its locations from the names here: imported when used
+    from xstilts.trainer.config import RunConfig, RunResult
 
-CONFIG_FILE = "config.json"
-PROGRESS_FILE = "progress.json"
+RUNS_DIR = "runs"
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Replace `path` with `text` so that a reader sees the old or the new file, never a part,
+def run_dir(storage_root: str, run_id: str) -> str:
+    """A run's directory as a string: the storage root may be a URI, which a Path would mangle."""
+    return f"{storage_root.rstrip('/')}/{RUNS_DIR}/{run_id}"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One run's directory on this machine's file system, and the path of everything in it."""
+
+    path: Path
+
+    RUN_CONFIG: ClassVar[str] = "run.json"
+    CONFIG: ClassVar[str] = "config.json"
+    PROGRESS: ClassVar[str] = "progress.json"
+    RESUME: ClassVar[str] = "checkpoints"
+    MODEL: ClassVar[str] = "checkpoint"
+    RESULT: ClassVar[str] = "result.json"
+    FAILURE: ClassVar[str] = "failed.json"
+    TRAIN_LOG: ClassVar[str] = "train.log"
+    LOCK: ClassVar[str] = ".lock"
+    TRACKING_BUFFER: ClassVar[str] = "mlflow-buffer.jsonl"
+    TRACKING_SYNCED: ClassVar[str] = "mlflow-buffer.synced.json"
+    TRACKING_LOCK: ClassVar[str] = "mlflow-buffer.lock"
+
+    @classmethod
+    def at(cls, storage_root: str | Path, run_id: str) -> RunDir:
+        return cls(Path(run_dir(str(storage_root), run_id)))
+
+    @classmethod
+    def of(cls, config: RunConfig) -> RunDir:
+        return cls(Path(config.run_dir))
+
+    @property
+    def run_config(self) -> Path:
+        return self.path / self.RUN_CONFIG
+
+    @property
+    def config(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def progress(self) -> Path:
+        return self.path / self.PROGRESS
+
+    @property
+    def resume(self) -> Path:
+        return self.path / self.RESUME
+
+    @property
+    def model(self) -> Path:
+        return self.path / self.MODEL
+
+    @property
+    def result(self) -> Path:
+        return self.path / self.RESULT
+
+    @property
+    def failure(self) -> Path:
+        return self.path / self.FAILURE
+
+    @property
+    def train_log(self) -> Path:
+        return self.path / self.TRAIN_LOG
+
+    @property
+    def lock(self) -> Path:
+        return self.path / self.LOCK
+
+    @property
+    def tracking_buffer(self) -> Path:
+        return self.path / self.TRACKING_BUFFER
+
+    @property
+    def tracking_synced(self) -> Path:
+        return self.path / self.TRACKING_SYNCED
+
+    @property
+    def tracking_lock(self) -> Path:
+        return self.path / self.TRACKING_LOCK
+
+    def has_result(self) -> bool:
+        """Whether the run finished: its result.json exists (a run that has one is never
+        trained again; whether the file is sound is `read_result`'s question)."""
+        return self.result.exists()
+
+
+def run_dirs_holding(root: Path, name: str) -> list[RunDir]:
+    """The run directories holding `name` under a storage root (`<root>/runs/*`) or under a
+    directory of storage roots (`<dir>/*/runs/*`)."""
+    files = {*root.glob(f"{RUNS_DIR}/*/{name}"), *root.glob(f"*/{RUNS_DIR}/*/{name}")}
+    return [RunDir(f.parent) for f in sorted(files)]
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Replace `path` with `data` so that a reader sees the old or the new file, never a part,
     and so that the new file survives a crash right after: the file is fsynced before the
     rename and the directory after it (the project's one atomic-write helper)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -49,22 +157,66 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 
 def write_config(config: RunConfig) -> Path:
-    path = Path(config.run_dir) / CONFIG_FILE
+    path = RunDir.of(config).config
     write_atomic(path, config.to_json() + "\n")
     return path
 
 
 def write_result(result: RunResult) -> Path:
-    path = Path(result.config.result_path)
+    path = RunDir.of(result.config).result
     write_atomic(path, result.model_dump_json(indent=2) + "\n")
     return path
 
 
-def read_result(config: RunConfig) -> RunResult | None:
+# --- reading result.json --------------------------------------------------------------------------
+
+
+class ResultProblem(Exception):
+    """A result.json that cannot be used. `str()` names the file and what is wrong with it;
+    `what` is the second part alone."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.path = path
+        self.what = what
+        super().__init__(f"{path}: {what}")
+
+
+class ResultMissing(ResultProblem):
+    """No result.json: the run has not finished (most readers skip such a run quietly)."""
+
+
+def read_result(path: str | Path, run_id: str | None = None) -> RunResult:
+    """The RunResult in `path` (of run `run_id`, when given). Raises ResultMissing when there is
+    no such file, ResultProblem when it cannot be read, is empty, is cut short or corrupt JSON,
+    is not a result record, or is another run's: every reader of result.json goes through here."""
+    from pydantic import ValidationError
+    from xstilts.trainer.config import RunResult, first_error
+
+    path = Path(path)
     try:
-        return RunResult.model_validate_json(Path(config.result_path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ResultMissing(path, "no such file (the run has not finished)") from None
+    except OSError as e:
+        raise ResultProblem(path, f"cannot read it ({e.strerror or e})") from None
+    if not data.strip():
+        raise ResultProblem(path, "not a valid result record (the file is empty: its writing was cut short);"
+                                  " delete it to train the run again") from None
+    try:
+        result = RunResult.model_validate_json(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        if first["type"] == "json_invalid":
+            detail = str(first.get("ctx", {}).get("error") or first["msg"])
+            raise ResultProblem(path, f"not a valid result record (not JSON: {detail}; the file is cut short or"
+                                      " corrupt); delete it to train the run again") from None
+        raise ResultProblem(path, f"not a valid result record ({first_error(e)})") from None
+    if run_id is not None and result.run_id != run_id:
+        raise ResultProblem(path, f"holds the result of run {result.run_id}, not {run_id}")
+    return result
+
+
+# --- progress -----------------------------------------------------------------------------------
 
 
 class ProgressFile:
@@ -87,6 +239,18 @@ class ProgressFile:
             return
         self._last_write = now
         write_atomic(self.path, json.dumps(self.fields) + "\n")
+
+
+def read_progress(path: Path, since: float = 0.0) -> dict[str, Any] | None:
+    """A progress.json if written after `since` (epoch seconds: an earlier attempt's file is
+    stale), or None while there is none or it is being replaced."""
+    try:
+        if path.stat().st_mtime < since:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def eta_seconds(elapsed: float, done: int, total: int) -> float | None:

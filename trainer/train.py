@@ -2,9 +2,9 @@
 `Trainer` (DeepSpeed ZeRO when the config asks for it), keep the best checkpoint by English dev
 metric, save the final model, evaluate every test language, and write result.json.
 
-Run directory (`config.run_dir`):
+Run directory (rundir.RunDir):
     config.json      the resolved RunConfig
-    progress.json    live progress (results.ProgressFile)
+    progress.json    live progress (rundir.ProgressFile)
     checkpoints/     the Trainer's checkpoint-N directories: resume state and best-model candidates
                      (removed once result.json is written); each is written under a .partial-*
                      name and renamed when complete (checkpoints.py)
@@ -46,11 +46,11 @@ from xstilts.trainer.data import (
     training_splits,
 )
 from xstilts.trainer.interrupt import Interruption, RunInterrupted
+from xstilts.trainer.rundir import RunDir
 from xstilts.trainer.tasks import TASKS, Format, Task
 
 log = logging.getLogger("xstilts.trainer")
 
-CHECKPOINTS_DIR = "checkpoints"
 EVAL_BATCH_FACTOR = 4  # evaluation batches hold this many times the training micro batch's tokens
 
 
@@ -74,12 +74,12 @@ class Distributed:
 
 def precheck(config: RunConfig, world_size: int) -> None:
     """Everything that can be checked without the training stack: batch layout, local data
-    files, the phase-2 checkpoint. Raises InvalidRun or DataError."""
+    files, the phase-2 model. Raises InvalidRun or DataError."""
     check_batch_layout(config, world_size)
     check_local_files(config)
-    init_dir = config.init_checkpoint_dir
+    init_dir = config.init_model_dir
     if init_dir is not None and "://" not in init_dir and not (Path(init_dir) / "config.json").is_file():
-        raise InvalidRun(f"init_from_run {config.init_from_run!r} has no checkpoint at {init_dir};"
+        raise InvalidRun(f"init_from_run {config.init_from_run!r} has no final model at {init_dir};"
                          " run that intermediate run first")
 
 
@@ -145,7 +145,7 @@ def micro_batch_inputs(config: RunConfig, dist: Distributed | None = None) -> di
 
     local_rank = dist.local_rank if dist else 0
     memory = torch.cuda.get_device_properties(local_rank).total_memory / 2**30
-    return {"gpu_memory_gb": memory, "parameters": parameter_count_of(config.init_checkpoint_dir or config.model),
+    return {"gpu_memory_gb": memory, "parameters": parameter_count_of(config.init_model_dir or config.model),
             "precision": mixed_precision(config, True, torch.cuda.is_bf16_supported())}
 
 
@@ -269,9 +269,9 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
     cuda = torch.cuda.is_available()
     precision = mixed_precision(config, cuda, cuda and torch.cuda.is_bf16_supported())
     selection = selection_metric(data.tasks)
-    run_dir = Path(config.run_dir)
+    run_dir = RunDir.of(config)
     args = _training_arguments(config, schedule, precision, cuda, deepspeed_config(config), selection,
-                               run_dir / CHECKPOINTS_DIR)
+                               run_dir.resume)
     # Set up the process group now: under ZeRO-3 `from_pretrained` partitions the weights as it
     # loads them (deepspeed.zero.Init), which asks deepspeed.comm for the world size.
     _ = args.device
@@ -283,7 +283,7 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
     set_seed(config.seed)
     specs = [HeadSpec(e.ref.task, e.task.format, e.labels if e.task.format in (Format.CLASSIFICATION, Format.TAGGING)
                       else ()) for e in data.train]
-    model = build_model(config.init_checkpoint_dir or config.model, specs, config.seed, cuda,
+    model = build_model(config.init_model_dir or config.model, specs, config.seed, cuda,
                         half_precision=precision in ("bf16", "fp16"))
     parameters = encoder_parameter_count(model)
     _log_params(tracker, config, schedule, parameters, precision, dist.world_size)
@@ -292,7 +292,7 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
     sampler = MultiTaskBatchSampler([p["length"] for p in train_parts], hp.batch_size, schedule.micro_batch_size,
                                     schedule.steps_per_epoch, hp.sampling_temperature, config.seed,
                                     megabatch_factor=batching.megabatch_factor)
-    progress = ProgressFile(run_dir / "progress.json", enabled=dist.is_main)
+    progress = ProgressFile(run_dir.progress, enabled=dist.is_main)
     progress.update(force=True, total_steps=schedule.total_steps, phase="train")
     callback = RunCallback(progress, tracker, interruption)
     trainer = StiltsTrainer(
@@ -302,8 +302,8 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
         callback=callback,
     )
     if dist.is_main:
-        remove_partial_checkpoints(run_dir / CHECKPOINTS_DIR)
-    resume = newest_checkpoint(run_dir / CHECKPOINTS_DIR)
+        remove_partial_checkpoints(run_dir.resume)
+    resume = newest_checkpoint(run_dir.resume)
     if resume:
         log.info("resuming from %s", resume)
     train_started = time.monotonic()
@@ -316,7 +316,7 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
 
     state_dict = _full_state_dict(trainer)
     if dist.is_main:
-        save_checkpoint(trainer.model, config.checkpoint_dir, tokenizer, state_dict)
+        save_checkpoint(trainer.model, run_dir.model, tokenizer, state_dict)
     del state_dict
 
     progress.update(force=True, phase="eval")
@@ -339,10 +339,10 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
                             step=result.train_steps)
         path = write_result(result)
         tracker.log_artifact(path)
-        tracker.log_artifact(run_dir / "config.json")
+        tracker.log_artifact(run_dir.config)
         progress.update(force=True, phase="eval", step=result.train_steps, eta_s=0.0)
         # The run is done and never resumes: its resume checkpoints (weights, optimizer state) go.
-        shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
+        shutil.rmtree(run_dir.resume, ignore_errors=True)
     return result
 
 

@@ -191,7 +191,8 @@ def _submit_pass(kube: Kube, spec: ExperimentSpec, results_dir: Path | None) -> 
     from xstilts.operator.cluster.controller import create_run, delete_run
     from xstilts.operator.cluster.reconcile import Observed, ObservedJob, reconcile
     from xstilts.operator.cluster.render import experiment_selector, pod_storage_root
-    from xstilts.operator.cluster.runtime.kube_api import JOBS, ResultStore
+    from xstilts.operator.cluster.results import ResultStore
+    from xstilts.operator.cluster.runtime.kube_api import JOBS
     from xstilts.operator.experiment.plan import plan
 
     ns = spec.cluster.namespace

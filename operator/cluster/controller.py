@@ -68,6 +68,7 @@ from xstilts.operator.cluster.render import (
     experiment_selector,
     pod_storage_root,
 )
+from xstilts.operator.cluster.results import ResultStore
 from xstilts.operator.cluster.runtime.kube_api import (
     CONFIG_MAPS,
     EVENTS,
@@ -79,7 +80,6 @@ from xstilts.operator.cluster.runtime.kube_api import (
     Kube,
     KubeError,
     Reflector,
-    ResultStore,
     backoff_delay,
     connect,
     key_of,

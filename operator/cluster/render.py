@@ -27,7 +27,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from xstilts.operator.experiment.plan import Plan, PlannedRun, gc_paused
 from xstilts.operator.experiment.spec import ExperimentSpec, ModelResources
-from xstilts.trainer.config import RESULT_FILE, ExitCode, RunConfig, run_dir
+from xstilts.trainer.config import ExitCode, RunConfig
+from xstilts.trainer.rundir import RunDir, run_dir
 
 # --- names and labels --------------------------------------------------------------------
 
@@ -170,7 +171,7 @@ def experiment_selector(experiment: str) -> str:
 def pod_storage_root(spec: ExperimentSpec) -> str:
     """The experiment's storage root as a pod sees it: `<mountPath>/<experiment>` on the
     runs PVC, or `<uri>/<experiment>` in the object store. Run directories are
-    `<root>/runs/<run id>/`, with `result.json` beside the checkpoint."""
+    `<root>/runs/<run id>/` (rundir.RunDir)."""
     storage = spec.cluster.storage
     if storage.uri:
         return f"{storage.uri.rstrip('/')}/{spec.name}"
@@ -180,7 +181,7 @@ def pod_storage_root(spec: ExperimentSpec) -> str:
 def result_file(spec: ExperimentSpec, run_id: str) -> str:
     """Where a run's result.json lands, as a pod (or the controller, which mounts the runs
     volume at the same path) sees it; for an object store, its URI."""
-    return f"{run_dir(pod_storage_root(spec), run_id)}/{RESULT_FILE}"
+    return f"{run_dir(pod_storage_root(spec), run_id)}/{RunDir.RESULT}"
 
 
 def runs_pvc(spec: ExperimentSpec) -> str | None:

@@ -26,7 +26,8 @@ from xstilts.operator.cluster.render import (
     experiment_selector,
     pod_storage_root,
 )
-from xstilts.operator.cluster.runtime.kube_api import EXPERIMENTS, JOBS, Kube, KubeError, ResultStore
+from xstilts.operator.cluster.results import ResultStore
+from xstilts.operator.cluster.runtime.kube_api import EXPERIMENTS, JOBS, Kube, KubeError
 from xstilts.operator.experiment.plan import plan
 from xstilts.operator.experiment.spec import ExperimentSpec, SpecError, parse_document, to_object
 

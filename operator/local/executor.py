@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from xstilts.operator.experiment.plan import Plan, PlannedRun
@@ -42,16 +42,11 @@ from xstilts.operator.local.dag_state import (
 from xstilts.operator.local.display import Display, ProgressView, RunningRow, format_seconds
 from xstilts.operator.local.forkserver import ForkedRun, die_with_parent, fork_run, start_server, wait_for_exit
 from xstilts.trainer.config import ExitCode, Resources, RunLabels, TrackingConfig
-from xstilts.trainer.rundir import write_atomic
+from xstilts.trainer.rundir import ResultProblem, RunDir, read_progress, read_result, write_atomic
 from xstilts.trainer.tracking.buffer import redact_uri
 from xstilts.trainer.tracking.mlflow_client import first_line, open_client
 from xstilts.trainer.tracking.tracker import find_or_create_parent_run, local_tracking_uri
 
-RUN_CONFIG_FILE = "run.json"  # the RunConfig the executor hands to the trainer
-TRAIN_LOG = "train.log"  # the run's stdout and stderr, every attempt appended
-PROGRESS_FILE = "progress.json"  # written by the trainer every few steps
-FAILED_FILE = "failed.json"  # a final failure: not retried without --retry-failed
-RUN_LOCK = ".lock"  # held by the run's process while it lives
 EXECUTOR_LOCK = ".xstilts-run.lock"  # one `xstilts run` per storage root
 ATTEMPT_MARK = "=== xstilts run: start"  # first line of every attempt in train.log
 FORKED = "forked from the preloaded trainer"  # the attempt mark's note on a forked run
@@ -184,34 +179,20 @@ def detect_gpus() -> list[str]:
 # --- run directory files --------------------------------------------------------------------
 
 
-def read_progress(run_dir: Path, since: float = 0.0) -> dict[str, Any] | None:
-    """The trainer's progress.json if written after `since` (epoch seconds: an earlier
-    attempt's file is stale), or None while there is none or it is being replaced."""
-    path = run_dir / PROGRESS_FILE
+def read_failure(run_dir: RunDir) -> str | None:
     try:
-        if path.stat().st_mtime < since:
-            return None
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def read_failure(run_dir: Path) -> str | None:
-    try:
-        data = json.loads((run_dir / FAILED_FILE).read_text(encoding="utf-8"))
+        data = json.loads(run_dir.failure.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return str(data.get("reason", "failed")) if isinstance(data, dict) else "failed"
 
 
-def result_seconds(result_path: Path) -> float | None:
+def result_seconds(run_dir: RunDir) -> float | None:
     """wall_seconds of a finished run's result.json (for the time estimate)."""
     try:
-        value = json.loads(result_path.read_text(encoding="utf-8")).get("wall_seconds")
-    except (OSError, ValueError, AttributeError):
+        return read_result(run_dir.result).wall_seconds
+    except ResultProblem:
         return None
-    return float(value) if isinstance(value, int | float) else None
 
 
 def log_tail(log_path: Path, offset: int, lines: int = LOG_TAIL_LINES) -> list[str]:
@@ -341,23 +322,23 @@ class LocalExecutor:
         self.fork = options.preload_trainer and not machine_gpus
         self.schedule = self._initial_schedule()
 
-    def _run_dir(self, run_id: str) -> Path:
-        return Path(self.plan.by_id[run_id].config.run_dir)
+    def _run_dir(self, run_id: str) -> RunDir:
+        return RunDir.of(self.plan.by_id[run_id].config)
 
     def _initial_schedule(self) -> Schedule:
         finished: list[str] = []
         failed_before: dict[str, str] = {}
         for run in self.plan.runs:
-            run_dir = Path(run.config.run_dir)
-            if Path(run.config.result_path).exists():
+            run_dir = RunDir.of(run.config)
+            if run_dir.has_result():
                 finished.append(run.run_id)
-                seconds = result_seconds(Path(run.config.result_path))
+                seconds = result_seconds(run_dir)
                 if seconds is not None:
                     self.observed.append((self.costs[run.run_id], seconds))
             elif not self.options.retry_failed and (reason := read_failure(run_dir)) is not None:
                 failed_before[run.run_id] = reason
                 self.failed[run.run_id] = FailedRun(
-                    run.run_id, run_title(run.config.labels, run.config.seed), reason, run_dir / TRAIN_LOG,
+                    run.run_id, run_title(run.config.labels, run.config.seed), reason, run_dir.train_log,
                     earlier=True)
         return Schedule.from_plan(self.plan, finished, failed_before)
 
@@ -446,34 +427,34 @@ class LocalExecutor:
     def _start(self, run_id: str) -> None:
         run = self.plan.by_id[run_id]
         run_dir = self._run_dir(run_id)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock_fd = try_lock(run_dir / RUN_LOCK)
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        lock_fd = try_lock(run_dir.lock)
         if lock_fd is None:
             # An earlier process of this run (e.g. orphaned by a killed executor) is still
             # checkpointing; start once it has exited, or take its result if it finishes.
             if run_id not in self.waiting_for_lock:
                 self.waiting_for_lock.add(run_id)
                 self.display.event(f"waiting: an earlier process of {run_id} is still exiting", style="yellow")
-            if Path(run.config.result_path).exists():
+            if run_dir.has_result():
                 self.schedule.start(run_id)
                 self.schedule.finish(run_id)
             return
         self.waiting_for_lock.discard(run_id)
-        if Path(run.config.result_path).exists():  # finished by that earlier process
+        if run_dir.has_result():  # finished by that earlier process
             os.close(lock_fd)
             self.schedule.start(run_id)
             self.schedule.finish(run_id)
             return
         placement = self.placements[run_id]
         gpu_ids, self.free_gpus = self.free_gpus[:placement.gpus], self.free_gpus[placement.gpus:]
-        config_path = run_dir / RUN_CONFIG_FILE
+        config_path = run_dir.run_config
         write_atomic(config_path, run.config.to_json())
         with contextlib.suppress(FileNotFoundError):
-            (run_dir / FAILED_FILE).unlink()  # a retried failure starts clean
+            run_dir.failure.unlink()  # a retried failure starts clean
         argv = trainer_command(config_path, placement.processes)
         env = trainer_env(os.environ | self.extra_env, placement, gpu_ids,
                           threads_per_process(self.cpus, self.options.parallel, placement.processes))
-        log = (run_dir / TRAIN_LOG).open("ab")
+        log = run_dir.train_log.open("ab")
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
         how = f" ({FORKED})" if self._forks(run_id) else ""
         log.write(f"{ATTEMPT_MARK} {run_id} at {stamp}: {' '.join(argv)}{how}\n".encode())
@@ -486,7 +467,7 @@ class LocalExecutor:
             os.close(lock_fd)
             self.free_gpus.extend(gpu_ids)
             self.schedule.start(run_id)
-            self._fail(run_id, f"could not start the trainer: {e}", [], run_dir / TRAIN_LOG)
+            self._fail(run_id, f"could not start the trainer: {e}", [], run_dir.train_log)
             return
         self.schedule.start(run_id)
         self.processes[run_id] = _Process(run, popen, log, offset, lock_fd, gpu_ids, time.monotonic(), time.time())
@@ -527,8 +508,8 @@ class LocalExecutor:
             self.free_gpus.extend(proc.gpu_ids)
             seconds = time.monotonic() - proc.started
             title = run_title(proc.run.config.labels, proc.run.config.seed)
-            log_path = self._run_dir(run_id) / TRAIN_LOG
-            result_exists = Path(proc.run.config.result_path).exists()
+            log_path = self._run_dir(run_id).train_log
+            result_exists = self._run_dir(run_id).has_result()
             if code == ExitCode.OK and result_exists:
                 self.schedule.finish(run_id)
                 self.observed.append((self.costs[run_id], seconds))
@@ -550,7 +531,7 @@ class LocalExecutor:
         # the next invocation; anything else is final until --retry-failed.
         interrupted = reason.startswith("killed by") or reason.startswith(f"exit {int(ExitCode.INTERRUPTED)}")
         if not interrupted:
-            write_atomic(log_path.parent / FAILED_FILE, json.dumps(
+            write_atomic(self._run_dir(run_id).failure, json.dumps(
                 {"run_id": run_id, "reason": reason, "at": datetime.now(UTC).isoformat(timespec="seconds")}))
         self.display.failure(run_id, title, reason, tail, log_path)
         for b in blocked:
@@ -563,7 +544,7 @@ class LocalExecutor:
         now = time.monotonic()
         rows, elapsed, etas = [], {}, {}
         for run_id, proc in self.processes.items():
-            progress = read_progress(self._run_dir(run_id), since=proc.started_at - 1.0)
+            progress = read_progress(self._run_dir(run_id).progress, since=proc.started_at - 1.0)
             elapsed[run_id] = now - proc.started
             eta = progress.get("eta_s") if progress else None
             etas[run_id] = float(eta) if isinstance(eta, int | float) else None
@@ -588,9 +569,7 @@ def write_run_configs(p: Plan) -> None:
     """Every run's RUN.json, written up front so that a run can be inspected (or started by
     hand with `python -m xstilts.trainer`) before the executor reaches it."""
     for run in p.runs:
-        run_dir = Path(run.config.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / RUN_CONFIG_FILE, run.config.to_json())
+        write_atomic(RunDir.of(run.config).run_config, run.config.to_json())
 
 
 def parent_run(tracking_uri: str, experiment_name: str, experiment: str, storage_root: Path,
@@ -638,7 +617,7 @@ def preload_trainer(p: Plan, options: LocalOptions, extra_env: Mapping[str, str]
     """Start the fork server (on a machine without GPUs) if some single-process run is still to
     train, so that it loads the training stack while MLflow sets up its store. If it cannot
     start, the executor finds out at the first run and starts interpreters instead."""
-    todo = [r for r in p.runs if not Path(r.config.result_path).exists()]
+    todo = [r for r in p.runs if not RunDir.of(r.config).has_result()]
     if not any(place(r.config.resources, 0).processes == 1 for r in todo):
         return
     cpus = os.cpu_count() or 1

@@ -11,10 +11,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import ValidationError
 from xstilts.operator.experiment.plan import Plan
 from xstilts.operator.report.build import Figure, Report, to_html, to_markdown
-from xstilts.trainer.config import RESULT_FILE, RunResult
+from xstilts.trainer.config import RunResult
+from xstilts.trainer.rundir import ResultMissing, ResultProblem, RunDir, read_result, write_atomic
 from xstilts.trainer.tracking.buffer import RUN_ID_TAG, redact_uri
 from xstilts.trainer.tracking.mlflow_client import first_line, open_client
 
@@ -29,13 +29,15 @@ class Loaded:
     problems: list[str] = field(default_factory=list)  # unreadable records, one line each
 
 
-def _parse(text: str, where: str, loaded: Loaded) -> None:
+def _read(path: Path, loaded: Loaded, where: str | None = None) -> None:
+    """One result record into `loaded`, or a line saying why it is skipped (`where` names a
+    downloaded copy by its origin)."""
     try:
-        loaded.results.append(RunResult.model_validate_json(text))
-    except ValidationError as e:
-        first = e.errors()[0]
-        field_path = ".".join(str(p) for p in first["loc"]) or "(root)"
-        loaded.problems.append(f"{where}: not a valid result record ({field_path}: {first['msg']}); skipped")
+        loaded.results.append(read_result(path))
+    except ResultMissing:
+        return
+    except ResultProblem as e:
+        loaded.problems.append(f"{where or e.path}: {e.what}; skipped")
 
 
 def load_result_files(p: Plan) -> Loaded:
@@ -43,15 +45,7 @@ def load_result_files(p: Plan) -> Loaded:
     plans (an edited spec) are left out: the report is about this spec."""
     loaded = Loaded()
     for run in p.runs:
-        path = Path(run.config.result_path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            continue
-        except OSError as e:
-            loaded.problems.append(f"{path}: cannot read ({e.strerror or e}); skipped")
-            continue
-        _parse(text, str(path), loaded)
+        _read(RunDir.of(run.config).result, loaded)
     return loaded
 
 
@@ -83,12 +77,12 @@ def load_mlflow_results(tracking_uri: str, experiment_name: str, run_ids: Iterab
     with tempfile.TemporaryDirectory() as tmp:
         for run_id, mlflow_run_id in sorted(newest.items()):
             try:
-                local = client.download_artifacts(mlflow_run_id, RESULT_FILE, os.path.join(tmp, run_id))
+                local = client.download_artifacts(mlflow_run_id, RunDir.RESULT, os.path.join(tmp, run_id))
             except (MlflowException, OSError) as e:
-                loaded.problems.append(f"MLflow run {mlflow_run_id} (xstilts run {run_id}): no {RESULT_FILE}"
+                loaded.problems.append(f"MLflow run {mlflow_run_id} (xstilts run {run_id}): no {RunDir.RESULT}"
                                        f" ({first_line(e, tracking_uri)})")
                 continue
-            _parse(Path(local).read_text(encoding="utf-8"), f"MLflow run {mlflow_run_id}", loaded)
+            _read(Path(local), loaded, f"MLflow run {mlflow_run_id}")
     return loaded
 
 
@@ -99,14 +93,8 @@ def write_report(report: Report, figures: Sequence[Figure], out_dir: Path, forma
     written: list[Path] = []
 
     def write(name: str, data: str | bytes) -> None:
-        path = out_dir / name
-        tmp = path.with_name(f".{name}.tmp")
-        if isinstance(data, bytes):
-            tmp.write_bytes(data)
-        else:
-            tmp.write_text(data, encoding="utf-8")
-        os.replace(tmp, path)
-        written.append(path)
+        write_atomic(out_dir / name, data)
+        written.append(out_dir / name)
 
     if "png" in formats:
         for fig in figures:

@@ -35,6 +35,7 @@ from xstilts.operator.cluster.controller import (
 )
 from xstilts.operator.cluster.reconcile import Observed, reconcile
 from xstilts.operator.cluster.render import OwnerRef, pod_storage_root, render_run
+from xstilts.operator.cluster.results import ResultStore
 from xstilts.operator.cluster.runtime.kube_api import (
     EXPERIMENTS,
     JOBS,
@@ -43,7 +44,6 @@ from xstilts.operator.cluster.runtime.kube_api import (
     ConfigError,
     KubeError,
     Reflector,
-    ResultStore,
     _error_from_response,
     connect,
     newer,
@@ -399,7 +399,7 @@ def test_result_store_reads_caches_and_reports_bad_files(tmp_path: Path) -> None
     bad.write_text('{"run_id": "x"}')
     found, problems = store.read(spec, p)
     assert list(found) == [target.run_id]
-    assert problems == [f"{bad}: not a result record (config: Field required)"]
+    assert len(problems) == 1 and problems[0].startswith(f"{bad}: not a valid result record (config: Field required")
     write_result(bad, target)  # another run's record in this run's directory
     assert store.read(spec, p)[1] == [f"{bad}: holds the result of run {target.run_id}, not {other.run_id}"]
 

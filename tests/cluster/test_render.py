@@ -31,6 +31,7 @@ from xstilts.operator.cluster.render import (
 from xstilts.operator.experiment.plan import Plan, PlannedRun, plan
 from xstilts.operator.experiment.spec import ExperimentSpec, load_spec_text
 from xstilts.trainer.config import ExitCode, RunConfig, Stage
+from xstilts.trainer.rundir import RunDir
 
 EXAMPLES_DIR = Path(__file__).parents[2] / "examples"
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.yaml"))
@@ -178,7 +179,7 @@ def test_config_map_holds_the_run_config_with_the_pod_storage_root() -> None:
     config = RunConfig.model_validate_json(config_map["data"]["run.json"])
     assert config.run_id == run.run_id  # storage is not part of a run's identity
     assert config.storage_root == "/data/scaling"
-    assert config.init_checkpoint_dir == f"/data/scaling/runs/{run.depends_on[0]}/checkpoint"
+    assert config.init_model_dir == f"/data/scaling/runs/{run.depends_on[0]}/checkpoint"
     assert config_map["immutable"] is True
     volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
     mounts = {m["name"]: m for m in container(job)["volumeMounts"]}
@@ -192,7 +193,8 @@ def test_result_file_is_where_the_pod_writes_it() -> None:
     spec, p = load("scaling")
     run = p.runs[0]
     config = RunConfig.model_validate_json(render_run(run, spec)[0]["data"]["run.json"])
-    assert result_file(spec, run.run_id) == config.result_path == f"/data/scaling/runs/{run.run_id}/result.json"
+    expected = f"/data/scaling/runs/{run.run_id}/result.json"
+    assert result_file(spec, run.run_id) == str(RunDir.of(config).result) == expected
 
 
 def test_spec_without_storage_uses_the_default_runs_volume() -> None:

@@ -170,8 +170,7 @@ def every_file(*roots: Path) -> list[Path]:
 def test_a_planted_secret_never_reaches_anything_a_run_produces(
         tiny_hub: TinyHub, tiny_cache: Path, mlflow_server: MlflowServer, tmp_path: Path) -> None:
     from mlflow import MlflowClient
-    from xstilts.operator.local.executor import TRAIN_LOG
-    from xstilts.trainer.rundir import CONFIG_FILE, PROGRESS_FILE
+    from xstilts.trainer.rundir import RunDir
 
     experiment = f"secrets-{tmp_path.name[-12:]}".lower().replace("_", "-")
     spec_path = tmp_path / "spec.yaml"
@@ -198,7 +197,7 @@ def test_a_planted_secret_never_reaches_anything_a_run_produces(
 
     produced = every_file(out)
     names = {p.name for p in produced}
-    assert {TRAIN_LOG, CONFIG_FILE, PROGRESS_FILE, "result.json"} <= names, names
+    assert {RunDir.TRAIN_LOG, RunDir.CONFIG, RunDir.PROGRESS, RunDir.RESULT} <= names, names
     assert any(p.suffix == ".safetensors" for p in produced), "no checkpoint written"
     for path in [*produced, *every_file(mlflow_server.root)]:
         assert leaks(path.read_bytes()) == [], f"the planted secret is in {path}"

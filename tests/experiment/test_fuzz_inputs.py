@@ -47,6 +47,7 @@ from xstilts.operator.cluster.render import (
 from xstilts.operator.experiment.plan import default_storage_root, plan
 from xstilts.operator.experiment.spec import MAX_RUNS, ExperimentSpec, SpecError, parse_document
 from xstilts.trainer.config import ExitCode, RunConfig
+from xstilts.trainer.rundir import RunDir
 
 # --- what a hostile user sends ----------------------------------------------------------------
 
@@ -249,7 +250,8 @@ def check_accepted(spec: ExperimentSpec) -> None:
     local_root = default_storage_root(spec)
     for run in p.runs:
         c = run.config
-        for written in (c.run_dir, c.checkpoint_dir, c.result_path, c.init_checkpoint_dir or c.run_dir):
+        for written in (c.run_dir, f"{c.run_dir}/{RunDir.MODEL}", f"{c.run_dir}/{RunDir.RESULT}",
+                        c.init_model_dir or c.run_dir):
             assert within(written, local_root), f"{written} is outside {local_root}"
     owner = OwnerRef(api_version="xstilts.dev/v1alpha1", kind="Experiment", name=spec.name, uid="u-1",
                      namespace="research")
@@ -265,8 +267,8 @@ def check_accepted(spec: ExperimentSpec) -> None:
             assert valid_label_key(key) and valid_label_value(value), (key, value)
         if obj["kind"] == "ConfigMap":
             config = RunConfig.model_validate_json(obj["data"]["run.json"])
-            for written in (config.run_dir, config.checkpoint_dir, config.result_path,
-                            config.init_checkpoint_dir or config.run_dir, result_file(spec, config.run_id)):
+            for written in (config.run_dir, f"{config.run_dir}/{RunDir.MODEL}", f"{config.run_dir}/{RunDir.RESULT}",
+                            config.init_model_dir or config.run_dir, result_file(spec, config.run_id)):
                 assert within(written, pod_root), f"{written} is outside {pod_root}"
         if obj["kind"] != "Job":
             continue
@@ -566,8 +568,8 @@ def damaged_run_configs(draw: st.DrawFn) -> Any:
 
 
 def check_run_config(config: RunConfig) -> None:
-    for written in (config.run_dir, config.checkpoint_dir, config.result_path,
-                    config.init_checkpoint_dir or config.run_dir):
+    for written in (config.run_dir, f"{config.run_dir}/{RunDir.MODEL}", f"{config.run_dir}/{RunDir.RESULT}",
+                    config.init_model_dir or config.run_dir):
         assert within(written, config.storage_root), f"{written} is outside {config.storage_root}"
     for path in (config.model, config.storage_root, *config.task_data.values()):
         assert not any(ord(ch) < 32 for ch in path) and ".." not in PurePosixPath(path).parts, path

@@ -40,7 +40,8 @@ from xstilts.trainer.checkpoints import (
     staging_dir,
 )
 from xstilts.trainer.config import ExitCode, RunConfig, RunResult
-from xstilts.trainer.train import CHECKPOINTS_DIR, run
+from xstilts.trainer.rundir import RunDir
+from xstilts.trainer.train import run
 
 # Enough steps that progress.json, written once a second (some 20-60 steps here), still lets the
 # signals come at steps spread over the run; 7 dev evaluations, so the best checkpoint moves.
@@ -133,7 +134,7 @@ def interrupt(config: RunConfig, at_step: int, kill_in_write: bool = False, proc
         assert process.poll() is None, f"the run ended before step {at_step}:\n{process.communicate()[0][-4000:]}"
         time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
-    checkpoints = Path(config.run_dir) / CHECKPOINTS_DIR
+    checkpoints = RunDir.of(config).resume
     while kill_in_write and process.poll() is None:
         if checkpoints.is_dir() and any(p.name.startswith(PARTIAL_PREFIX) for p in checkpoints.iterdir()):
             process.kill()
@@ -192,7 +193,7 @@ def preempted(tiny_hub: TinyHub, tiny_cache: Path, tracking_uri: str, uninterrup
     output, _ = final_process.communicate(timeout=300)
     final = Attempt(final_process.returncode, output, -1, None, [])
     assert final.code == ExitCode.OK, output[-4000:]
-    return Preempted(config, attempts, final, RunResult.model_validate_json(Path(config.result_path).read_text()))
+    return Preempted(config, attempts, final, RunResult.model_validate_json(RunDir.of(config).result.read_text()))
 
 
 @pytest.mark.slow
@@ -220,7 +221,7 @@ def test_sigterm_at_random_steps_resumes_each_time_and_ends_exactly_as_the_unint
     # dev accuracy, every language's test accuracy: exactly equal, not approximately
     assert result.metrics == expected.metrics
     assert result.languages == expected.languages
-    ours, theirs = (load_file(str(Path(c.checkpoint_dir) / "model.safetensors")) for c in (preempted.config, config))
+    ours, theirs = (load_file(str(RunDir.of(c).model / "model.safetensors")) for c in (preempted.config, config))
     assert ours.keys() == theirs.keys()
     assert all(ours[k].equal(theirs[k]) for k in ours), "the final model differs from the uninterrupted run's"
 
@@ -273,7 +274,7 @@ def test_a_zero3_run_on_two_ranks_resumes_mid_epoch_exactly(tiny_hub: TinyHub, t
         hyperparameters=hp, deepspeed={"zero_stage": 3}, resources={"processes_per_node": 2})
         for name in ("straight", "preempted"))
     output, _ = launch(straight, processes=2).communicate(timeout=600)
-    assert Path(straight.result_path).exists(), output[-4000:]
+    assert RunDir.of(straight).result.exists(), output[-4000:]
 
     stopped = interrupt(preempted, 62, processes=2)
     assert stopped.code == ExitCode.INTERRUPTED, stopped.output[-4000:]  # torchrun's 1, passed on as a retry
@@ -285,9 +286,9 @@ def test_a_zero3_run_on_two_ranks_resumes_mid_epoch_exactly(tiny_hub: TinyHub, t
     assert not stopped.partials
 
     output, _ = launch(preempted, processes=2).communicate(timeout=600)
-    assert f"resuming from {stopped.checkpoint}" in output and Path(preempted.result_path).exists(), output[-4000:]
-    ours, theirs = (RunResult.model_validate_json(Path(c.result_path).read_text()) for c in (preempted, straight))
+    assert f"resuming from {stopped.checkpoint}" in output and RunDir.of(preempted).result.exists(), output[-4000:]
+    ours, theirs = (RunResult.model_validate_json(RunDir.of(c).result.read_text()) for c in (preempted, straight))
     assert ours.tokens_seen == theirs.tokens_seen and ours.metrics == theirs.metrics
-    ours_weights, their_weights = (load_file(str(Path(c.checkpoint_dir) / "model.safetensors"))
+    ours_weights, their_weights = (load_file(str(RunDir.of(c).model / "model.safetensors"))
                                    for c in (preempted, straight))
     assert all(ours_weights[k].equal(their_weights[k]) for k in their_weights)

@@ -22,8 +22,9 @@ import pytest
 from fixtures.tiny_hub import TinyHub
 from xstilts.operator.experiment.plan import Plan, plan
 from xstilts.operator.experiment.spec import load_spec_text
-from xstilts.operator.local.executor import ATTEMPT_MARK, FAILED_FILE, TRAIN_LOG
+from xstilts.operator.local.executor import ATTEMPT_MARK
 from xstilts.trainer.config import ExitCode, RunResult, Stage
+from xstilts.trainer.rundir import RunDir
 
 pytestmark = pytest.mark.slow  # every test here trains several tiny runs, 20-40 s each on 2 cores
 
@@ -69,12 +70,12 @@ def run_dir(p: Plan, run_id: str) -> Path:
 
 
 def result_path(p: Plan, run_id: str) -> Path:
-    return Path(p.by_id[run_id].config.result_path)
+    return RunDir.of(p.by_id[run_id].config).result
 
 
 def attempts(p: Plan, run_id: str) -> list[str]:
     """The executor's start marks in the run's train.log: one per training process started."""
-    log = run_dir(p, run_id) / TRAIN_LOG
+    log = RunDir(run_dir(p, run_id)).train_log
     if not log.exists():
         return []
     return [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -164,12 +165,12 @@ def attempt_started(p: Plan, run_id: str) -> float:
 def training_midway(p: Plan, done: set[str]) -> str | None:
     """A run that is not done and, in its current attempt (not a stale progress file of an
     earlier one), has trained at least one step but not half of its steps."""
-    from xstilts.operator.local.executor import read_progress
+    from xstilts.trainer.rundir import read_progress
 
     for r in p.runs:
         if r.run_id in done or result_path(p, r.run_id).exists():
             continue
-        progress = read_progress(run_dir(p, r.run_id), since=attempt_started(p, r.run_id))
+        progress = read_progress(RunDir(run_dir(p, r.run_id)).progress, since=attempt_started(p, r.run_id))
         if progress and progress.get("phase") == "train" and 1 <= progress["step"] <= progress["total_steps"] // 2:
             return r.run_id
     return None
@@ -215,7 +216,7 @@ def test_resumes_after_ctrl_c_and_after_being_killed_without_training_anything_t
     # the interrupted runs started again and resumed from the checkpoint they wrote on SIGTERM
     for run_id in {paused, killed}:
         assert len(attempts(p, run_id)) == 2, run_id
-        log = (run_dir(p, run_id) / TRAIN_LOG).read_text(encoding="utf-8", errors="replace")
+        log = (RunDir(run_dir(p, run_id)).train_log).read_text(encoding="utf-8", errors="replace")
         assert "resuming from" in log.split(attempts(p, run_id)[1])[1], run_id
     assert sum(len(attempts(p, r.run_id)) for r in p.runs) == len(p.runs) + len({paused, killed})
 
@@ -234,7 +235,7 @@ def test_a_failing_run_blocks_its_dependants_only_and_is_retried_on_request(
     assert f"FAILED {bad} tiny mnli seed 1: exit {ExitCode.INVALID:d} (invalid config or data)" in first.stdout
     assert "invalid run" in first.stdout  # the tail of the trainer's log, with its one-line reason
     assert f"blocked {bad_target}" in first.stdout
-    assert (run_dir(p, bad) / FAILED_FILE).exists()
+    assert RunDir(run_dir(p, bad)).failure.exists()
     assert attempts(p, bad_target) == []  # never started
 
     # an invalid run is not retried by a plain rerun
@@ -250,7 +251,7 @@ def test_a_failing_run_blocks_its_dependants_only_and_is_retried_on_request(
     assert len(finished(p)) == len(p.runs)
     assert len(attempts(p, bad)) == 2 and len(attempts(p, bad_target)) == 1
     assert all(len(attempts(p, r)) == 1 for r in good)
-    assert not (run_dir(p, bad) / FAILED_FILE).exists()
+    assert not RunDir(run_dir(p, bad)).failure.exists()
 
 
 def test_a_run_asking_for_several_processes_runs_under_torchrun(

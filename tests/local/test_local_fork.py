@@ -29,8 +29,9 @@ from test_local import (
 )
 from xstilts.operator.experiment.spec import load_spec_text
 from xstilts.operator.local.display import PlainDisplay
-from xstilts.operator.local.executor import FORKED, RUN_LOCK, TRAIN_LOG, LocalOptions, run_experiment, try_lock
+from xstilts.operator.local.executor import FORKED, LocalOptions, run_experiment, try_lock
 from xstilts.trainer.config import ExitCode
+from xstilts.trainer.rundir import RunDir
 from xstilts.trainer.tracking.tracker import local_tracking_uri
 
 pytestmark = pytest.mark.slow  # trains tiny runs, 10-40 s each on 2 cores
@@ -67,7 +68,7 @@ def test_a_forked_run_checkpoints_and_lets_go_when_the_executor_alone_is_killed(
     proc = subprocess.Popen(run_command(spec, tmp_path, "--parallel", "1"), cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     training = wait_for(lambda: training_midway(p, set()), "a run trains", proc)
-    lock = run_dir(p, training) / RUN_LOCK
+    lock = RunDir(run_dir(p, training)).lock
     assert try_lock(lock) is None  # the forked run holds its lock, not the executor alone
     assert FORKED in attempts(p, training)[-1]
     proc.send_signal(signal.SIGKILL)  # the executor only: its fork server and the run live on
@@ -78,13 +79,13 @@ def test_a_forked_run_checkpoints_and_lets_go_when_the_executor_alone_is_killed(
         assert time.monotonic() < deadline, "the forked run did not exit after the executor died"
         time.sleep(0.2)
     os.close(fd)
-    log = (run_dir(p, training) / TRAIN_LOG).read_text(encoding="utf-8", errors="replace")
+    log = RunDir(run_dir(p, training)).train_log.read_text(encoding="utf-8", errors="replace")
     assert "a retry resumes from its last checkpoint" in log  # it got SIGTERM and checkpointed
     assert training not in finished(p)
 
     rerun = subprocess.run(run_command(spec, tmp_path, "--parallel", "1"), cwd=tmp_path, capture_output=True,
                            text=True, timeout=900, check=False)
     assert rerun.returncode == ExitCode.OK, rerun.stdout + rerun.stderr
-    log = (run_dir(p, training) / TRAIN_LOG).read_text(encoding="utf-8", errors="replace")
+    log = RunDir(run_dir(p, training)).train_log.read_text(encoding="utf-8", errors="replace")
     assert "resuming from" in log.split(attempts(p, training)[-1])[1]
     assert len(finished(p)) == len(p.runs)

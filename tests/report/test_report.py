@@ -22,6 +22,7 @@ from xstilts.operator.report.build import AVG, build_report, grid_of, tables, to
 from xstilts.operator.report.plots import gain_vs_size
 from xstilts.operator.report.stats import Method
 from xstilts.trainer.config import RunResult, Stage
+from xstilts.trainer.rundir import RunDir
 
 SPEC = """
 name: report-test
@@ -180,7 +181,7 @@ def test_markdown_and_html_carry_the_numbers() -> None:
 
 def write_results(p: Plan, results: list[RunResult]) -> None:
     for r in results:
-        path = Path(p.by_id[r.run_id].config.result_path)
+        path = RunDir.of(p.by_id[r.run_id].config).result
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(r.model_dump_json(), encoding="utf-8")
 
@@ -211,7 +212,7 @@ def test_report_command_writes_files_and_logs_them_to_the_mlflow_parent_run(tmp_
     write_results(p, hand_made_results(p))
     torn = target_run(p, "mid", "baseline", 1).config
     Path(torn.run_dir).mkdir(parents=True, exist_ok=True)
-    Path(torn.result_path).write_text("{not json", encoding="utf-8")
+    RunDir.of(torn).result.write_text("{not json", encoding="utf-8")
 
     result = CliRunner().invoke(app, ["report", str(spec_path), "--output-dir", str(out),
                                       "--format", "md,html,png,json"])
@@ -275,14 +276,14 @@ def test_report_from_mlflow_equals_report_from_files(tmp_path: Path) -> None:
     for r in results:
         tracker = RunTracker(p.by_id[r.run_id].config)
         tracker.start()
-        tracker.log_artifact(p.by_id[r.run_id].config.result_path)
+        tracker.log_artifact(RunDir.of(p.by_id[r.run_id].config).result)
         tracker.finish()
 
     from_files = CliRunner().invoke(app, ["report", str(spec_path), "--output-dir", str(out), "--format", "json"])
     assert from_files.exit_code == 0, from_files.output
     expected = json.loads((out / "report" / "report.json").read_text(encoding="utf-8"))
     for r in results:  # MLflow is now the only source
-        Path(p.by_id[r.run_id].config.result_path).unlink()
+        RunDir.of(p.by_id[r.run_id].config).result.unlink()
     from_mlflow = CliRunner().invoke(app, ["report", str(spec_path), "--output-dir", str(out), "--format", "json",
                                            "--from-mlflow"])
     assert from_mlflow.exit_code == 0, from_mlflow.output

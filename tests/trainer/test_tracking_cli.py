@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from xstilts.operator.cli import app
 from xstilts.operator.report.storage import load_mlflow_results
 from xstilts.trainer.config import RunConfig, RunResult, Stage
-from xstilts.trainer.rundir import write_config, write_result
+from xstilts.trainer.rundir import RunDir, write_config, write_result
 from xstilts.trainer.tracking.rebuild import REBUILT_TAG
 from xstilts.trainer.tracking.tracker import RunTracker, config_params
 
@@ -194,12 +194,12 @@ def test_sync_exits_1_while_result_files_wait_for_mlflow_and_skips_unreadable_on
     waiting, broken = plan_runs(tmp_path, "down", unreachable_mlflow_uri)[:2]
     finish_without_mlflow(waiting, 0.5)
     Path(broken.run_dir).mkdir(parents=True)
-    Path(broken.result_path).write_text('{"run_id": "abc"}')
+    RunDir.of(broken).result.write_text('{"run_id": "abc"}')
 
     out = CliRunner().invoke(app, ["sync", str(tmp_path)])
     assert out.exit_code == 1, out.output
     assert f"{waiting.run_dir}: FAILED to rebuild its MLflow run from result.json" in out.output
-    assert f"{broken.run_dir}: result.json skipped: not a valid result record (config: Field required)" in out.output
+    assert f"{broken.run_dir}: result.json skipped: not a valid result record (config: Field required" in out.output
     assert "2 result file(s): 0 rebuilt in MLflow, 0 already there, 1 failed, 1 unreadable" in out.output
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 from test_tracking import XNLI_LANGUAGES, history, target_run
-from xstilts.trainer.tracking.buffer import BUFFER_LOCK, SYNCED_MARKER, Buffer, file_lock
+from xstilts.trainer.rundir import RunDir
+from xstilts.trainer.tracking.buffer import Buffer, file_lock
 from xstilts.trainer.tracking.tracker import RunTracker, config_params, sync_run_dir, sync_storage
 
 mlflow = pytest.importorskip("mlflow")
@@ -54,7 +55,7 @@ def test_outage_at_start_loses_nothing_and_sync_duplicates_nothing(mlflow_server
     tracker.log_artifact(run_dir / "result.json")
     tracker.finish()  # tries to sync: MLflow is still down, so the records stay buffered
     assert time.monotonic() - began < 15  # seconds, not MLflow's minutes of retries
-    assert tracker.buffer_path.is_file() and not (run_dir / SYNCED_MARKER).exists()
+    assert tracker.buffer_path.is_file() and not RunDir(run_dir).tracking_synced.exists()
 
     mlflow_server.start()
     report = sync_run_dir(run_dir)  # to the URI the run was configured with
@@ -130,7 +131,7 @@ def test_a_sync_that_crashed_halfway_is_replayed_without_duplicates(mlflow_serve
     # before it could move the marker.
     tracker.buffer_path.write_bytes(b"".join(lines[:5]))
     assert sync_run_dir(run_dir, tracking_uri=mlflow_server.uri).ok
-    (run_dir / SYNCED_MARKER).unlink()
+    RunDir(run_dir).tracking_synced.unlink()
     tracker.buffer_path.write_bytes(full)
 
     report = sync_run_dir(run_dir, tracking_uri=mlflow_server.uri)
@@ -246,7 +247,7 @@ def test_records_mlflow_refuses_are_reported_and_do_not_block_the_rest(mlflow_se
 def test_a_sync_of_a_buffer_another_sync_holds_is_skipped(unreachable_mlflow_uri, tmp_path):
     config, _ = offline_run(tmp_path, "busy", unreachable_mlflow_uri, range(1, 3))
     run_dir = Path(config.run_dir)
-    with file_lock(run_dir / BUFFER_LOCK) as held:
+    with file_lock(RunDir(run_dir).tracking_lock) as held:
         assert held
         report = sync_run_dir(run_dir)
     assert [r.status for r in report.runs] == ["busy"] and report.ok
@@ -263,7 +264,7 @@ def test_sync_while_mlflow_is_still_down_keeps_everything(unreachable_mlflow_uri
     assert not report.ok and failed.status == "failed"
     assert "Connection refused" in (failed.error or "") or "Max retries" in (failed.error or "")
     assert tracker.buffer_path.read_bytes() == before
-    assert not (Path(config.run_dir) / SYNCED_MARKER).exists()
+    assert not RunDir.of(config).tracking_synced.exists()
 
 
 @pytest.mark.slow

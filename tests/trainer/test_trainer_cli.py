@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from fixtures.tiny_hub import TinyHub, tiny_run_config
 from xstilts.trainer.config import ExitCode, RunResult
+from xstilts.trainer.rundir import RunDir
 
 
 def trainer(run_json: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -94,8 +95,8 @@ def test_a_run_with_a_result_is_not_trained_again(tiny_hub: TinyHub, tmp_path: P
     result = RunResult(run_id=config.run_id, config=config, metrics={"dev.accuracy": 0.5}, parameter_count=1,
                        tokens_seen=1, train_steps=1, wall_seconds=1.0, tokens_per_second=1.0,
                        finished_at="2026-01-01T00:00:00Z")
-    Path(config.result_path).parent.mkdir(parents=True)
-    Path(config.result_path).write_text(result.model_dump_json())
+    RunDir.of(config).result.parent.mkdir(parents=True)
+    RunDir.of(config).result.write_text(result.model_dump_json())
     done = trainer(write(tmp_path / "run.json", json.loads(config.to_json())))
     assert done.returncode == ExitCode.OK
     assert f"run {config.run_id} already has" in done.stderr

@@ -20,7 +20,8 @@ import pytest
 import torch
 from fixtures.tiny_hub import TinyHub, tiny_run_config
 from xstilts.trainer.config import ExitCode, RunConfig, RunResult
-from xstilts.trainer.train import CHECKPOINTS_DIR, newest_checkpoint, run
+from xstilts.trainer.rundir import RunDir
+from xstilts.trainer.train import newest_checkpoint, run
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +43,7 @@ def finish(process: subprocess.Popen[str], timeout: float = 900) -> tuple[int, s
 def encoder_weights(config: RunConfig) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(Path(config.checkpoint_dir) / "model.safetensors"))
+    return load_file(str(RunDir.of(config).model / "model.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_deepspeed_zero_on_two_ranks_matches_the_single_process_run(
     assert config.run_id == base.run_id  # how many processes computed a run is not part of what it is
     code, output = finish(launch(config, tmp_path / "run.json", processes=2))
     assert code == ExitCode.OK, output[-4000:]
-    result = RunResult.model_validate_json(Path(config.result_path).read_text())
+    result = RunResult.model_validate_json(RunDir.of(config).result.read_text())
     assert result.train_steps == expected.train_steps == 90
     assert result.tokens_seen == expected.tokens_seen  # both ranks' tokens, counted once
     assert result.metrics["dev.accuracy"] == pytest.approx(expected.metrics["dev.accuracy"], abs=0.05)
@@ -73,7 +74,7 @@ def test_deepspeed_zero_on_two_ranks_matches_the_single_process_run(
     assert set(ours) == set(theirs)
     worst = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
     assert worst < 0.05, worst
-    assert [h["task"] for h in json.loads((Path(config.checkpoint_dir) / "heads.json").read_text())["heads"]] == [
+    assert [h["task"] for h in json.loads((RunDir.of(config).model / "heads.json").read_text())["heads"]] == [
         "mnli"]
 
 
@@ -103,15 +104,15 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_to_the_same_end(
     code, output = finish(first, timeout=120)
     assert code == ExitCode.INTERRUPTED, output[-4000:]
     assert f"run {config.run_id} stopped by SIGTERM; a retry resumes from its last checkpoint" in output
-    checkpoint = newest_checkpoint(Path(config.run_dir) / CHECKPOINTS_DIR)
-    assert checkpoint is not None and not Path(config.result_path).exists()
+    checkpoint = newest_checkpoint(RunDir.of(config).resume)
+    assert checkpoint is not None and not RunDir.of(config).result.exists()
     stopped_at = int(Path(checkpoint).name.split("-")[1])
     assert 20 <= stopped_at < 300
 
     code, output = finish(launch(config, tmp_path / "run.json"))
     assert code == ExitCode.OK, output[-4000:]
     assert f"resuming from {checkpoint}" in output
-    resumed = RunResult.model_validate_json(Path(config.result_path).read_text())
+    resumed = RunResult.model_validate_json(RunDir.of(config).result.read_text())
     assert resumed.train_steps == uninterrupted.train_steps == 300
     # the resumed run skipped exactly the batches it had trained on: the same rows, the same tokens
     assert resumed.tokens_seen == uninterrupted.tokens_seen

@@ -12,8 +12,9 @@ import pytest
 import torch
 from fixtures.tiny_hub import PAWSX_LANGUAGES, XNLI_LANGUAGES, TinyHub, tiny_run_config
 from xstilts.trainer.config import RunConfig, RunResult
+from xstilts.trainer.rundir import RunDir
 from xstilts.trainer.tasks import TASKS, Format
-from xstilts.trainer.train import CHECKPOINTS_DIR, run
+from xstilts.trainer.train import run
 
 
 def mlflow_client(uri: str) -> Any:
@@ -48,13 +49,13 @@ def test_a_classification_run_writes_a_complete_result(mnli: tuple[RunConfig, Ru
 
     config, result = mnli
     run_dir = Path(config.run_dir)
-    assert RunResult.model_validate_json(Path(config.result_path).read_text()) == result
+    assert RunResult.model_validate_json(RunDir.of(config).result.read_text()) == result
     assert result.run_id == config.run_id and result.config == config and result.status == "succeeded"
     assert set(result.metrics) == {"dev.accuracy"} and result.primary_metric == "accuracy"
     assert result.languages == {}
     assert result.train_steps == 3 * 30  # 240 rows / batch 8, three epochs
     assert result.tokens_seen == 3 * train_tokens(tiny_hub, "mnli", 64)  # every row once per epoch, no padding
-    encoder = AutoModel.from_pretrained(config.checkpoint_dir, add_pooling_layer=False)  # the heads pool
+    encoder = AutoModel.from_pretrained(RunDir.of(config).model, add_pooling_layer=False)  # the heads pool
     assert result.parameter_count == sum(p.numel() for p in encoder.parameters())
     assert result.wall_seconds > 0 and result.tokens_per_second > 0 and "torch" in result.versions
     assert json.loads((run_dir / "config.json").read_text()) == json.loads(config.to_json())
@@ -62,8 +63,8 @@ def test_a_classification_run_writes_a_complete_result(mnli: tuple[RunConfig, Ru
     assert progress["step"] == progress["total_steps"] == 90 and progress["tokens_seen"] == result.tokens_seen
     assert progress["phase"] == "eval" and progress["eta_s"] == 0.0 and progress["loss"] > 0
     assert {"config.json", "model.safetensors", "heads.safetensors", "heads.json", "tokenizer.json"} <= {
-        p.name for p in Path(config.checkpoint_dir).iterdir()}
-    assert not (run_dir / CHECKPOINTS_DIR).exists()  # resume state is dropped once the result is written
+        p.name for p in RunDir.of(config).model.iterdir()}
+    assert not RunDir(run_dir).resume.exists()  # resume state is dropped once the result is written
 
     client = mlflow_client(tiny_tracking_uri)
     logged = client.get_run(result.mlflow_run_id)
@@ -97,8 +98,8 @@ def test_the_saved_checkpoint_is_the_model_that_was_scored(mnli: tuple[RunConfig
     from xstilts.trainer.model import load_checkpoint
 
     config, result = mnli
-    model = load_checkpoint(config.checkpoint_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(config.checkpoint_dir)
+    model = load_checkpoint(RunDir.of(config).model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(RunDir.of(config).model)
     dev = load_encoded(open_split(config, SplitRef("mnli", "validation")), tokenizer,
                        tokenizer_fingerprint(tokenizer), 64, tiny_cache)
     predictor = Predictor(lambda batch: model(**batch), Collator(tokenizer.pad_token_id), torch.device("cpu"))
@@ -113,10 +114,10 @@ def test_phase3_starts_from_the_phase2_encoder_and_a_fresh_head(mnli: tuple[RunC
     phase2, _ = mnli
     target = tiny_run_config(tiny_hub, Path(phase2.storage_root), ("xnli",), stage="target",
                              init_from_run=phase2.run_id)
-    assert target.init_checkpoint_dir == phase2.checkpoint_dir
+    assert target.init_model_dir == str(RunDir.of(phase2).model)
     specs = [HeadSpec("xnli", Format.CLASSIFICATION, TASKS["xnli"].labels)]
-    model = build_model(target.init_checkpoint_dir, specs, seed=target.seed)
-    trained = load_file(str(Path(phase2.checkpoint_dir) / "model.safetensors"))
+    model = build_model(target.init_model_dir, specs, seed=target.seed)
+    trained = load_file(str(RunDir.of(phase2).model / "model.safetensors"))
     encoder = model.encoder.state_dict()
     assert set(encoder) == set(trained)
     assert all(torch.equal(encoder[k], trained[k]) for k in trained)
@@ -186,7 +187,7 @@ def test_a_run_per_format_trains_and_writes_its_metrics(task: str, metrics: set[
     assert result.tokens_seen > 0
     # these generated tasks are learnable in 60 steps: well above chance (MC 1/4, tags 1/3, spans ~0)
     assert result.metrics[f"dev.{TASKS[task].metric}"] >= 0.6
-    heads = json.loads((Path(config.checkpoint_dir) / "heads.json").read_text())["heads"]
+    heads = json.loads((RunDir.of(config).model / "heads.json").read_text())["heads"]
     assert [(h["task"], h["format"]) for h in heads] == [(task, TASKS[task].format.value)]
     if task == "ccg":  # a tagging task learns its tag set from its training data
         assert heads[0]["labels"] == ["A", "N", "V"]
@@ -208,12 +209,12 @@ def test_a_multi_task_run_trains_one_encoder_with_a_head_per_task(tiny_hub: Tiny
     primaries = [result.metrics["dev.mnli.accuracy"], result.metrics["dev.hellaswag.accuracy"],
                  result.metrics["dev.squad_v1.f1"], result.metrics["dev.ccg.accuracy"]]
     assert result.metrics["dev.score"] == pytest.approx(sum(primaries) / 4)
-    specs = read_head_specs(config.checkpoint_dir)
+    specs = read_head_specs(RunDir.of(config).model)
     assert [s.task for s in specs] == list(tasks)
     assert [s.format for s in specs] == [Format.CLASSIFICATION, Format.MULTIPLE_CHOICE, Format.SPAN_QA,
                                          Format.TAGGING]
     # every head was trained (near-uniform task sampling over 24 steps reaches all four)
-    trained = load_file(str(Path(config.checkpoint_dir) / "heads.safetensors"))
+    trained = load_file(str(RunDir.of(config).model / "heads.safetensors"))
     untrained = build_model(tiny_hub.model, specs, seed=config.seed).heads.state_dict()
     for task in tasks:
         weight = f"{task}.out_proj.weight"

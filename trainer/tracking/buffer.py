@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,10 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from xstilts.trainer.config import RunConfig
-
-BUFFER_FILE = "mlflow-buffer.jsonl"
-SYNCED_MARKER = "mlflow-buffer.synced.json"
-BUFFER_LOCK = "mlflow-buffer.lock"
+from xstilts.trainer.rundir import RunDir, write_atomic
 
 RUN_ID_TAG = "xstilts.run_id"
 STAGE_TAG = "xstilts.stage"
@@ -154,8 +150,8 @@ class Buffer:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
-        self.path = run_dir / BUFFER_FILE
-        self.marker = run_dir / SYNCED_MARKER
+        self.path = RunDir(run_dir).tracking_buffer
+        self.marker = RunDir(run_dir).tracking_synced
         self._tail_checked = False
 
     def append(self, record: dict[str, Any]) -> None:
@@ -200,17 +196,7 @@ class Buffer:
         with open(self.path, "rb") as handle:
             head = _head(handle.readline())
         body = json.dumps({"offset": offset, "head": head, "synced_at": now_ms()})
-        fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=f".{SYNCED_MARKER}.")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(body)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.marker)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(self.marker, body)
 
     def pending(self) -> Pending:
         try:

@@ -22,9 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import ValidationError
-from xstilts.trainer.config import RESULT_FILE, RUNS_DIR, RunResult
-from xstilts.trainer.rundir import CONFIG_FILE
+from xstilts.trainer.config import RunResult
+from xstilts.trainer.rundir import ResultProblem, RunDir, read_result
 from xstilts.trainer.tracking.buffer import RUN_ID_TAG, RunIdentity
 from xstilts.trainer.tracking.mlflow_client import (
     Counts,
@@ -59,25 +58,19 @@ class RunRebuild:
         if self.status == "present":
             return f"{self.run_dir}: already in MLflow"
         if self.status == "unreadable":
-            return f"{self.run_dir}: {RESULT_FILE} skipped: {self.error}"
+            return f"{self.run_dir}: {RunDir.RESULT} skipped: {self.error}"
         if self.status == "failed":
-            return (f"{self.run_dir}: FAILED to rebuild its MLflow run from {RESULT_FILE}: {self.error}"
+            return (f"{self.run_dir}: FAILED to rebuild its MLflow run from {RunDir.RESULT}: {self.error}"
                     " (sync again when MLflow is reachable)")
         c = self.counts
-        text = (f"{self.run_dir}: rebuilt MLflow run {self.mlflow_run_id} from {RESULT_FILE}: {c.params_logged} params,"
+        text = (f"{self.run_dir}: rebuilt MLflow run {self.mlflow_run_id} from {RunDir.RESULT}: {c.params_logged}"
+                f" params,"
                 f" {c.metrics_logged} metrics, {c.artifacts_logged} artifacts")
         if c.artifacts_missing:
             text += f"; {c.artifacts_missing} artifact file(s) missing"
         if c.rejected:
             text += f"; {len(c.rejected)} refused by MLflow ({c.rejected[0]})"
         return text
-
-
-def result_dirs(root: Path) -> list[Path]:
-    """Run directories with a result.json under a storage root (`<root>/runs/*`) or under a
-    directory of storage roots (`<dir>/*/runs/*`)."""
-    files = {*root.glob(f"{RUNS_DIR}/*/{RESULT_FILE}"), *root.glob(f"*/{RUNS_DIR}/*/{RESULT_FILE}")}
-    return sorted(f.parent for f in files)
 
 
 def rebuild_runs(run_dirs: list[Path], tracking_uri: str | None = None) -> list[RunRebuild]:
@@ -100,13 +93,9 @@ def rebuild_runs(run_dirs: list[Path], tracking_uri: str | None = None) -> list[
 
 def _load(run_dir: Path) -> RunResult | RunRebuild:
     try:
-        result = RunResult.model_validate_json((run_dir / RESULT_FILE).read_bytes())
-    except OSError as e:
-        return RunRebuild(run_dir, "unreadable", error=f"cannot read it ({e.strerror or e})")
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(root)"
-        return RunRebuild(run_dir, "unreadable", error=f"not a valid result record ({where}: {first['msg']})")
+        result = read_result(RunDir(run_dir).result)
+    except ResultProblem as e:
+        return RunRebuild(run_dir, "unreadable", error=e.what)
     try:
         _epoch_ms(result.finished_at)
     except ValueError:
@@ -170,7 +159,7 @@ def _rebuild(client: MlflowClient, uri: str, run_dir: Path, result: RunResult, c
     identity = RunIdentity.of(result.config)
     identity = dataclasses.replace(
         identity, time=finished - int(result.wall_seconds * 1000),
-        tags=identity.tags | {REBUILT_TAG: RESULT_FILE},
+        tags=identity.tags | {REBUILT_TAG: RunDir.RESULT},
         # The parent the run was given may live in another MLflow (a cluster's) or be lost with
         # the database: then the experiment's parent is found or created by its tags.
         parent_run_id=identity.parent_run_id if _is_run(client, identity.parent_run_id) else None)
@@ -181,8 +170,8 @@ def _rebuild(client: MlflowClient, uri: str, run_dir: Path, result: RunResult, c
     metrics = result.metrics | {"tokens_seen": float(result.tokens_seen),
                                 "tokens_per_second": result.tokens_per_second}
     writer.log_metrics([{"metrics": metrics, "step": result.train_steps, "timestamp": finished}], counts)
-    for name in (RESULT_FILE, CONFIG_FILE):
-        writer.log_artifact(run_dir / name, None, counts)
+    for path in (RunDir(run_dir).result, RunDir(run_dir).config):
+        writer.log_artifact(path, None, counts)
     client.set_terminated(run_id, status="FINISHED", end_time=finished)
     counts.finished = "FINISHED"
     return run_id

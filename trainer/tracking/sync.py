@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from xstilts.trainer.config import RUNS_DIR
-from xstilts.trainer.tracking.buffer import BUFFER_FILE, BUFFER_LOCK, Buffer, RunIdentity, file_lock
+from xstilts.trainer.rundir import RunDir, run_dirs_holding
+from xstilts.trainer.tracking.buffer import Buffer, RunIdentity, file_lock
 from xstilts.trainer.tracking.mlflow_client import (
     Counts,
     RunWriter,
@@ -22,7 +22,7 @@ from xstilts.trainer.tracking.mlflow_client import (
     resolve_run,
     resolve_tracking_uri,
 )
-from xstilts.trainer.tracking.rebuild import RunRebuild, rebuild_runs, result_dirs
+from xstilts.trainer.tracking.rebuild import RunRebuild, rebuild_runs
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -122,10 +122,10 @@ def sync_storage(storage_root: Path, tracking_uri: str | None = None) -> SyncRep
     rebuild the MLflow runs of result files MLflow lacks. A run whose buffer did not sync
     (MLflow down, or another sync replaying it) is not rebuilt: its buffer comes first."""
     root = Path(storage_root)
-    buffers = sorted({*root.glob(f"{RUNS_DIR}/*/{BUFFER_FILE}"), *root.glob(f"*/{RUNS_DIR}/*/{BUFFER_FILE}")})
-    report = SyncReport([_sync_one(b.parent, tracking_uri) for b in buffers])
+    report = SyncReport([_sync_one(d.path, tracking_uri) for d in run_dirs_holding(root, RunDir.TRACKING_BUFFER)])
     waiting = {r.run_dir for r in report.runs if r.status in ("busy", "failed")}
-    report.rebuilds = rebuild_runs([d for d in result_dirs(root) if d not in waiting], tracking_uri)
+    report.rebuilds = rebuild_runs([d.path for d in run_dirs_holding(root, RunDir.RESULT) if d.path not in waiting],
+                                   tracking_uri)
     return report
 
 
@@ -133,7 +133,7 @@ def _sync_one(run_dir: Path, tracking_uri: str | None) -> RunSync:
     buffer = Buffer(run_dir)
     if not buffer.path.exists():
         return RunSync(run_dir, "up-to-date")
-    with file_lock(run_dir / BUFFER_LOCK, blocking=False) as acquired:
+    with file_lock(RunDir(run_dir).tracking_lock, blocking=False) as acquired:
         if not acquired:
             return RunSync(run_dir, "busy")
         pending = buffer.pending()

@@ -6,9 +6,7 @@
   patch, delete), each with a timeout and retried a few times on transient failures, errors
   as `KubeError` with the API's own message, and a tally of every (API group, resource, verb)
   called, which the RBAC test compares with the Role;
-- `Reflector`: a list + watch cache of one resource type (410 Gone → re-list);
-- `ResultStore`: the runs' result.json files, read from where the controller mounts the
-  runs volume.
+- `Reflector`: a list + watch cache of one resource type (410 Gone → re-list).
 
 Objects are plain dicts in their JSON form, never the client's generated model classes:
 reconcile reads them as such, and decoding 10,000 Jobs into models would cost seconds.
@@ -30,12 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from pydantic import ValidationError
-from xstilts.operator.cluster.reconcile import ResultSummary
-from xstilts.operator.cluster.render import pod_storage_root
-from xstilts.operator.experiment.plan import Plan
-from xstilts.operator.experiment.spec import API_GROUP, KIND, ExperimentSpec
-from xstilts.trainer.config import RESULT_FILE, RunResult, run_dir
+from xstilts.operator.experiment.spec import API_GROUP, KIND
 
 log = logging.getLogger("xstilts.kube")
 
@@ -634,73 +627,6 @@ def newer(candidate: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
     if a.isdigit() and b.isdigit():
         return int(a) > int(b)
     return True
-
-
-# --- result files ------------------------------------------------------------------------
-
-
-@dataclass
-class ResultStore:
-    """Reads runs' result.json. Pods write them under the experiment's in-pod storage root
-    (`render.pod_storage_root`: `<mountPath>/<experiment>` or `<uri>/<experiment>`); the
-    controller mounts the same volume, at the same path by default, or at `results_dir`,
-    which then stands for the mount path (or for the object-store URI, e.g. a bucket
-    mounted with a FUSE driver).
-
-    A result file is written once, atomically, and never changes: parsed results are
-    cached, and only files not seen yet are looked for at each reconcile."""
-
-    results_dir: Path | None = None
-    _found: dict[str, ResultSummary] = field(default_factory=dict)
-
-    def path(self, spec: ExperimentSpec, run_id: str) -> Path | None:
-        """Where the controller finds a run's result.json; None if it cannot see it (an
-        object store and no --results-dir)."""
-        storage = spec.cluster.storage
-        base = storage.uri.rstrip("/") if storage.uri else storage.mount_path.rstrip("/")
-        root = pod_storage_root(spec)
-        if self.results_dir is not None:
-            relative = root[len(base):].lstrip("/")
-            root = str(self.results_dir / relative)
-        elif storage.uri:
-            return None
-        return Path(str(run_dir(root, run_id))) / str(RESULT_FILE)
-
-    def read(self, spec: ExperimentSpec, plan: Plan) -> tuple[dict[str, ResultSummary], list[str]]:
-        """The results of the plan's runs that have one, and a line per unreadable file."""
-        found: dict[str, ResultSummary] = {}
-        problems: list[str] = []
-        for run in plan.runs:
-            path = self.path(spec, run.run_id)
-            if path is None:
-                continue
-            key = str(path)
-            summary = self._found.get(key)
-            if summary is None:
-                try:
-                    text = path.read_text(encoding="utf-8")
-                except FileNotFoundError:
-                    continue
-                except OSError as e:
-                    problems.append(f"{path}: cannot read ({e.strerror or e})")
-                    continue
-                try:
-                    result = RunResult.model_validate_json(text)
-                except ValidationError as e:
-                    first = e.errors()[0]
-                    where = ".".join(str(p) for p in first["loc"]) or "(root)"
-                    problems.append(f"{path}: not a result record ({where}: {first['msg']})")
-                    continue
-                if result.run_id != run.run_id:
-                    problems.append(f"{path}: holds the result of run {result.run_id}, not {run.run_id}")
-                    continue
-                summary = ResultSummary.from_result(result)
-                self._found[key] = summary
-            elif not path.exists():  # deleted, e.g. to train the run again
-                del self._found[key]
-                continue
-            found[run.run_id] = summary
-        return found, problems
 
 
 def backoff_delay(attempt: int, base: float = 0.5, cap: float = 60.0) -> float:

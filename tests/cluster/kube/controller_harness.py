@@ -34,7 +34,7 @@ import yaml
 from kube_cluster import ControlPlane
 from xstilts.operator.cluster.controller import API_CALLS
 from xstilts.operator.cluster.render import RUN_ID_LABEL, experiment_selector, pod_storage_root
-from xstilts.operator.cluster.runtime.kube_api import ResultStore
+from xstilts.operator.cluster.results import ResultStore
 from xstilts.operator.cluster.runtime.prometheus import parse_exposition
 from xstilts.operator.experiment.plan import Plan, plan
 from xstilts.operator.experiment.spec import ExperimentSpec, parse_document
