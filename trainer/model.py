@@ -10,7 +10,8 @@ Heads, by format:
 A batch holds rows of one task (`task_index` selects the head), so a multi-task run is one
 encoder with several heads and batches drawn from one task at a time.
 
-Checkpoint layout (`checkpoint/` of a run): the encoder as `save_pretrained` writes it
+Final model layout (`model/` of a run; resume checkpoints are the Trainer's, under `resume/`):
+the encoder as `save_pretrained` writes it
 (config.json, model.safetensors: `AutoModel.from_pretrained(dir)` loads it, and that is how
 phase 3 starts from a phase-2 run), the tokenizer, and the heads in heads.safetensors with
 their specs in heads.json.
@@ -188,7 +189,7 @@ def load_encoder(source: str | Path, cuda: bool = False, half_precision: bool = 
 
 def build_model(encoder_source: str | Path, specs: Sequence[HeadSpec], seed: int, cuda: bool = False,
                 half_precision: bool = False) -> MultiTaskModel:
-    """The encoder from `encoder_source` (a pretrained model, or a phase-2 run's checkpoint)
+    """The encoder from `encoder_source` (a pretrained model, or a phase-2 run's final model)
     and freshly initialised heads, their initialisation fixed by `seed`."""
     encoder = load_encoder(encoder_source, cuda, half_precision)
     torch.manual_seed(seed)
@@ -201,9 +202,9 @@ def encoder_parameter_count(model: MultiTaskModel) -> int:
     return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.encoder.parameters())
 
 
-def save_checkpoint(model: MultiTaskModel, out_dir: str | Path, tokenizer: Any = None,
-                    state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
-    """Write the checkpoint layout to a temporary sibling and rename it into place, so that a
+def save_model(model: MultiTaskModel, out_dir: str | Path, tokenizer: Any = None,
+               state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write the final model layout to a temporary sibling and rename it into place, so that a
     directory named `out_dir` is always complete. `state_dict` is the full model state (under
     ZeRO-3 the gathered one); default: the model's own."""
     from safetensors.torch import save_file
@@ -229,15 +230,15 @@ def save_checkpoint(model: MultiTaskModel, out_dir: str | Path, tokenizer: Any =
     return out
 
 
-def read_head_specs(checkpoint_dir: str | Path) -> list[HeadSpec]:
-    doc = json.loads((Path(checkpoint_dir) / HEADS_SPEC_FILE).read_text(encoding="utf-8"))
+def read_head_specs(model_dir: str | Path) -> list[HeadSpec]:
+    doc = json.loads((Path(model_dir) / HEADS_SPEC_FILE).read_text(encoding="utf-8"))
     return [HeadSpec(h["task"], Format(h["format"]), tuple(h["labels"])) for h in doc["heads"]]
 
 
-def load_checkpoint(checkpoint_dir: str | Path) -> MultiTaskModel:
+def load_model(model_dir: str | Path) -> MultiTaskModel:
     """A saved run's model, encoder and heads, as it was at the end of training."""
     from safetensors.torch import load_file
 
-    model = MultiTaskModel(load_encoder(checkpoint_dir), read_head_specs(checkpoint_dir))
-    model.heads.load_state_dict(load_file(str(Path(checkpoint_dir) / HEADS_FILE)))
+    model = MultiTaskModel(load_encoder(model_dir), read_head_specs(model_dir))
+    model.heads.load_state_dict(load_file(str(Path(model_dir) / HEADS_FILE)))
     return model

@@ -7,9 +7,9 @@ name here and nowhere else (`RunDir`), and the files that readers poll are repla
     config.json     the resolved RunConfig, written by the trainer when the run starts
     progress.json   {"step", "total_steps", "epoch", "loss", "tokens_seen", "elapsed_s", "eta_s",
                     "phase": "train" | "eval"}, every few steps (the local executor's progress bars)
-    checkpoints/    the Trainer's checkpoint-N directories: what a retry resumes from (removed
+    resume/         the Trainer's checkpoint-N directories: what a retry resumes from (removed
                     once result.json is written); see checkpoints.py
-    checkpoint/     the final model (model.save_checkpoint): what a phase-3 run starts from
+    model/          the final model (model.save_model): what a phase-3 run starts from
     result.json     the RunResult, written once, only when the run succeeded; read by
                     `read_result` alone
     failed.json     a final failure the local executor recorded (not retried without --retry-failed)
@@ -51,8 +51,8 @@ class RunDir:
     RUN_CONFIG: ClassVar[str] = "run.json"
     CONFIG: ClassVar[str] = "config.json"
     PROGRESS: ClassVar[str] = "progress.json"
-    RESUME: ClassVar[str] = "checkpoints"
-    MODEL: ClassVar[str] = "checkpoint"
+    RESUME: ClassVar[str] = "resume"
+    MODEL: ClassVar[str] = "model"
     RESULT: ClassVar[str] = "result.json"
     FAILURE: ClassVar[str] = "failed.json"
     TRAIN_LOG: ClassVar[str] = "train.log"

@@ -5,10 +5,10 @@ metric, save the final model, evaluate every test language, and write result.jso
 Run directory (rundir.RunDir):
     config.json      the resolved RunConfig
     progress.json    live progress (rundir.ProgressFile)
-    checkpoints/     the Trainer's checkpoint-N directories: resume state and best-model candidates
+    resume/          the Trainer's checkpoint-N directories: resume state and best-model candidates
                      (removed once result.json is written); each is written under a .partial-*
                      name and renamed when complete (checkpoints.py)
-    checkpoint/      the final model (model.save_checkpoint): what a phase-3 run starts from
+    model/           the final model (model.save_model): what a phase-3 run starts from
     result.json      the RunResult, written last and only on success
 
 Resume: a run started again finds the newest complete checkpoint-N and continues from it with
@@ -253,7 +253,7 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
     from xstilts.trainer.evaluate import dev_metrics, selection_metric, test_metrics
     from xstilts.trainer.hf_seams import check_hf_seams
     from xstilts.trainer.loop import RunCallback, StiltsTrainer
-    from xstilts.trainer.model import HeadSpec, build_model, encoder_parameter_count, save_checkpoint
+    from xstilts.trainer.model import HeadSpec, build_model, encoder_parameter_count, save_model
     from xstilts.trainer.rundir import ProgressFile, utc_now, versions, write_result
 
     missing = check_hf_seams()  # StiltsTrainer's overrides would silently not run
@@ -316,7 +316,7 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
 
     state_dict = _full_state_dict(trainer)
     if dist.is_main:
-        save_checkpoint(trainer.model, run_dir.model, tokenizer, state_dict)
+        save_model(trainer.model, run_dir.model, tokenizer, state_dict)
     del state_dict
 
     progress.update(force=True, phase="eval")

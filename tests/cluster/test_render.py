@@ -179,7 +179,7 @@ def test_config_map_holds_the_run_config_with_the_pod_storage_root() -> None:
     config = RunConfig.model_validate_json(config_map["data"]["run.json"])
     assert config.run_id == run.run_id  # storage is not part of a run's identity
     assert config.storage_root == "/data/scaling"
-    assert config.init_model_dir == f"/data/scaling/runs/{run.depends_on[0]}/checkpoint"
+    assert config.init_model_dir == f"/data/scaling/runs/{run.depends_on[0]}/model"
     assert config_map["immutable"] is True
     volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
     mounts = {m["name"]: m for m in container(job)["volumeMounts"]}

@@ -121,5 +121,5 @@ def test_gpu_hours_are_estimated_and_totalled() -> None:
 def test_phase3_runs_carry_the_checkpoint_location_of_their_parent() -> None:
     p = plan(load("demo.yaml"), storage_root="/data/demo")
     run = next(r for r in p.runs if r.depends_on)
-    assert run.config.init_model_dir == f"/data/demo/runs/{run.depends_on[0]}/checkpoint"
+    assert run.config.init_model_dir == f"/data/demo/runs/{run.depends_on[0]}/model"
     assert RunDir.of(run.config).result == Path(f"/data/demo/runs/{run.run_id}/result.json")

@@ -89,16 +89,16 @@ def test_the_loss_goes_down_and_dev_accuracy_beats_chance(mnli: tuple[RunConfig,
 
 def test_the_saved_checkpoint_is_the_model_that_was_scored(mnli: tuple[RunConfig, RunResult],
                                                            tiny_cache: Path) -> None:
-    """load_checkpoint rebuilds encoder and heads; on the dev set it scores what the run did."""
+    """load_model rebuilds encoder and heads; on the dev set it scores what the run did."""
     from transformers import AutoTokenizer
     from xstilts.trainer.batching import Collator
     from xstilts.trainer.data import SplitRef, open_split
     from xstilts.trainer.evaluate import Predictor, evaluate_split
     from xstilts.trainer.features import load_encoded, tokenizer_fingerprint
-    from xstilts.trainer.model import load_checkpoint
+    from xstilts.trainer.model import load_model
 
     config, result = mnli
-    model = load_checkpoint(RunDir.of(config).model).eval()
+    model = load_model(RunDir.of(config).model).eval()
     tokenizer = AutoTokenizer.from_pretrained(RunDir.of(config).model)
     dev = load_encoded(open_split(config, SplitRef("mnli", "validation")), tokenizer,
                        tokenizer_fingerprint(tokenizer), 64, tiny_cache)
