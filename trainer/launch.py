@@ -10,11 +10,31 @@ runs torchrun in-process and maps its outcome back onto them.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from xstilts.trainer.config import ExitCode
 
 PROG = "python -m xstilts.trainer.launch"
+
+
+def trainer_command(run_config: str, procs_per_node: int = 1, nodes: int = 1, *, python: str = "python",
+                    rendezvous: Sequence[str] = (), shutdown_timeout: int | None = None) -> list[str]:
+    """The argv that trains the run of `run_config` (a RUN.json path), for the local executor
+    and for a pod alike: one process, `python -m xstilts.trainer RUN.json`; several, torchrun
+    through this launcher (which passes the trainer's exit codes on), `--standalone` on one
+    node (its own free rendezvous port, so local runs can overlap), else the `rendezvous`
+    options. torchrun never restarts workers itself: a restart would hide a failure from
+    whoever retries the run. `shutdown_timeout`: seconds torchrun gives its workers after
+    SIGTERM before killing them (its default, 30 s, is too short for a large checkpoint)."""
+    trainer = ["-m", "xstilts.trainer", run_config]
+    if nodes == 1 and procs_per_node == 1:
+        return [python, *trainer]
+    command = [python, "-m", "xstilts.trainer.launch", f"--nproc_per_node={procs_per_node}", f"--nnodes={nodes}"]
+    command += ["--standalone"] if nodes == 1 else list(rendezvous)
+    command.append("--max_restarts=0")
+    if shutdown_timeout is not None:
+        command.append(f"--shutdown_timeout={shutdown_timeout}")
+    return command + trainer
 
 
 def exit_code_of(worker_codes: Iterable[int]) -> int:

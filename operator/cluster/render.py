@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from xstilts.operator.experiment.plan import Plan, PlannedRun, gc_paused
 from xstilts.operator.experiment.spec import ExperimentSpec, ModelResources
 from xstilts.trainer.config import ExitCode, RunConfig
+from xstilts.trainer.launch import trainer_command
 from xstilts.trainer.rundir import RunDir, run_dir
 
 # --- names and labels --------------------------------------------------------------------
@@ -56,13 +57,12 @@ _NOT_LABEL_VALUE = re.compile(r"[^A-Za-z0-9._-]+")
 # --- in-pod layout -----------------------------------------------------------------------
 
 CONTAINER_NAME = "trainer"
-RUN_CONFIG_KEY = "run.json"
+RUN_CONFIG_KEY = RunDir.RUN_CONFIG
 RUN_CONFIG_DIR = "/etc/xstilts"
 RUN_CONFIG_PATH = f"{RUN_CONFIG_DIR}/{RUN_CONFIG_KEY}"
 # Used when the spec names no storage: the runs PVC that k8s/ overlays create.
 DEFAULT_RUNS_PVC = "xstilts-runs"
 RENDEZVOUS_PORT = 29500
-LAUNCHER = ("python", "-m", "xstilts.trainer.launch")
 RUN_AS_USER = 1000
 # Long enough for a ZeRO-3 checkpoint of a 10B model (optimizer state included) to reach
 # shared storage after SIGTERM; the trainer then exits with ExitCode.INTERRUPTED.
@@ -328,32 +328,17 @@ def _headless_service(shared: _Shared, name: str, labels: dict[str, str]) -> dic
     }
 
 
-def trainer_command(config: RunConfig, name: str) -> list[str]:
-    """The container's exec array. One process: `python -m xstilts.trainer run.json`;
-    several per node: torchrun (by xstilts.trainer.launch); several nodes: torchrun with a
-    static rendezvous on pod 0 of the Indexed Job, each pod's rank being its completion index
-    (expanded by the kubelet from the container's environment, not by a shell)."""
+def pod_command(config: RunConfig, name: str) -> list[str]:
+    """The container's exec array (launch.trainer_command). Several nodes: a static rendezvous
+    on pod 0 of the Indexed Job, each pod's rank being its completion index (expanded by the
+    kubelet from the container's environment, not by a shell). Kubernetes restarts failed pods
+    (within backoffLimit); on SIGTERM torchrun's workers get the grace period, less a margin
+    for torchrun itself to exit."""
     res = config.resources
-    if res.nodes == 1 and res.procs_per_node == 1:
-        return ["python", "-m", "xstilts.trainer", RUN_CONFIG_PATH]
-    # torchrun through the trainer's launcher, which passes the trainer's exit codes on
-    command = [*LAUNCHER, f"--nproc_per_node={res.procs_per_node}", f"--nnodes={res.nodes}"]
-    if res.nodes == 1:
-        command.append("--standalone")
-    else:
-        command += [
-            "--node_rank=$(JOB_COMPLETION_INDEX)",
-            f"--master_addr={name}-0.{name}",
-            f"--master_port={RENDEZVOUS_PORT}",
-        ]
-    # Kubernetes restarts failed pods (within backoffLimit); torchrun restarting workers
-    # inside a pod would hide failures from the podFailurePolicy.
-    # On SIGTERM torchrun passes the signal on and kills its workers after --shutdown_timeout
-    # (30 s by default): too soon for a large ZeRO-3 checkpoint. Leave them the grace period,
-    # less a margin for torchrun itself to exit.
-    command += ["--max_restarts=0", f"--shutdown_timeout={WORKER_SHUTDOWN_SECONDS}",
-                "-m", "xstilts.trainer", RUN_CONFIG_PATH]
-    return command
+    rendezvous = ("--node_rank=$(JOB_COMPLETION_INDEX)", f"--master_addr={name}-0.{name}",
+                  f"--master_port={RENDEZVOUS_PORT}")
+    return trainer_command(RUN_CONFIG_PATH, res.procs_per_node, res.nodes, rendezvous=rendezvous,
+                           shutdown_timeout=WORKER_SHUTDOWN_SECONDS)
 
 
 def literal_env_value(value: str) -> str:
@@ -502,7 +487,7 @@ def _job(run: PlannedRun, shared: _Shared, name: str, labels: dict[str, str]) ->
         "name": CONTAINER_NAME,
         "image": cluster.image,
         "imagePullPolicy": "IfNotPresent",
-        "command": trainer_command(run.config, name),
+        "command": pod_command(run.config, name),
         "env": _env(run, shared),
         "resources": _resources(run, shared),
         "volumeMounts": mounts,

@@ -42,6 +42,7 @@ from xstilts.operator.local.dag_state import (
 from xstilts.operator.local.display import Display, ProgressView, RunningRow, format_seconds
 from xstilts.operator.local.forkserver import ForkedRun, die_with_parent, fork_run, start_server, wait_for_exit
 from xstilts.trainer.config import ExitCode, Resources, RunLabels, TrackingConfig
+from xstilts.trainer.launch import trainer_command
 from xstilts.trainer.rundir import ResultProblem, RunDir, read_progress, read_result, write_atomic
 from xstilts.trainer.tracking.buffer import redact_uri
 from xstilts.trainer.tracking.mlflow_client import first_line, open_client
@@ -119,17 +120,6 @@ def place(resources: Resources, machine_gpus: int) -> Placement:
             f"a run asks for {resources.gpus_per_node} GPUs and this machine has {machine_gpus}:"
             f" lower the model's resources.gpus to at most {machine_gpus}, or use `xstilts submit`")
     return Placement(resources.gpus_per_node, resources.gpus_per_node)
-
-
-def trainer_command(config_path: Path, processes: int) -> list[str]:
-    """The trainer's argv: one process, or torchrun (by xstilts.trainer.launch, which passes the
-    trainer's exit codes on) with one process per GPU (or per CPU rank).
-    `--standalone` gives each torchrun its own free rendezvous port, so runs can overlap."""
-    trainer = ["-m", "xstilts.trainer", str(config_path)]
-    if processes > 1:
-        return [sys.executable, "-m", "xstilts.trainer.launch", "--standalone",
-                f"--nproc_per_node={processes}", *trainer]
-    return [sys.executable, *trainer]
 
 
 def trainer_env(base: Mapping[str, str], placement: Placement, gpu_ids: Sequence[str],
@@ -451,7 +441,7 @@ class LocalExecutor:
         write_atomic(config_path, run.config.to_json())
         with contextlib.suppress(FileNotFoundError):
             run_dir.failure.unlink()  # a retried failure starts clean
-        argv = trainer_command(config_path, placement.processes)
+        argv = trainer_command(str(config_path), placement.processes, python=sys.executable)
         env = trainer_env(os.environ | self.extra_env, placement, gpu_ids,
                           threads_per_process(self.cpus, self.options.parallel, placement.processes))
         log = run_dir.train_log.open("ab")

@@ -265,4 +265,5 @@ def test_a_run_asking_for_several_processes_runs_under_torchrun(
     assert done.returncode == 0, done.stdout + done.stderr
     assert set(finished(p)) == {only.run_id}
     (mark,) = attempts(p, only.run_id)
-    assert "-m xstilts.trainer.launch --standalone --nproc_per_node=2 -m xstilts.trainer" in mark
+    assert ("-m xstilts.trainer.launch --nproc_per_node=2 --nnodes=1 --standalone --max_restarts=0"
+            " -m xstilts.trainer") in mark

@@ -18,11 +18,11 @@ from xstilts.operator.local.executor import (
     place,
     threads_per_process,
     tracking_uri_for,
-    trainer_command,
     trainer_env,
     with_tracking,
 )
 from xstilts.trainer.config import Resources, Stage
+from xstilts.trainer.launch import trainer_command
 
 SPEC = """
 name: sched
@@ -148,9 +148,10 @@ def test_placement_on_this_machine() -> None:
 
 def test_trainer_command_and_environment(tmp_path: Path) -> None:
     config = tmp_path / "run.json"
-    assert trainer_command(config, 1) == [sys.executable, "-m", "xstilts.trainer", str(config)]
-    torchrun = trainer_command(config, 2)
-    assert torchrun[:4] == [sys.executable, "-m", "xstilts.trainer.launch", "--standalone"]
+    assert trainer_command(str(config), 1, python=sys.executable) == [sys.executable, "-m", "xstilts.trainer",
+                                                                      str(config)]
+    torchrun = trainer_command(str(config), 2, python=sys.executable)
+    assert torchrun[:3] == [sys.executable, "-m", "xstilts.trainer.launch"] and "--standalone" in torchrun
     assert "--nproc_per_node=2" in torchrun and torchrun[-3:] == ["-m", "xstilts.trainer", str(config)]
 
     cpu = trainer_env({"PATH": "/bin"}, Placement(1, 0), [], threads_per_process(2, 2, 1))
