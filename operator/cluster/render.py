@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from xstilts.operator.experiment.plan import Plan, PlannedRun, gc_paused
-from xstilts.operator.experiment.spec import ExperimentSpec, ModelResources
+from xstilts.operator.experiment.spec import ExperimentSpec, ModelResources, clean_label_value
 from xstilts.trainer.config import ExitCode, RunConfig
 from xstilts.trainer.launch import trainer_command
 from xstilts.trainer.rundir import RunDir, run_dir
@@ -49,10 +49,8 @@ NO_TARGET = "none"
 # Indexed Job pods get the hostname `<job>-<index>`, which must itself be a DNS label
 # (≤ 63): with at most 512 nodes the index takes up to 3 digits and a dash.
 MAX_JOB_NAME = 59
-MAX_LABEL_VALUE = 63
 
 _NOT_DNS = re.compile(r"[^a-z0-9-]+")
-_NOT_LABEL_VALUE = re.compile(r"[^A-Za-z0-9._-]+")
 
 # --- in-pod layout -----------------------------------------------------------------------
 
@@ -138,31 +136,24 @@ def job_name(experiment: str, run_id: str) -> str:
     return f"{prefix}-{rid}"
 
 
-def label_value(value: str) -> str:
-    """A valid label value: at most 63 characters of [A-Za-z0-9._-], starting and ending
-    with a letter or digit (empty if nothing is left)."""
-    cleaned = _NOT_LABEL_VALUE.sub("-", value)[:MAX_LABEL_VALUE]
-    return cleaned.strip("-._")
-
-
 def run_labels(run: PlannedRun) -> dict[str, str]:
     """The labels every object of a run carries; `reconcile.ObservedJob.from_k8s` reads
     EXPERIMENT_LABEL and RUN_ID_LABEL back."""
     labels = run.labels
     return {
-        EXPERIMENT_LABEL: label_value(labels.experiment),
-        RUN_ID_LABEL: label_value(run.run_id),
+        EXPERIMENT_LABEL: clean_label_value(labels.experiment),
+        RUN_ID_LABEL: clean_label_value(run.run_id),
         STAGE_LABEL: run.config.stage.value,
-        MODEL_LABEL: label_value(labels.model),
-        INTERMEDIATE_LABEL: label_value(labels.intermediate),
-        TARGET_LABEL: label_value(labels.target) if labels.target else NO_TARGET,
+        MODEL_LABEL: clean_label_value(labels.model),
+        INTERMEDIATE_LABEL: clean_label_value(labels.intermediate),
+        TARGET_LABEL: clean_label_value(labels.target) if labels.target else NO_TARGET,
         MANAGED_BY_LABEL: MANAGED_BY,
     }
 
 
 def experiment_selector(experiment: str) -> str:
     """The label selector that lists every object xstilts made for an experiment."""
-    return f"{EXPERIMENT_LABEL}={label_value(experiment)},{MANAGED_BY_LABEL}={MANAGED_BY}"
+    return f"{EXPERIMENT_LABEL}={clean_label_value(experiment)},{MANAGED_BY_LABEL}={MANAGED_BY}"
 
 
 # --- storage -----------------------------------------------------------------------------

@@ -47,6 +47,8 @@ SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 # prefix and '/' and a name; values are at most 63 characters.
 LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
+MAX_LABEL_VALUE = 63
+_NOT_LABEL_VALUE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def _schema_name(max_length: int) -> Any:
@@ -324,11 +326,21 @@ def label_key(key: str) -> str:
     return key
 
 
-def label_value(value: str) -> str:
-    if len(value) > 63 or not LABEL_VALUE.fullmatch(value):
+def check_label_value(value: str) -> str:
+    """`value` unchanged if it is a valid label value (a spec's node selector, a toleration),
+    else ValueError saying what one is. `clean_label_value` makes one of any text instead."""
+    if len(value) > MAX_LABEL_VALUE or not LABEL_VALUE.fullmatch(value):
         raise ValueError(f"{shown_value(value)} is not a label value: at most 63 letters, digits, '-', '_' or '.',"
                          " starting and ending with a letter or digit")
     return value
+
+
+def clean_label_value(value: str) -> str:
+    """A valid label value made of any text (names xstilts puts on the objects it renders): at
+    most 63 characters of [A-Za-z0-9._-], starting and ending with a letter or digit (empty if
+    nothing is left)."""
+    cleaned = _NOT_LABEL_VALUE.sub("-", value)[:MAX_LABEL_VALUE]
+    return cleaned.strip("-._")
 
 
 # A pod toleration, checked by the rules the API server applies to one, so that a spec the CLI
@@ -348,7 +360,7 @@ class Toleration(_Spec):
     @field_validator("value")
     @classmethod
     def _value(cls, v: str | None) -> str | None:
-        return None if v is None else label_value(v)
+        return None if v is None else check_label_value(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> Toleration:
@@ -461,7 +473,7 @@ class ClusterSpec(_Spec):
     def _node_labels(cls, v: dict[str, str]) -> dict[str, str]:
         for key, value in v.items():
             label_key(key)
-            label_value(value)
+            check_label_value(value)
         return v
 
     @field_validator("queue")

@@ -21,7 +21,6 @@ from xstilts.operator.cluster.render import (
     RUN_CONFIG_PATH,
     OwnerRef,
     job_name,
-    label_value,
     memory_bytes,
     render_experiment,
     render_run,
@@ -29,7 +28,7 @@ from xstilts.operator.cluster.render import (
     shm_size,
 )
 from xstilts.operator.experiment.plan import Plan, PlannedRun, plan
-from xstilts.operator.experiment.spec import ExperimentSpec, load_spec_text
+from xstilts.operator.experiment.spec import ExperimentSpec, clean_label_value, load_spec_text
 from xstilts.trainer.config import ExitCode, RunConfig, Stage
 from xstilts.trainer.rundir import RunDir
 
@@ -263,8 +262,8 @@ def test_job_names_are_valid_dns_labels_stable_and_keep_the_run_id(experiment: s
 
 @given(st.text(max_size=100))
 def test_label_values_are_always_valid(value: str) -> None:
-    assert LABEL_VALUE.match(label_value(value))
-    assert len(label_value(value)) <= 63
+    assert LABEL_VALUE.match(clean_label_value(value))
+    assert len(clean_label_value(value)) <= 63
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
