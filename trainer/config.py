@@ -22,11 +22,14 @@ RUN_ID_LENGTH = 12
 
 
 class ExitCode(IntEnum):
-    """Trainer exit codes. The Job's podFailurePolicy maps INVALID to FailJob (never retry);
-    INTERRUPTED (SIGTERM: preemption, node drain) is retried and resumes from a checkpoint."""
+    """The project's exit codes, the trainer's and the command line's. The Job's
+    podFailurePolicy maps INVALID to FailJob (never retry); INTERRUPTED (SIGTERM: preemption,
+    node drain) is retried and resumes from a checkpoint."""
 
     OK = 0
-    INVALID = 42
+    FAILED = 1  # CLI: a run failed, a cluster call failed, MLflow still unreachable; launcher: a worker failed
+    INVALID_INPUT = 2  # CLI: bad spec, bad option: nothing was done
+    INVALID = 42  # trainer: the run's config or data cannot succeed; never retried
     INTERRUPTED = 75  # EX_TEMPFAIL
 
 

@@ -45,7 +45,7 @@ def exit_code_of(worker_codes: Iterable[int]) -> int:
         return int(ExitCode.INVALID)
     if ExitCode.INTERRUPTED in codes:
         return int(ExitCode.INTERRUPTED)
-    return 1
+    return int(ExitCode.FAILED)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
-from xstilts.operator.cli.common import CliExit, console, fail, load_spec
+from xstilts.operator.cli.common import console, fail, load_spec
+from xstilts.trainer.config import ExitCode
 
 if TYPE_CHECKING:
     from xstilts.operator.cluster.runtime.kube_api import Kube
@@ -244,10 +245,10 @@ def status(
     from xstilts.operator.cluster.status import gather, print_status
 
     if output not in ("table", "json"):
-        fail(f"--output must be 'table' or 'json', not {output!r}", CliExit.INVALID)
+        fail(f"--output must be 'table' or 'json', not {output!r}", ExitCode.INVALID_INPUT)
     spec = load_spec(spec_path) if spec_path is not None else None
     if spec is not None and spec.name != name:
-        fail(f"{spec_path} is the spec of experiment {spec.name}, not {name}", CliExit.INVALID)
+        fail(f"{spec_path} is the spec of experiment {spec.name}, not {name}", ExitCode.INVALID_INPUT)
     with cluster_errors():
         kube = _connect(kubeconfig, context)
         ns = namespace or (spec.cluster.namespace if spec is not None else kube.namespace)
@@ -391,7 +392,7 @@ def controller(
     from xstilts.operator.cluster.controller import ControllerError, RunOptions, configure_logging, run_controller
 
     if namespace and all_namespaces:
-        fail("give either --namespace or --all-namespaces", CliExit.INVALID)
+        fail("give either --namespace or --all-namespaces", ExitCode.INVALID_INPUT)
     configure_logging(log_level)
     options = RunOptions(
         namespace=namespace, all_namespaces=all_namespaces, kubeconfig=kubeconfig, context=context,
@@ -404,7 +405,7 @@ def controller(
     except ControllerError as e:
         fail(str(e))
     except ValueError as e:  # lease timings that contradict each other
-        fail(str(e), CliExit.INVALID)
+        fail(str(e), ExitCode.INVALID_INPUT)
     raise typer.Exit(code)
 
 

@@ -1,9 +1,8 @@
-"""What every command group shares: the consoles, the CLI's exit codes, reading a spec file,
-and the options several groups declare."""
+"""What every command group shares: the consoles, reading a spec file, and the options several
+groups declare. Exit codes are the project's one set, `xstilts.trainer.config.ExitCode`."""
 
 from __future__ import annotations
 
-from enum import IntEnum
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -11,17 +10,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from xstilts.operator.experiment.spec import MAX_SPEC_BYTES, ExperimentSpec, SpecError, load_spec_text
+from xstilts.trainer.config import ExitCode
 
 console = Console()
 err = Console(stderr=True)
-
-
-class CliExit(IntEnum):
-    """The command line's exit codes (the trainer's own are `xstilts.trainer.config.ExitCode`)."""
-
-    OK = 0
-    FAILED = 1  # a run failed, a cluster call failed, MLflow still unreachable
-    INVALID = 2  # bad spec, bad option: nothing was done
 
 
 SpecPath = Annotated[Path, typer.Argument(help="Experiment spec: a bare spec or a kind: Experiment object (YAML).")]
@@ -31,7 +23,7 @@ TrackingUri = Annotated[str | None, typer.Option(
     "--tracking-uri", help="MLflow server (default: the spec's, else a SQLite store in the output directory).")]
 
 
-def fail(message: str, code: int = CliExit.FAILED) -> NoReturn:
+def fail(message: str, code: int = ExitCode.FAILED) -> NoReturn:
     """One red line on stderr, then exit with `code`. `message` is plain text, never markup."""
     err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
@@ -48,17 +40,17 @@ def load_spec(path: Path) -> ExperimentSpec:
             data = f.read(MAX_SPEC_BYTES + 1)
         if len(data) > MAX_SPEC_BYTES:
             fail(f"cannot read {path}: larger than {MAX_SPEC_BYTES:,} bytes, the limit for a spec"
-                 " (a spec is a few kilobytes)", CliExit.INVALID)
+                 " (a spec is a few kilobytes)", ExitCode.INVALID_INPUT)
         text = data.decode("utf-8")
     except OSError as e:
-        fail(f"cannot read {path}: {e.strerror or e}", CliExit.INVALID)
+        fail(f"cannot read {path}: {e.strerror or e}", ExitCode.INVALID_INPUT)
     except UnicodeDecodeError as e:
-        fail(f"cannot read {path}: not UTF-8 text (byte {e.start})", CliExit.INVALID)
+        fail(f"cannot read {path}: not UTF-8 text (byte {e.start})", ExitCode.INVALID_INPUT)
     try:
         return load_spec_text(text, str(path))
     except SpecError as e:
         print_spec_error(e)
-        raise typer.Exit(CliExit.INVALID) from None
+        raise typer.Exit(ExitCode.INVALID_INPUT) from None
 
 
 def print_spec_error(e: SpecError) -> None:

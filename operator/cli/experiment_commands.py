@@ -11,10 +11,11 @@ import typer
 import yaml
 from rich.markup import escape
 from rich.table import Table
-from xstilts.operator.cli.common import CliExit, SpecPath, console, fail, load_spec
+from xstilts.operator.cli.common import SpecPath, console, fail, load_spec
 from xstilts.operator.cluster.crd import crd as make_crd
 from xstilts.operator.experiment.plan import Plan, PlannedRun, plan
 from xstilts.operator.experiment.spec import ExperimentSpec
+from xstilts.trainer.config import ExitCode
 
 
 def validate(specs: Annotated[list[Path], typer.Argument(help="One or more spec files.")]) -> None:
@@ -28,7 +29,7 @@ def validate(specs: Annotated[list[Path], typer.Argument(help="One or more spec 
             continue
         console.print(f"[green]ok[/green] {escape(str(path))}: {escape(spec.name)}, {spec.run_count} runs")
     if failed:
-        raise typer.Exit(CliExit.INVALID)
+        raise typer.Exit(ExitCode.INVALID_INPUT)
 
 
 def _fmt_hours(hours: float | None) -> str:
@@ -65,7 +66,7 @@ def plan_command(
 ) -> None:
     """Show the runs a spec expands to, their dependencies and GPU-hour estimates."""
     if output not in ("table", "json"):
-        fail(f"--output must be 'table' or 'json', not {output!r}", CliExit.INVALID)
+        fail(f"--output must be 'table' or 'json', not {output!r}", ExitCode.INVALID_INPUT)
     spec = load_spec(spec_path)
     p = plan(spec)
     if output == "json":

@@ -15,9 +15,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from xstilts.operator.cli.common import CliExit, OutputDir, SpecPath, TrackingUri, console, err, load_spec
+from xstilts.operator.cli.common import OutputDir, SpecPath, TrackingUri, console, err, load_spec
 from xstilts.operator.experiment.plan import default_storage_root, plan
 from xstilts.operator.experiment.spec import ExperimentSpec
+from xstilts.trainer.config import ExitCode
 
 DEFAULT_UI_PORT = 5000
 
@@ -76,12 +77,12 @@ def run_command(spec: ExperimentSpec, spec_path: Path, parallel: int | None, out
                                  display_for(console))
     except LocalRunError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
-        return CliExit.INVALID
+        return ExitCode.INVALID_INPUT
     print_outcome(console, outcome, *follow_up_commands(spec_path, output_dir, tracking_uri))
     stopped_by: int | None = outcome.stopped_by
     if stopped_by is not None:
         return 128 + stopped_by  # 130 after Ctrl-C, as a shell reports it
-    return CliExit.OK if outcome.ok else CliExit.FAILED
+    return ExitCode.OK if outcome.ok else ExitCode.FAILED
 
 
 REPORT_FORMATS_HELP = "Comma-separated: md, html, png, json."
@@ -114,7 +115,7 @@ def report_command(spec: ExperimentSpec, output_dir: Path | None, formats_text: 
         formats = parse_formats(formats_text)
     except ValueError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
-        return CliExit.INVALID
+        return ExitCode.INVALID_INPUT
     quiet_mlflow()
     root = storage_root_of(spec, output_dir)
     p = plan(spec, str(root))
@@ -136,7 +137,7 @@ def report_command(spec: ExperimentSpec, output_dir: Path | None, formats_text: 
         except ImportError as e:  # matplotlib comes with the [train] extra
             err.print(f"[red]error:[/red] the plots need matplotlib ({e}): pip install 'xstilts\\[train]',"
                       " or ask for --format md,json", soft_wrap=True)
-            return CliExit.INVALID
+            return ExitCode.INVALID_INPUT
     paths = write_report(report, figures, root / REPORT_DIR, formats)
 
     def warn(text: str) -> None:
@@ -158,7 +159,7 @@ def report_command(spec: ExperimentSpec, output_dir: Path | None, formats_text: 
                       f" {escape(report.missing[0])}", soft_wrap=True)
     console.print(f"report: {', '.join(escape(str(p)) for p in paths)}"
                   + (f"; logged to MLflow run {parent}" if parent and paths else ""), soft_wrap=True)
-    return CliExit.OK
+    return ExitCode.OK
 
 
 def ui_command(spec: ExperimentSpec | None, output_dir: Path | None, host: str, port: int,
@@ -170,10 +171,10 @@ def ui_command(spec: ExperimentSpec | None, output_dir: Path | None, host: str, 
         root = output_dir
     elif spec is None:
         err.print("[red]error:[/red] give a SPEC or --output-dir DIR (the experiment's output directory)")
-        return CliExit.INVALID
+        return ExitCode.INVALID_INPUT
     elif spec.mlflow.tracking_uri:
         console.print(f"{spec.name} tracks to {escape(spec.mlflow.tracking_uri)}: open that server's UI")
-        return CliExit.OK
+        return ExitCode.OK
     else:
         root = storage_root_of(spec, None)
     uri = local_tracking_uri(root)
@@ -181,7 +182,7 @@ def ui_command(spec: ExperimentSpec | None, output_dir: Path | None, host: str, 
     if db is None or artifacts is None or not db.exists():
         err.print(f"[red]error:[/red] no MLflow store at {escape(str(db))}: run `xstilts run` first,"
                   " or pass the experiment's --output-dir", soft_wrap=True)
-        return CliExit.INVALID
+        return ExitCode.INVALID_INPUT
     argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--default-artifact-root", artifacts,
             "--host", host, "--port", str(port), "--workers", "1"]
     console.print(f"MLflow UI for {escape(str(root))}: [bold]http://{host}:{port}[/bold] (Ctrl-C to stop)")
@@ -247,7 +248,7 @@ def sync(
 
     if not target.exists():
         err.print(f"[red]error:[/red] {target} is neither a storage root nor a spec file", soft_wrap=True)
-        raise typer.Exit(CliExit.INVALID)
+        raise typer.Exit(ExitCode.INVALID_INPUT)
     root = target if target.is_dir() else Path(default_storage_root(load_spec(target)))
     report = sync_storage(root, tracking_uri)
     for line in report.lines():
