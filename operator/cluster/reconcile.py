@@ -54,8 +54,9 @@ from xstilts.operator.cluster.render import (
     render_run,
 )
 from xstilts.operator.experiment.plan import Plan
-from xstilts.operator.experiment.spec import BASELINE, ExperimentSpec
-from xstilts.operator.report.stats import gain_interval
+from xstilts.operator.experiment.spec import ExperimentSpec
+from xstilts.operator.report.build import AVG, POINTS, Cell, arm_gains
+from xstilts.operator.report.stats import Interval, gain_interval
 from xstilts.trainer.config import RunResult, Stage
 
 JobPhase = Literal["pending", "running", "succeeded", "failed"]
@@ -89,7 +90,6 @@ PHASE_PARTIALLY_FAILED = "PartiallyFailed"
 
 # How many failed runs the Degraded condition names before "and N more".
 FAILURES_NAMED = 5
-POINTS = 100.0  # scores are fractions; gains are in points
 
 
 # --- what is observed --------------------------------------------------------------------
@@ -170,7 +170,7 @@ def _job_gpus(job_spec: Mapping[str, Any]) -> int:
 @dataclass(frozen=True, slots=True)
 class ResultSummary:
     """What reconcile needs of a run's result.json. `scores` holds the primary metric per
-    evaluation language and its mean under "avg" (target runs; empty for intermediate ones)."""
+    evaluation language and its mean under AVG (target runs; empty for intermediate ones)."""
 
     run_id: str
     scores: dict[str, float] = field(default_factory=dict)
@@ -182,11 +182,11 @@ class ResultSummary:
         primary = result.primary_metric
         scores = {lang: values[primary] for lang, values in sorted(result.languages.items()) if primary in values}
         if scores:
-            scores["avg"] = fmean(scores.values())
+            scores[AVG] = fmean(scores.values())
         else:
-            average = next((v for k, v in result.metrics.items() if k.endswith(f".test.{primary}.avg")), None)
+            average = next((v for k, v in result.metrics.items() if k.endswith(f".test.{primary}.{AVG}")), None)
             if average is not None:
-                scores["avg"] = average
+                scores[AVG] = average
         res = result.config.resources
         return cls(run_id=result.run_id, scores=scores, wall_seconds=result.wall_seconds,
                    gpu_seconds=result.wall_seconds * res.gpus_per_node * res.nodes)
@@ -262,8 +262,8 @@ class Gain:
 
 def gains(plan: Plan, results: Mapping[str, ResultSummary]) -> list[Gain]:
     """Every (model, intermediate, target) whose arm and baseline both have target results,
-    in plan order. The same computation as the report's language-average cells."""
-    scores: dict[tuple[str, str, str], dict[int, float]] = defaultdict(dict)
+    in plan order: the report's arm_gains over each run's language average."""
+    scores: dict[Cell, dict[int, float]] = defaultdict(dict)
     for run in plan.runs:
         labels = run.labels
         if run.config.stage is not Stage.TARGET or labels.target is None:
@@ -271,24 +271,19 @@ def gains(plan: Plan, results: Mapping[str, ResultSummary]) -> list[Gain]:
         avg = _average(results.get(run.run_id))
         if avg is not None:
             scores[(labels.model, labels.intermediate, labels.target)][run.config.seed] = POINTS * avg
-    found = []
-    for (model, arm, target), treated in scores.items():
-        if arm == BASELINE:
-            continue
-        baseline = scores.get((model, BASELINE, target), {})
-        gain = _seed_gain(tuple(sorted(treated.items())), tuple(sorted(baseline.items())))
-        if gain is not None:
-            found.append(Gain(model, arm, target, *gain))
-    return found
+    return [Gain(model, arm, target, gain.mean, gain.n)
+            for (model, arm, target), gain in arm_gains(scores, _cached_gain).items()]
+
+
+def _cached_gain(treated: Mapping[int, float], baseline: Mapping[int, float]) -> Interval | None:
+    return _seed_gain(tuple(sorted(treated.items())), tuple(sorted(baseline.items())))
 
 
 @lru_cache(maxsize=1 << 16)
-def _seed_gain(treated: tuple[tuple[int, float], ...],
-               baseline: tuple[tuple[int, float], ...]) -> tuple[float, int] | None:
-    """Mean gain and seed count of one cell. gain_interval also computes a t interval (a few
-    milliseconds each); the cache makes a resync whose results did not change cost nothing."""
-    interval = gain_interval(dict(treated), dict(baseline))
-    return None if interval is None else (interval.mean, interval.n)
+def _seed_gain(treated: tuple[tuple[int, float], ...], baseline: tuple[tuple[int, float], ...]) -> Interval | None:
+    """gain_interval also computes a t interval (a few milliseconds each); the cache makes a
+    resync whose results did not change cost nothing."""
+    return gain_interval(dict(treated), dict(baseline))
 
 
 def best_gain(plan: Plan, results: Mapping[str, ResultSummary]) -> Gain | None:
@@ -301,7 +296,7 @@ def best_gain(plan: Plan, results: Mapping[str, ResultSummary]) -> Gain | None:
 
 
 def _average(summary: ResultSummary | None) -> float | None:
-    return None if summary is None else summary.scores.get("avg")
+    return None if summary is None else summary.scores.get(AVG)
 
 
 # --- reconcile ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import base64
 import html
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -150,9 +150,31 @@ def target_scores(results: Iterable[RunResult], grid: Grid) -> dict[RunKey, Scor
     return out
 
 
-def _by_seed(scores: Mapping[RunKey, Scores], model: str, arm: str, target: str, language: str) -> dict[int, float]:
-    return {k[3]: s[language] for k, s in scores.items()
-            if k[:3] == (model, arm, target) and language in s}
+Cell = tuple[str, str, str]  # model, arm (or baseline), target
+GainFunction = Callable[[Mapping[int, float], Mapping[int, float]], Interval | None]
+
+
+def seed_scores(scores: Mapping[RunKey, Scores], language: str) -> dict[Cell, dict[int, float]]:
+    """Per (model, arm, target), each seed's score in `language` (a language code or AVG)."""
+    cells: dict[Cell, dict[int, float]] = {}
+    for (model, arm, target, seed), s in scores.items():
+        if language in s:
+            cells.setdefault((model, arm, target), {})[seed] = s[language]
+    return cells
+
+
+def arm_gains(cells: Mapping[Cell, Mapping[int, float]], gain: GainFunction = gain_interval) -> dict[Cell, Interval]:
+    """Each arm's gain over the baseline of its model and target, in the order of `cells`. The
+    report's cells and the controller's bestGain both come from here; `gain` is
+    stats.gain_interval or a cached form of it."""
+    out: dict[Cell, Interval] = {}
+    for (model, arm, target), treated in cells.items():
+        if arm == BASELINE:
+            continue
+        interval = gain(treated, cells.get((model, BASELINE, target), {}))
+        if interval is not None:
+            out[(model, arm, target)] = interval
+    return out
 
 
 def _over_targets(scores: Mapping[RunKey, Scores], grid: Grid, model: str, arm: str) -> dict[int, float]:
@@ -172,16 +194,18 @@ def build_report(results: Iterable[RunResult], grid: Grid) -> Report:
     arms_with_baseline = (BASELINE, *grid.arms)
     absolute: dict[tuple[str, str, str, str], Interval] = {}
     cells: list[GainCell] = []
+    languages = {AVG}.union(*grid.languages.values())
+    by_language = {language: seed_scores(scores, language) for language in languages}
+    gains = {language: arm_gains(seeds) for language, seeds in by_language.items()}
     for m in grid.models:
         for target in grid.targets:
             for language in (*grid.languages[target], AVG):
                 for arm in arms_with_baseline:
-                    values = _by_seed(scores, m.name, arm, target, language)
+                    values = by_language[language].get((m.name, arm, target))
                     if values:
                         absolute[(m.name, arm, target, language)] = mean_interval(list(values.values()))
-                base = _by_seed(scores, m.name, BASELINE, target, language)
                 for arm in grid.arms:
-                    gain = gain_interval(_by_seed(scores, m.name, arm, target, language), base)
+                    gain = gains[language].get((m.name, arm, target))
                     if gain is not None:
                         cells.append(GainCell(m.name, arm, target, language, gain))
     averages: dict[tuple[str, str], Interval] = {}
