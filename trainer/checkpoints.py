@@ -26,6 +26,8 @@ import re
 import shutil
 from pathlib import Path
 
+from xstilts.trainer.rundir import fsync_path
+
 log = logging.getLogger("xstilts.trainer")
 
 TRAINER_STATE = "trainer_state.json"
@@ -70,20 +72,12 @@ def publish(staged: Path, final: Path) -> None:
     rename that survived a crash must not point at data that did not)."""
     for directory, _, files in os.walk(staged):
         for name in [*files, "."]:
-            _fsync(Path(directory) / name)
+            fsync_path(Path(directory) / name)
     if final.exists():  # the same step saved again: the older copy is complete too, and goes
         shutil.rmtree(final)
     os.rename(staged, final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
     staged.parent.rmdir()  # the now empty .partial-checkpoint-N
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- the loss window ---------------------------------------------------------------------------

@@ -22,20 +22,19 @@ others wait and then read its entry.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from xstilts.trainer.data import TRAIN, RawSplit, SplitRef, normalize_rows
+from xstilts.trainer.rundir import file_lock
 from xstilts.trainer.scoring import IGNORE
 from xstilts.trainer.tasks import TASKS, Example, Format, Task
 
@@ -273,24 +272,13 @@ def load_encoded(raw: RawSplit, tokenizer: Any, tokenizer_id: str, max_length: i
     entry = cache_dir / cache_key(tokenizer_id, raw, max_length, labels)
     if not (entry / "meta.json").is_file():
         # One process tokenizes while the others (the other ranks, a concurrent run) wait for it.
-        with _file_lock(cache_dir / f"{entry.name}.lock"):
+        with file_lock(cache_dir / f"{entry.name}.lock"):
             if not (entry / "meta.json").is_file():
                 _write_entry(entry, task, raw, tokenizer, max_length, labels, learns_tags)
     meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
     features = datasets.load_from_disk(str(entry / "features"))
     examples = datasets.load_from_disk(str(entry / "examples")) if (entry / "examples").is_dir() else None
     return Encoded(raw.ref, features, tuple(meta["labels"]), examples)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _write_entry(entry: Path, task: Task, raw: RawSplit, tokenizer: Any, max_length: int,

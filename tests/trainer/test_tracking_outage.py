@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from test_tracking import XNLI_LANGUAGES, history, target_run
-from xstilts.trainer.rundir import RunDir
-from xstilts.trainer.tracking.buffer import Buffer, file_lock
+from xstilts.trainer.rundir import RunDir, file_lock
+from xstilts.trainer.tracking.buffer import Buffer
 from xstilts.trainer.tracking.tracker import RunTracker, config_params, sync_run_dir, sync_storage
 
 mlflow = pytest.importorskip("mlflow")

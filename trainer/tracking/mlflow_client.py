@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from xstilts.trainer.rundir import file_lock
 from xstilts.trainer.tracking.buffer import (
     EXPERIMENT_TAG,
     MLFLOW_PARENT_TAG,
     PARENT_TAG,
     RUN_ID_TAG,
     RunIdentity,
-    file_lock,
     scrub,
 )
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from xstilts.trainer.rundir import RunDir, run_dirs_holding
-from xstilts.trainer.tracking.buffer import Buffer, RunIdentity, file_lock
+from xstilts.trainer.rundir import RunDir, file_lock, run_dirs_holding
+from xstilts.trainer.tracking.buffer import Buffer, RunIdentity
 from xstilts.trainer.tracking.mlflow_client import (
     Counts,
     RunWriter,
