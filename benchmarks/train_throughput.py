@@ -101,7 +101,7 @@ def xstilts_batches(config: Any, cache: Path) -> tuple[int, int]:
     """Real and padded tokens of the micro-batches the run trained on: its sampler, same seed,
     same data, same micro batch."""
     from transformers import AutoTokenizer
-    from xstilts.trainer.batch_plan import plan_schedule
+    from xstilts.trainer.batch_plan import plan_steps
     from xstilts.trainer.batching import MultiTaskBatchSampler
     from xstilts.trainer.data import SplitRef, open_split
     from xstilts.trainer.features import load_encoded, tokenizer_fingerprint
@@ -111,7 +111,7 @@ def xstilts_batches(config: Any, cache: Path) -> tuple[int, int]:
     train = load_encoded(open_split(config, SplitRef("mnli", "train")), tokenizer, tokenizer_fingerprint(tokenizer),
                          MAX_LENGTH, cache)
     lengths = train.features["length"]
-    schedule = plan_schedule(config, 1, [len(lengths)], MAX_LENGTH, **micro_batch_inputs(config))
+    schedule = plan_steps(config, 1, [len(lengths)], MAX_LENGTH, **micro_batch_inputs(config))
     sampler = MultiTaskBatchSampler([lengths], config.hyperparameters.batch_size, schedule.micro_batch_size,
                                     schedule.steps_per_epoch, seed=config.seed)
     batches = list(sampler)[: schedule.total_steps * schedule.accumulation]

@@ -52,7 +52,10 @@ def default_micro_batch(per_rank: int, row_tokens: int) -> int:
 
 
 @dataclass(frozen=True)
-class Schedule:
+class StepPlan:
+    """How one run steps: its batch layout over processes, its length, and how often it
+    evaluates and logs."""
+
     world_size: int
     micro_batch_size: int
     accumulation: int
@@ -62,9 +65,9 @@ class Schedule:
     logging_steps: int
 
 
-def plan_schedule(config: RunConfig, world_size: int, train_sizes: Sequence[int], row_tokens: int,
-                  gpu_memory_gb: float | None = None, parameters: int | None = None,
-                  precision: str | None = None) -> Schedule:
+def plan_steps(config: RunConfig, world_size: int, train_sizes: Sequence[int], row_tokens: int,
+               gpu_memory_gb: float | None = None, parameters: int | None = None,
+               precision: str | None = None) -> StepPlan:
     """Steps from epochs (or max_steps), the micro batch and accumulation from the global
     batch, and how often to evaluate: once per epoch, between 1 and MAX_EVALUATIONS times.
 
@@ -83,7 +86,7 @@ def plan_schedule(config: RunConfig, world_size: int, train_sizes: Sequence[int]
     steps_per_epoch = max(1, math.ceil(sum(train_sizes) / hp.batch_size))
     total = hp.max_steps or max(1, math.ceil(hp.epochs * steps_per_epoch))
     evaluations = min(MAX_EVALUATIONS, max(1, math.ceil(total / steps_per_epoch)))
-    return Schedule(
+    return StepPlan(
         world_size=world_size, micro_batch_size=micro, accumulation=per_rank // micro,
         steps_per_epoch=steps_per_epoch, total_steps=total,
         eval_steps=max(1, math.ceil(total / evaluations)),

@@ -248,7 +248,7 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
                         tracker: Any, started: float, batching: Batching) -> RunResult:
     import torch
     from transformers import AutoTokenizer, set_seed
-    from xstilts.trainer.batch_plan import deepspeed_config, mixed_precision, plan_schedule
+    from xstilts.trainer.batch_plan import deepspeed_config, mixed_precision, plan_steps
     from xstilts.trainer.batching import Collator, MultiTaskBatchSampler, TrainSet
     from xstilts.trainer.evaluate import dev_metrics, selection_metric, test_metrics
     from xstilts.trainer.hf_seams import check_hf_seams
@@ -264,7 +264,7 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     data = load_run_data(config, tokenizer, cache_dir)
     train_parts = [cap_rows(e, hp.max_train_examples, f"{e.ref.name}:{hp.max_train_examples}") for e in data.train]
-    schedule = plan_schedule(config, dist.world_size, [len(p) for p in train_parts],
+    schedule = plan_steps(config, dist.world_size, [len(p) for p in train_parts],
                              row_tokens(data.train, hp.max_seq_length), **micro_batch_inputs(config, dist))
     cuda = torch.cuda.is_available()
     precision = mixed_precision(config, cuda, cuda and torch.cuda.is_bf16_supported())

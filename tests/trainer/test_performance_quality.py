@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 from fixtures.tiny_hub import TinyHub, tiny_run_config
-from xstilts.trainer.batch_plan import default_micro_batch, plan_schedule
+from xstilts.trainer.batch_plan import default_micro_batch, plan_steps
 from xstilts.trainer.config import (
     DeepSpeedSettings,
     HyperParameters,
@@ -122,13 +122,13 @@ def test_every_xlmr_size_gets_a_micro_batch_on_the_gpus_zero_auto_picks() -> Non
 
 def test_the_schedule_uses_the_gpu_micro_batch_only_with_gpu_facts(tiny_hub: TinyHub, tmp_path: Path) -> None:
     config = tiny_run_config(tiny_hub, tmp_path, ("mnli",), hyperparameters={"batch_size": 64})
-    cpu = plan_schedule(config, 1, [1000], 4 * 512)
+    cpu = plan_steps(config, 1, [1000], 4 * 512)
     assert cpu.micro_batch_size == default_micro_batch(64, 4 * 512)  # the token budget: 4 rows
-    gpu = plan_schedule(config, 1, [1000], 4 * 512, gpu_memory_gb=80, parameters=XLMR["large"])
+    gpu = plan_steps(config, 1, [1000], 4 * 512, gpu_memory_gb=80, parameters=XLMR["large"])
     assert gpu.micro_batch_size == choose_micro_batch(XLMR["large"], 4 * 512, 80, 64)
     assert gpu.micro_batch_size * gpu.accumulation == 64
     fixed = RunConfig.model_validate(config.model_dump() | {"resources": {"micro_batch_size": 2}})
-    assert plan_schedule(fixed, 1, [1000], 512, gpu_memory_gb=80, parameters=XLMR["large"]).micro_batch_size == 2
+    assert plan_steps(fixed, 1, [1000], 512, gpu_memory_gb=80, parameters=XLMR["large"]).micro_batch_size == 2
 
 
 def test_hyperparameters_are_untouched_by_the_micro_batch() -> None:
@@ -235,6 +235,6 @@ def test_an_fp32_run_gets_a_micro_batch_for_fp32_activations(tiny_hub: TinyHub, 
     """"auto" resolves to fp32 on a GPU without bf16: the resolved precision sizes the rows."""
     config = tiny_run_config(tiny_hub, tmp_path, ("mnli",), hyperparameters={"batch_size": 64})
     gpu = {"gpu_memory_gb": 24, "parameters": XLMR["large"]}
-    fp32 = plan_schedule(config, 1, [1000], 512, **gpu, precision="fp32").micro_batch_size
+    fp32 = plan_steps(config, 1, [1000], 512, **gpu, precision="fp32").micro_batch_size
     assert fp32 == choose_micro_batch(XLMR["large"], 512, 24, 64, bytes_per_value=4)
-    assert fp32 < plan_schedule(config, 1, [1000], 512, **gpu, precision="bf16").micro_batch_size
+    assert fp32 < plan_steps(config, 1, [1000], 512, **gpu, precision="bf16").micro_batch_size

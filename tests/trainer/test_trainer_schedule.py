@@ -10,7 +10,7 @@ from xstilts.trainer.batch_plan import (
     deepspeed_config,
     default_micro_batch,
     mixed_precision,
-    plan_schedule,
+    plan_steps,
 )
 from xstilts.trainer.config import DeepSpeedSettings, HyperParameters, Resources, RunConfig
 
@@ -22,7 +22,7 @@ def config(**overrides: object) -> RunConfig:
 
 def test_global_batch_splits_into_micro_batches_ranks_and_accumulation() -> None:
     c = config(hyperparameters=HyperParameters(batch_size=32, epochs=3), resources=Resources(micro_batch_size=4))
-    s = plan_schedule(c, world_size=2, train_sizes=[1000], row_tokens=128)
+    s = plan_steps(c, world_size=2, train_sizes=[1000], row_tokens=128)
     assert (s.micro_batch_size, s.accumulation) == (4, 4)  # 4 rows × 2 ranks × 4 steps = 32
     assert s.steps_per_epoch == 32 and s.total_steps == 96  # ceil(1000 / 32) per epoch
     assert s.eval_steps == 32  # once per epoch
@@ -37,9 +37,9 @@ def test_default_micro_batch_fits_a_token_budget_and_divides_the_batch() -> None
 
 def test_max_steps_overrides_epochs_and_evaluations_are_capped() -> None:
     c = config(hyperparameters=HyperParameters(batch_size=8, max_steps=1000))
-    s = plan_schedule(c, 1, [80], 64)
+    s = plan_steps(c, 1, [80], 64)
     assert s.total_steps == 1000 and s.eval_steps == 100  # at most 10 evaluations
-    short = plan_schedule(config(hyperparameters=HyperParameters(batch_size=8, epochs=0.5)), 1, [80], 64)
+    short = plan_steps(config(hyperparameters=HyperParameters(batch_size=8, epochs=0.5)), 1, [80], 64)
     assert short.total_steps == 5 and short.eval_steps == 5
 
 
