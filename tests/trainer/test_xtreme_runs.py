@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from fixtures.tiny_hub import LEXICONS, TinyHub, squad, tiny_run_config, write_jsonl
 from xstilts.trainer.batch_plan import InvalidRun
+from xstilts.trainer.rundir import RunDir
 from xstilts.trainer.tasks import PANX_TAGS
 from xstilts.trainer.train import run
 
@@ -109,7 +110,7 @@ def test_retrieval_targets_find_exact_translations_without_training(
                             task_data={"tatoeba": str(tatoeba)}))
     assert t.languages == {"de": {"accuracy": 1.0}, "ja": {"accuracy": 1.0}}
     assert t.train_steps == 0 and t.primary_metric == "accuracy" and t.metrics["tatoeba.test.accuracy.avg"] == 1.0
-    assert not Path(t.config.checkpoint_dir).exists()  # nothing trained, nothing saved
+    assert not RunDir.of(t.config).model.exists()  # nothing trained, nothing saved
     b = run(target_config(tiny_hub, runs, "bucc2018", eval_languages=("de", "zh"),
                             task_data={"bucc2018": str(bucc)}, hyperparameters={"retrieval_layer": 2}))
     assert {lang: v["f1"] for lang, v in b.languages.items()} == {"de": 1.0, "zh": 1.0}
