@@ -102,7 +102,14 @@ def parse_formats(text: str) -> list[str]:
 def report_command(spec: ExperimentSpec, output_dir: Path | None, formats_text: str, from_mlflow: bool,
                    tracking_uri: str | None, console: Console, err: Console) -> int:
     from xstilts.operator.local.executor import parent_run, tracking_uri_for
-    from xstilts.operator.report.build import build_report, grid_of, tables
+    from xstilts.operator.report.build import (
+        build_report,
+        excludes_zero_text,
+        fmt_interval,
+        fmt_parameters,
+        grid_of,
+        verdict_lines,
+    )
     from xstilts.operator.report.storage import (
         REPORT_DIR,
         load_mlflow_results,
@@ -151,9 +158,13 @@ def report_command(spec: ExperimentSpec, output_dir: Path | None, formats_text: 
             from xstilts.trainer.tracking.mlflow_client import first_line
 
             warn(f"could not log the report to MLflow run {parent}: {type(e).__name__}: {first_line(e, uri)}")
-    best = tables(report)[0]
-    for row in best.rows:
-        console.print(f"  {escape(row[0])} ({row[1]}): best {escape(row[2])}, {escape(row[3])} points")
+    for line in verdict_lines(report):
+        console.print(f"  {escape(line)}", soft_wrap=True)
+    labels = {m.name: m.label for m in report.grid.models}
+    for b in report.best:
+        console.print(f"  {escape(labels[b.model])} ({fmt_parameters(report.parameters.get(b.model))}): best"
+                      f" {escape(b.arm)}, zero-shot {fmt_interval(b.gain)} points,"
+                      f" {excludes_zero_text(b.gain.excludes_zero)}", soft_wrap=True)
     if report.missing:
         console.print(f"[yellow]{len(report.missing)} gaps[/yellow] (see Missing in the report), e.g."
                       f" {escape(report.missing[0])}", soft_wrap=True)

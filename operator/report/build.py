@@ -1,17 +1,21 @@
 """The scaling report, pure over result records: for every model × intermediate task ×
 target × language the gain over the baseline (mean and 95% t interval over seeds), per-model
-averages, the best intermediate task per model size, and what is still missing; rendered as
-Markdown and as a self-contained HTML page. Plots are in report_plots.py (matplotlib), files
-and MLflow in results.py.
+averages, the best intermediate task per model size, the trend of the gain with model size
+(the slope against log10 parameters, with its interval: the answer the study asks for), and
+what is still missing; rendered as Markdown and as a self-contained HTML page. Plots are in
+plots.py (matplotlib), files and MLflow in storage.py.
 
-Gains are in points of the target's metric (accuracy × 100). A language-average ("avg") is the
-mean over every evaluated language of the target, English included, as XTREME averages.
+Gains are in points of the target's metric (accuracy × 100). Two language averages: "avg" is
+the mean over every evaluated language of the target, English included, as XTREME averages;
+"zero-shot" leaves English out. English gains are large and in-distribution, so the
+zero-shot average is the headline: the per-model averages, the best arm and the trend use it.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -19,11 +23,24 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from xstilts.operator.experiment.spec import BASELINE, ExperimentSpec
-from xstilts.operator.report.stats import Interval, Method, gain_interval, mean_interval
+from xstilts.operator.report.stats import (
+    BOOTSTRAP_REPLICATES,
+    Interval,
+    Method,
+    SeedSample,
+    Trend,
+    gain_interval,
+    mean_interval,
+    seed_sample,
+    trend_of,
+)
 from xstilts.trainer.config import RunResult, Stage
 from xstilts.trainer.tasks import TASKS
 
-AVG = "avg"
+AVG = "avg"  # every evaluated language, English included
+ZERO_SHOT = "zero-shot"  # every evaluated language but English: the headline
+ENGLISH = "en"
+ALL_TARGETS = "all targets"  # the trend of the gain averaged over targets
 POINTS = 100.0  # metrics are fractions; the report speaks in points
 
 
@@ -79,7 +96,7 @@ class GainCell:
 class BestArm:
     model: str
     arm: str
-    gain: Interval  # averaged over targets and languages
+    gain: Interval  # zero-shot gain averaged over targets
 
 
 @dataclass(frozen=True)
@@ -88,11 +105,15 @@ class Report:
     parameters: Mapping[str, int | None]  # model -> parameter count (measured when known)
     scores: Mapping[tuple[str, str, str, str], Interval]  # (model, arm, target, language) -> points
     cells: tuple[GainCell, ...]
-    model_averages: Mapping[tuple[str, str], Interval]  # (model, arm) -> gain over targets
+    model_averages: Mapping[tuple[str, str], Interval]  # (model, arm) -> zero-shot gain over targets
     best: tuple[BestArm, ...]
     missing: tuple[str, ...]  # one line per gap, for humans
     results_used: int
     methods: frozenset[Method] = field(default_factory=frozenset)
+    # (model, arm) -> gain over targets averaged over every language, English included
+    model_averages_all: Mapping[tuple[str, str], Interval] = field(default_factory=dict)
+    # (arm, target or ALL_TARGETS) -> slope of the zero-shot gain against log10(parameters)
+    trends: Mapping[tuple[str, str], Trend] = field(default_factory=dict)
 
     @property
     def models_by_size(self) -> list[ModelInfo]:
@@ -145,7 +166,10 @@ def target_scores(results: Iterable[RunResult], grid: Grid) -> dict[RunKey, Scor
             if value is not None:
                 scores[lang] = value * POINTS
         if scores and len(scores) == len(grid.languages[target]):
+            foreign = [v for lang, v in scores.items() if lang != ENGLISH]
             scores[AVG] = statistics.fmean(scores.values())
+            if foreign:
+                scores[ZERO_SHOT] = statistics.fmean(foreign)
         out[key] = scores
     return out
 
@@ -177,12 +201,24 @@ def arm_gains(cells: Mapping[Cell, Mapping[int, float]], gain: GainFunction = ga
     return out
 
 
-def _over_targets(scores: Mapping[RunKey, Scores], grid: Grid, model: str, arm: str) -> dict[int, float]:
-    """Per seed, the language-average score averaged over every target; only seeds that have
-    all targets, so that each seed's number means the same thing."""
+def headline(grid: Grid, target: str) -> str:
+    """The language average a target's gain is judged by: zero-shot, unless the target is
+    evaluated in English only."""
+    return ZERO_SHOT if any(lang != ENGLISH for lang in grid.languages[target]) else AVG
+
+
+def _seeds_seen(scores: Mapping[RunKey, Scores]) -> list[int]:
+    return sorted({k[3] for k in scores})
+
+
+def _over_targets(scores: Mapping[RunKey, Scores], grid: Grid, model: str, arm: str,
+                  zero_shot: bool = True) -> dict[int, float]:
+    """Per seed, the language-average score (zero-shot, or every language) averaged over every
+    target; only seeds that have all targets, so that each seed's number means the same thing."""
     out = {}
-    for seed in grid.seeds:
-        values = [scores.get((model, arm, t, seed), {}).get(AVG) for t in grid.targets]
+    for seed in _seeds_seen(scores):
+        values = [scores.get((model, arm, t, seed), {}).get(headline(grid, t) if zero_shot else AVG)
+                  for t in grid.targets]
         if all(v is not None for v in values):
             out[seed] = statistics.fmean(v for v in values if v is not None)
     return out
@@ -199,7 +235,7 @@ def build_report(results: Iterable[RunResult], grid: Grid) -> Report:
     gains = {language: arm_gains(seeds) for language, seeds in by_language.items()}
     for m in grid.models:
         for target in grid.targets:
-            for language in (*grid.languages[target], AVG):
+            for language in (*grid.languages[target], ZERO_SHOT, AVG):
                 for arm in arms_with_baseline:
                     values = by_language[language].get((m.name, arm, target))
                     if values:
@@ -209,20 +245,51 @@ def build_report(results: Iterable[RunResult], grid: Grid) -> Report:
                     if gain is not None:
                         cells.append(GainCell(m.name, arm, target, language, gain))
     averages: dict[tuple[str, str], Interval] = {}
+    averages_all: dict[tuple[str, str], Interval] = {}
     best: list[BestArm] = []
     for m in grid.models:
         base = _over_targets(scores, grid, m.name, BASELINE)
+        base_all = _over_targets(scores, grid, m.name, BASELINE, zero_shot=False)
         for arm in grid.arms:
             gain = gain_interval(_over_targets(scores, grid, m.name, arm), base)
             if gain is not None:
                 averages[(m.name, arm)] = gain
+            gain = gain_interval(_over_targets(scores, grid, m.name, arm, zero_shot=False), base_all)
+            if gain is not None:
+                averages_all[(m.name, arm)] = gain
         candidates = [(averages[(m.name, a)].mean, -i, a) for i, a in enumerate(grid.arms) if (m.name, a) in averages]
         if candidates:
             _, _, arm = max(candidates)
             best.append(BestArm(m.name, arm, averages[(m.name, arm)]))
     methods = frozenset(c.gain.method for c in cells) | frozenset(g.method for g in averages.values())
-    return Report(grid, measured_parameters(results, grid), absolute, tuple(cells), averages, tuple(best),
-                  tuple(missing_lines(scores, grid)), len(results), methods)
+    parameters = measured_parameters(results, grid)
+    return Report(grid, parameters, absolute, tuple(cells), averages, tuple(best),
+                  tuple(missing_lines(scores, grid)), len(results), methods, averages_all,
+                  trends(scores, grid, parameters))
+
+
+def trends(scores: Mapping[RunKey, Scores], grid: Grid,
+           parameters: Mapping[str, int | None]) -> dict[tuple[str, str], Trend]:
+    """Per arm, the slope of the zero-shot gain against log10(parameters): per target, and of
+    the gain averaged over targets (ALL_TARGETS). Models of unknown size take no part."""
+    out: dict[tuple[str, str], Trend] = {}
+    sized = [(m.name, math.log10(n)) for m in grid.models if (n := parameters.get(m.name))]
+    for arm in grid.arms:
+        for target in (*grid.targets, ALL_TARGETS):
+            samples: list[SeedSample] = []
+            for model, x in sized:
+                if target == ALL_TARGETS:
+                    treated = _over_targets(scores, grid, model, arm)
+                    base = _over_targets(scores, grid, model, BASELINE)
+                else:
+                    language = headline(grid, target)
+                    treated = _by_seed(scores, model, arm, target, language)
+                    base = _by_seed(scores, model, BASELINE, target, language)
+                if (sample := seed_sample(x, treated, base)) is not None:
+                    samples.append(sample)
+            if (trend := trend_of(samples)) is not None:
+                out[(arm, target)] = trend
+    return out
 
 
 def measured_parameters(results: Iterable[RunResult], grid: Grid) -> dict[str, int | None]:
@@ -299,6 +366,39 @@ class TableData:
     note: str = ""
 
 
+def excludes_zero_text(excludes: bool) -> str:
+    return "excludes 0" if excludes else "includes 0"
+
+
+def fmt_slope(trend: Trend) -> str:
+    return f"{trend.slope:+.2f} [{trend.low:+.2f}, {trend.high:+.2f}]"
+
+
+def verdict_lines(report: Report) -> list[str]:
+    """One line per arm: how its zero-shot gain (averaged over targets) changes with size."""
+    lines = []
+    for arm in report.grid.arms:
+        trend = report.trends.get((arm, ALL_TARGETS))
+        if trend is None:
+            lines.append(f"{arm}: no trend yet (it needs gains for at least two model sizes).")
+            continue
+        lines.append(f"{arm}: {trend.verdict.value}: {trend.slope:+.2f} points of zero-shot gain per tenfold"
+                     f" parameters, 95% interval [{trend.low:+.2f}, {trend.high:+.2f}],"
+                     f" {excludes_zero_text(trend.excludes_zero)} ({trend.models} models).")
+    return lines
+
+
+def trend_method_text() -> str:
+    return ("The trend is the least-squares slope of the zero-shot gain against log10(parameters) over"
+            " models, in points per tenfold increase in parameters. Its 95% interval comes from a"
+            f" hierarchical bootstrap ({BOOTSTRAP_REPLICATES} replicates, fixed random seed): the models stay"
+            " (their sizes are chosen, not sampled); within each model its seeds are resampled (the"
+            " seed-paired gains, widened by √(n/(n−1))), the model's mean gain recomputed and the line"
+            " refitted. The interval is the slope plus the 2.5% and 97.5% quantiles of the replicates'"
+            " deviations, widened by t(0.975, seeds − models)/z(0.975) for the few seeds. A verdict says the"
+            " gain grows or shrinks only when this interval excludes zero.")
+
+
 def method_text(report: Report) -> str:
     seeds = len(report.grid.seeds)
     text = (f"Gains are differences in points (metric × 100) against the baseline of the same model and"
@@ -310,30 +410,39 @@ def method_text(report: Report) -> str:
                  " two independent samples.")
     if Method.SINGLE in report.methods:
         text += " (n=1) marks cells with a single value: a mean without an interval."
-    return text + f" \"{AVG}\" averages every evaluated language of the target, English included."
+    return text + (f" \"{ZERO_SHOT}\" averages the target's languages other than English (the headline);"
+                   f" \"{AVG}\" averages every evaluated language, English included, as XTREME does.")
 
 
 def tables(report: Report) -> list[TableData]:
     g = report.grid
     models = report.models_by_size
     out: list[TableData] = []
+    out.append(trend_table(report))
     out.append(TableData(
         "Best intermediate task per model size",
-        ("model", "parameters", "best intermediate", "gain (avg over targets)"),
-        tuple((m.label, fmt_parameters(report.parameters.get(m.name)), b.arm, fmt_interval(b.gain))
+        ("model", "parameters", "best intermediate", "zero-shot gain (over targets)", "95% interval"),
+        tuple((m.label, fmt_parameters(report.parameters.get(m.name)), b.arm, fmt_interval(b.gain),
+               excludes_zero_text(b.gain.excludes_zero))
               for m in models for b in report.best if b.model == m.name),
         "" if report.best else "No model has both baseline and intermediate results yet.",
     ))
+
+    def average(table: Mapping[tuple[str, str], Interval], model: str, arm: str) -> str:
+        return fmt_interval(table[(model, arm)]) if (model, arm) in table else "–"
+
     out.append(TableData(
-        "Average gain per model (over targets and languages)",
-        ("model", "parameters", *g.arms),
-        tuple((m.label, fmt_parameters(report.parameters.get(m.name)),
-               *(fmt_interval(report.model_averages[(m.name, a)]) if (m.name, a) in report.model_averages else "–"
-                 for a in g.arms))
-              for m in models),
+        "Average gain per model (over targets): zero-shot languages, and all languages",
+        ("model", "parameters", "intermediate", f"{ZERO_SHOT} gain", "95% interval", f"{AVG} gain"),
+        tuple((m.label, fmt_parameters(report.parameters.get(m.name)), a,
+               average(report.model_averages, m.name, a),
+               excludes_zero_text(report.model_averages[(m.name, a)].excludes_zero)
+               if (m.name, a) in report.model_averages else "–",
+               average(report.model_averages_all, m.name, a))
+              for m in models for a in g.arms),
     ))
     for target in g.targets:
-        languages = (*g.languages[target], AVG)
+        languages = (*g.languages[target], ZERO_SHOT, AVG)
         rows = []
         for m in models:
             for arm in g.arms:
@@ -349,6 +458,20 @@ def tables(report: Report) -> list[TableData]:
         out.append(TableData(f"{target} {g.metric(target)} by language (mean over seeds)",
                              ("model", "intermediate", *languages), tuple(rows)))
     return out
+
+
+def trend_table(report: Report) -> TableData:
+    rows = []
+    for arm in report.grid.arms:
+        for target in (*report.grid.targets, ALL_TARGETS):
+            trend = report.trends.get((arm, target))
+            if trend is not None:
+                rows.append((arm, target, fmt_slope(trend), excludes_zero_text(trend.excludes_zero),
+                             trend.verdict.value, " ".join(map(str, trend.seeds))))
+    return TableData(
+        "Trend of the zero-shot gain with model size (points per tenfold parameters)",
+        ("intermediate", "target", "slope [95% interval]", "interval", "verdict", "seeds per model"),
+        tuple(rows), "" if rows else "No trend yet: it needs gains for at least two model sizes.")
 
 
 @dataclass(frozen=True)
@@ -374,7 +497,9 @@ def _md_cell(text: str) -> str:
 
 def to_markdown(report: Report, figures: Sequence[Figure] = ()) -> str:
     lines = [f"# {report.grid.experiment}: gain from English intermediate-task training vs model size", "",
-             summary_line(report), "", method_text(report), ""]
+             "## The answer", ""]
+    lines += [f"- {line}" for line in verdict_lines(report)]
+    lines += ["", trend_method_text(), "", summary_line(report), "", method_text(report), ""]
     for fig in figures:
         lines += [f"![{fig.caption}]({fig.file_name})", "", f"*{fig.caption}*", ""]
     for t in tables(report):
@@ -409,7 +534,9 @@ def to_html(report: Report, figures: Sequence[Figure] = ()) -> str:
     e = html.escape
     title = f"{report.grid.experiment}: gain from English intermediate-task training vs model size"
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(title)}</title>",
-             f"<style>{_CSS}</style></head><body>", f"<h1>{e(title)}</h1>",
+             f"<style>{_CSS}</style></head><body>", f"<h1>{e(title)}</h1>", "<h2>The answer</h2>",
+             '<ul class="verdicts">' + "".join(f"<li>{e(line)}</li>" for line in verdict_lines(report)) + "</ul>",
+             f"<p>{e(trend_method_text())}</p>",
              f"<p>{e(summary_line(report))}</p>", f"<p>{e(method_text(report))}</p>"]
     for fig in figures:
         data = base64.b64encode(fig.png).decode("ascii")

@@ -123,7 +123,19 @@ def report_record(report: Report) -> dict[str, object]:
              "method": g.method.value}
             for (m, a), g in report.model_averages.items()
         ],
-        "best": [{"model": b.model, "intermediate": b.arm, "mean": b.gain.mean} for b in report.best],
+        "model_averages_all_languages": [
+            {"model": m, "intermediate": a, "mean": g.mean, "half_width": g.half_width, "n": g.n,
+             "method": g.method.value}
+            for (m, a), g in report.model_averages_all.items()
+        ],
+        "best": [{"model": b.model, "intermediate": b.arm, "mean": b.gain.mean,
+                  "excludes_zero": b.gain.excludes_zero} for b in report.best],
+        "trends": [
+            {"intermediate": a, "target": t, "slope": tr.slope, "low": tr.low, "high": tr.high,
+             "intercept": tr.intercept, "verdict": tr.verdict.value, "excludes_zero": tr.excludes_zero,
+             "seeds_per_model": list(tr.seeds)}
+            for (a, t), tr in report.trends.items()
+        ],
         "missing": list(report.missing),
     }
 

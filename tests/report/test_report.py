@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from xstilts.operator.cli import app
 from xstilts.operator.experiment.plan import Plan, plan
 from xstilts.operator.experiment.spec import ExperimentSpec, load_spec_text
-from xstilts.operator.report.build import AVG, build_report, grid_of, tables, to_html, to_markdown
+from xstilts.operator.report.build import AVG, ZERO_SHOT, build_report, grid_of, tables, to_html, to_markdown
 from xstilts.operator.report.plots import gain_vs_size
 from xstilts.operator.report.stats import Method
 from xstilts.trainer.config import RunResult, Stage
@@ -113,9 +113,14 @@ def test_gains_and_intervals_match_the_hand_computation() -> None:
     # absolute scores: small baseline en over seeds = (60 + 62 + 64) / 3 = 62
     assert report.scores[("small", "baseline", "pawsx", "en")].mean == pytest.approx(62.0)
 
-    # per-model average over targets (one target here: the language average) and the best arm
-    assert report.model_averages[("small", "mnli")].mean == pytest.approx(3.5)
-    assert report.model_averages[("big", "mnli")].mean == pytest.approx(9.0)
+    # zero-shot average: de alone here. small: gains 5, 3, 5 → 13/3; big (Welch): 72 − 62 = 10
+    zs = report.cell("small", "mnli", "pawsx", ZERO_SHOT)
+    assert zs is not None and zs.gain.mean == pytest.approx(13 / 3)
+    # per-model average over targets (one target here): zero-shot is the headline, all languages beside it
+    assert report.model_averages[("small", "mnli")].mean == pytest.approx(13 / 3)
+    assert report.model_averages[("big", "mnli")].mean == pytest.approx(10.0)
+    assert report.model_averages_all[("small", "mnli")].mean == pytest.approx(3.5)
+    assert report.model_averages_all[("big", "mnli")].mean == pytest.approx(9.0)
     assert ("mid", "mnli") not in report.model_averages
     assert [(b.model, b.arm) for b in report.best] == [("small", "mnli"), ("big", "mnli")]
 
@@ -166,12 +171,16 @@ def test_markdown_and_html_carry_the_numbers() -> None:
     spec = the_spec()
     report = build_report(hand_made_results(plan(spec)), grid_of(spec))
     md = to_markdown(report)
-    best = tables(report)[0]
-    assert best.rows[0] == ("small", "1M", "mnli", "+3.50 ± 1.24")
-    assert "| small | mnli | +2.67 ± 3.79 | +4.33 ± 2.87 | +3.50 ± 1.24 |" in md
+    best = next(t for t in tables(report) if t.title.startswith("Best"))
+    assert best.rows[0] == ("small", "1M", "mnli", "+4.33 ± 2.87", "excludes 0")
+    # en, de, zero-shot (de alone), avg
+    assert "| small | mnli | +2.67 ± 3.79 | +4.33 ± 2.87 | +4.33 ± 2.87 | +3.50 ± 1.24 |" in md
     assert "| big | mnli | +8.00 ± 6.08† |" in md  # Welch cells are marked
     assert "Welch" in md  # ... and the mark explained
-    assert "| mid | mnli | – | – | – |" in md
+    assert "| mid | mnli | – | – | – | – |" in md
+    # the answer comes first: a verdict per arm, then how it was computed
+    assert md.index("## The answer") < md.index("## Best intermediate task")
+    assert "- mnli: no detectable trend at this precision:" in md and "hierarchical bootstrap" in md
     assert "- big · mnli → pawsx: no result for seed 1" in md
     page = to_html(report)
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
@@ -218,7 +227,8 @@ def test_report_command_writes_files_and_logs_them_to_the_mlflow_parent_run(tmp_
                                       "--format", "md,html,png,json"])
     assert result.exit_code == 0, result.output
     assert "not a valid result record" in result.output  # the torn record is named, not fatal
-    assert "small (1M): best mnli, +3.50 ± 1.24 points" in result.output
+    assert "small (1M): best mnli, zero-shot +4.33 ± 2.87 points, excludes 0" in result.output
+    assert "mnli: no detectable trend at this precision" in result.output
 
     report_dir = out / "report"
     names = {f.name for f in report_dir.iterdir()}
@@ -289,7 +299,7 @@ def test_report_from_mlflow_equals_report_from_files(tmp_path: Path) -> None:
     assert from_mlflow.exit_code == 0, from_mlflow.output
     got = json.loads((out / "report" / "report.json").read_text(encoding="utf-8"))
     assert got == expected
-    assert len(got["gains"]) == 6  # small and big × en, de, avg
+    assert len(got["gains"]) == 8  # small and big × en, de, zero-shot, avg
 
 
 def test_without_a_reachable_mlflow_the_report_is_still_written_and_no_password_is_printed(tmp_path: Path) -> None:
