@@ -230,7 +230,7 @@ def build_report(results: Iterable[RunResult], grid: Grid) -> Report:
     arms_with_baseline = (BASELINE, *grid.arms)
     absolute: dict[tuple[str, str, str, str], Interval] = {}
     cells: list[GainCell] = []
-    languages = {AVG}.union(*grid.languages.values())
+    languages = {AVG, ZERO_SHOT}.union(*grid.languages.values())
     by_language = {language: seed_scores(scores, language) for language in languages}
     gains = {language: arm_gains(seeds) for language, seeds in by_language.items()}
     for m in grid.models:
@@ -272,6 +272,7 @@ def trends(scores: Mapping[RunKey, Scores], grid: Grid,
            parameters: Mapping[str, int | None]) -> dict[tuple[str, str], Trend]:
     """Per arm, the slope of the zero-shot gain against log10(parameters): per target, and of
     the gain averaged over targets (ALL_TARGETS). Models of unknown size take no part."""
+    by_language = {language: seed_scores(scores, language) for language in (ZERO_SHOT, AVG)}
     out: dict[tuple[str, str], Trend] = {}
     sized = [(m.name, math.log10(n)) for m in grid.models if (n := parameters.get(m.name))]
     for arm in grid.arms:
@@ -283,8 +284,8 @@ def trends(scores: Mapping[RunKey, Scores], grid: Grid,
                     base = _over_targets(scores, grid, model, BASELINE)
                 else:
                     language = headline(grid, target)
-                    treated = _by_seed(scores, model, arm, target, language)
-                    base = _by_seed(scores, model, BASELINE, target, language)
+                    treated = by_language[language].get((model, arm, target), {})
+                    base = by_language[language].get((model, BASELINE, target), {})
                 if (sample := seed_sample(x, treated, base)) is not None:
                     samples.append(sample)
             if (trend := trend_of(samples)) is not None:
