@@ -114,6 +114,11 @@ class Report:
     model_averages_all: Mapping[tuple[str, str], Interval] = field(default_factory=dict)
     # (arm, target or ALL_TARGETS) -> slope of the zero-shot gain against log10(parameters)
     trends: Mapping[tuple[str, str], Trend] = field(default_factory=dict)
+    # The XTREME average (Hu et al. 2020): each XTREME target's mean over its languages, then
+    # the mean over those targets, per seed; its mean and interval over seeds, per (model, arm
+    # or baseline), and its gain per (model, arm). Empty when the grid has no XTREME target.
+    xtreme: Mapping[tuple[str, str], Interval] = field(default_factory=dict)
+    xtreme_gains: Mapping[tuple[str, str], Interval] = field(default_factory=dict)
 
     @property
     def models_by_size(self) -> list[ModelInfo]:
@@ -211,14 +216,22 @@ def _seeds_seen(scores: Mapping[RunKey, Scores]) -> list[int]:
     return sorted({k[3] for k in scores})
 
 
+def xtreme_targets(grid: Grid) -> tuple[str, ...]:
+    return tuple(t for t in grid.targets if TASKS[t].xtreme)
+
+
+XTREME_TASKS = sum(1 for t in TASKS.values() if t.xtreme)
+
+
 def _over_targets(scores: Mapping[RunKey, Scores], grid: Grid, model: str, arm: str,
-                  zero_shot: bool = True) -> dict[int, float]:
+                  zero_shot: bool = True, targets: Sequence[str] | None = None) -> dict[int, float]:
     """Per seed, the language-average score (zero-shot, or every language) averaged over every
-    target; only seeds that have all targets, so that each seed's number means the same thing."""
+    target (or `targets`); only seeds that have all of them, so that each seed's number means
+    the same thing."""
     out = {}
     for seed in _seeds_seen(scores):
         values = [scores.get((model, arm, t, seed), {}).get(headline(grid, t) if zero_shot else AVG)
-                  for t in grid.targets]
+                  for t in (grid.targets if targets is None else targets)]
         if all(v is not None for v in values):
             out[seed] = statistics.fmean(v for v in values if v is not None)
     return out
@@ -261,11 +274,13 @@ def build_report(results: Iterable[RunResult], grid: Grid) -> Report:
         if candidates:
             _, _, arm = max(candidates)
             best.append(BestArm(m.name, arm, averages[(m.name, arm)]))
+    xtreme, xtreme_gains = xtreme_averages(scores, grid)
     methods = frozenset(c.gain.method for c in cells) | frozenset(g.method for g in averages.values())
+    methods |= frozenset(g.method for g in xtreme_gains.values())
     parameters = measured_parameters(results, grid)
     return Report(grid, parameters, absolute, tuple(cells), averages, tuple(best),
                   tuple(missing_lines(scores, grid)), len(results), methods, averages_all,
-                  trends(scores, grid, parameters))
+                  trends(scores, grid, parameters), xtreme, xtreme_gains)
 
 
 def trends(scores: Mapping[RunKey, Scores], grid: Grid,
@@ -291,6 +306,29 @@ def trends(scores: Mapping[RunKey, Scores], grid: Grid,
             if (trend := trend_of(samples)) is not None:
                 out[(arm, target)] = trend
     return out
+
+
+def xtreme_averages(scores: Mapping[RunKey, Scores], grid: Grid) -> tuple[dict[tuple[str, str], Interval],
+                                                                          dict[tuple[str, str], Interval]]:
+    """The XTREME average per (model, arm) with its interval over seeds, and its gain over the
+    baseline per (model, arm): from seeds that have every XTREME target of the grid."""
+    targets = xtreme_targets(grid)
+    absolute: dict[tuple[str, str], Interval] = {}
+    gains: dict[tuple[str, str], Interval] = {}
+    if not targets:
+        return absolute, gains
+    for m in grid.models:
+        per_seed = {arm: _over_targets(scores, grid, m.name, arm, zero_shot=False, targets=targets)
+                    for arm in (BASELINE, *grid.arms)}
+        for arm, values in per_seed.items():
+            if values:
+                absolute[(m.name, arm)] = mean_interval(list(values.values()))
+            if arm != BASELINE:
+                gain = gain_interval(values, per_seed[BASELINE])
+                if gain is not None:
+                    gains[(m.name, arm)] = gain
+    return absolute, gains
+
 
 
 def measured_parameters(results: Iterable[RunResult], grid: Grid) -> dict[str, int | None]:
@@ -442,6 +480,20 @@ def tables(report: Report) -> list[TableData]:
                average(report.model_averages_all, m.name, a))
               for m in models for a in g.arms),
     ))
+    targets = xtreme_targets(g)
+    if targets:
+        scope = "all 9 tasks" if len(targets) == XTREME_TASKS else f"{len(targets)} of its {XTREME_TASKS} tasks"
+        rows = []
+        for m in models:
+            for arm in (BASELINE, *g.arms):
+                score = report.xtreme.get((m.name, arm))
+                gain = report.xtreme_gains.get((m.name, arm))
+                rows.append((m.label, arm, fmt_interval(score, signed=False) if score else "–",
+                             fmt_interval(gain) if gain else "–"))
+        out.append(TableData(
+            f"XTREME average ({scope}: {', '.join(targets)})", ("model", "intermediate", "score", "gain"),
+            tuple(rows), "Each task's mean over its languages, then the mean over tasks (as the XTREME paper"
+            " averages), per seed; ± over seeds. Points of each task's metric (F1 or accuracy)."))
     for target in g.targets:
         languages = (*g.languages[target], ZERO_SHOT, AVG)
         rows = []
