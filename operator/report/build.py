@@ -483,16 +483,16 @@ def tables(report: Report) -> list[TableData]:
     targets = xtreme_targets(g)
     if targets:
         scope = "all 9 tasks" if len(targets) == XTREME_TASKS else f"{len(targets)} of its {XTREME_TASKS} tasks"
-        rows = []
+        xtreme_rows: list[tuple[str, ...]] = []
         for m in models:
             for arm in (BASELINE, *g.arms):
                 score = report.xtreme.get((m.name, arm))
                 gain = report.xtreme_gains.get((m.name, arm))
-                rows.append((m.label, arm, fmt_interval(score, signed=False) if score else "–",
+                xtreme_rows.append((m.label, arm, fmt_interval(score, signed=False) if score else "–",
                              fmt_interval(gain) if gain else "–"))
         out.append(TableData(
             f"XTREME average ({scope}: {', '.join(targets)})", ("model", "intermediate", "score", "gain"),
-            tuple(rows), "Each task's mean over its languages, then the mean over tasks (as the XTREME paper"
+            tuple(xtreme_rows), "Each task's mean over its languages, then the mean over tasks (as the XTREME paper"
             " averages), per seed; ± over seeds. Points of each task's metric (F1 or accuracy)."))
     for target in g.targets:
         languages = (*g.languages[target], ZERO_SHOT, AVG)
