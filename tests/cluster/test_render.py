@@ -444,11 +444,11 @@ def object_store_spec() -> tuple[ExperimentSpec, Plan]:
 # too). Any change to what render produces changes these: when the change is intended,
 # check a rendered run by hand and put the new digest here.
 RENDER_DIGESTS = {
-    "demo": "596dc995eb0b81e87b21e34005972ca839f1e98a39601ee4b5bdd1013101445f",
-    "phang2020": "0a330a8f0eb48d3ac0288d3578650ea84934d455f99fece322bc5dce06ac7515",
-    "scaling": "0c62c43e84a5a6d918cd0e3874bf97e26348f41dceaf6c56500e6ca32ee5152b",
-    "scaling-no-owner": "30982c188d594c7a65628e9449d2a51bc16e0cc8b4ff5f4985362d132dbb865e",
-    "object-store": "c770345b247a4f6d827ee5f67d1f1164354beac80a506552210e41280a836e57",
+    "demo": "8f7911244961adc9992859e37e81c05f0110f1f39adca2b966bd77fe02b5b80c",
+    "phang2020": "7b26daf40fc67f0cefe15395f1e376068fad9fb021da882b4d5201b2f1c0033e",
+    "scaling": "4b2f7bed14e74dff05f44ad0c94b6cb9b410d8e0432f194cf014dbe798fe2456",
+    "scaling-no-owner": "6f5c82fa9c1620dfaf9f0e02f64b3c8bf1d8055cd5423d812b4439913604273e",
+    "object-store": "c0a1d0b65ac565c37a9490852f6c1d8bc336d3bce34a94c262c8e5f871ce8725",
 }
 
 
