@@ -7,7 +7,7 @@ The controller (and `xstilts submit --no-controller`) calls this on every event 
                         results={r.run_id: ResultSummary.from_result(r) for r in results_found},
                         previous_status=experiment.get("status"))
     decision = reconcile(spec, plan(spec, ...), observed, now, owner=OwnerRef.of(experiment))
-    for action in decision.actions:   # deletes first, then creates in dependency order
+    for action in decision.actions:   # deletes first, then creates in start order
         DeleteJob → delete the Job and its ConfigMap/Service of the same name
         CreateRun → create action.objects in order (ConfigMap, [Service], Job);
                     AlreadyExists on any of them means an earlier attempt got there: fine
@@ -27,6 +27,7 @@ Rules, all derived from what is observed now (level-triggered):
   -p '[{"op": "remove", "path": "/status/runs/RUN_ID"}]'`;
 - a phase-3 run is created only when its phase-2 run has a result; if the phase-2 run
   failed (or is blocked), the dependant is `blocked` and never created;
+- ready runs take the free slots most-unblocking first (`start_order`), then in plan order;
 - at most spec.cluster.maxParallel Jobs are active (pending or running), counting the Jobs
   observed active (orphans included: they hold GPUs until they are gone) plus this
   decision's creations;
@@ -303,9 +304,11 @@ def _average(summary: ResultSummary | None) -> float | None:
 
 
 def reconcile(spec: ExperimentSpec, plan: Plan, observed: Observed, now: datetime,
-              owner: OwnerRef | None = None) -> Decision:
-    """The actions that move the cluster towards the plan, and the status to write.
-    Deterministic: DeleteJob actions sorted by name, then CreateRun in plan order."""
+              owner: OwnerRef | None = None, render: bool = True) -> Decision:
+    """The actions that move the experiment towards the plan, and the status to write.
+    Deterministic: DeleteJob actions sorted by name, then CreateRun in start order
+    (`start_order`). `render=False` leaves CreateRun.objects empty: the local executor
+    (operator/local) starts processes, not Kubernetes objects."""
     results = observed.results
     seen = tuple(observed.jobs)
     jobs, deletes = _assign_jobs(spec, plan, seen)
@@ -313,11 +316,9 @@ def reconcile(spec: ExperimentSpec, plan: Plan, observed: Observed, now: datetim
     previous_runs: Mapping[str, str] = previous.get("runs") or {}
     previous_failures: Mapping[str, str] = previous.get("failures") or {}
 
-    active = sum(1 for job in seen if job.active)
-    budget = max(0, spec.cluster.max_parallel - active)
     states: dict[str, str] = {}
     failures: dict[str, str] = {}
-    creates: list[CreateRun] = []
+    ready: list[str] = []
     for run in plan.runs:  # dependencies come before dependants
         rid = run.run_id
         job = jobs.get(rid)
@@ -336,16 +337,41 @@ def reconcile(spec: ExperimentSpec, plan: Plan, observed: Observed, now: datetim
                 state = BLOCKED
             elif any(d != SUCCEEDED for d in dependencies):
                 state = WAITING
-            elif budget > 0:
-                state = CREATING
-                budget -= 1
-                creates.append(CreateRun(rid, job_name(spec.name, rid), render_run(run, spec, owner)))
             else:
-                state = QUEUED
+                state = QUEUED  # CREATING below if the budget reaches it
+                ready.append(rid)
         states[rid] = state
+
+    active = sum(1 for job in seen if job.active)
+    budget = max(0, spec.cluster.max_parallel - active)
+    creates: list[CreateRun] = []
+    for rid in start_order(plan, ready)[:budget]:
+        states[rid] = CREATING
+        objects = render_run(plan.by_id[rid], spec, owner) if render else []
+        creates.append(CreateRun(rid, job_name(spec.name, rid), objects))
 
     status = _status(spec, plan, results, previous, now, states, failures, jobs)
     return Decision(actions=[*deletes, *creates], status=status)
+
+
+def start_order(plan: Plan, ready: Iterable[str]) -> list[str]:
+    """The order in which ready runs take free slots: those that unblock the most other runs
+    first (a phase-2 run, on which a target run per target waits, before a baseline run, on
+    which nothing waits), then plan order. Starting the heads of the longest chains first keeps
+    slots filled later on; in plan order a grid's first slots go to a model's baselines while
+    its phase-2 runs, and everything behind them, wait. Ties keep plan order, so the decision
+    stays deterministic."""
+    dependants = _dependant_counts(plan)
+    index = {rid: i for i, rid in enumerate(ready)}
+    return sorted(index, key=lambda rid: (-dependants.get(rid, 0), index[rid]))
+
+
+def _dependant_counts(plan: Plan) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for run in plan.runs:
+        for dependency in run.depends_on:
+            counts[dependency] += 1
+    return counts
 
 
 def _assign_jobs(spec: ExperimentSpec, plan: Plan,

@@ -16,7 +16,6 @@ from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
-from xstilts.operator.local.dag_state import State
 
 # Plain mode repeats the status this often (seconds); events are printed as they happen.
 PLAIN_STATUS_EVERY = 30.0
@@ -33,7 +32,8 @@ class RunningRow:
 @dataclass(frozen=True)
 class ProgressView:
     experiment: str
-    counts: dict[State, int]
+    counts: dict[str, int]  # reconcile's status counts: total, pending, running, succeeded, failed, blocked
+    earlier: int  # of the succeeded runs, those whose result existed before this invocation
     running: list[RunningRow]
     elapsed: float
     remaining: float | None
@@ -61,17 +61,15 @@ def format_seconds(seconds: float | None) -> str:
 
 def counts_line(view: ProgressView) -> str:
     c = view.counts
-    done = c.get(State.DONE, 0) + c.get(State.SKIPPED, 0)
-    total = sum(c.values())
-    parts = [f"{done}/{total} done"]
-    if c.get(State.SKIPPED):
-        parts[0] += f" ({c[State.SKIPPED]} earlier)"
-    parts += [f"{c.get(State.RUNNING, 0)} running", f"{c.get(State.PENDING, 0)} pending"]
-    if c.get(State.FAILED):
-        parts.append(f"{c[State.FAILED]} failed")
-    if c.get(State.BLOCKED):
-        parts.append(f"{c[State.BLOCKED]} blocked")
-    to_do = c.get(State.PENDING, 0) + c.get(State.RUNNING, 0)
+    parts = [f"{c.get('succeeded', 0)}/{c.get('total', 0)} done"]
+    if view.earlier:
+        parts[0] += f" ({view.earlier} earlier)"
+    parts += [f"{c.get('running', 0)} running", f"{c.get('pending', 0)} pending"]
+    if c.get("failed"):
+        parts.append(f"{c['failed']} failed")
+    if c.get("blocked"):
+        parts.append(f"{c['blocked']} blocked")
+    to_do = c.get("pending", 0) + c.get("running", 0)
     left = f", ~{format_seconds(view.remaining)} left" if to_do else ""
     return f"{view.experiment}: " + ", ".join(parts) + f"; elapsed {format_seconds(view.elapsed)}{left}"
 
@@ -157,9 +155,8 @@ class LiveDisplay:
 
 
 def render(view: ProgressView) -> RenderableType:
-    c = view.counts
-    total = max(sum(c.values()), 1)
-    done = c.get(State.DONE, 0) + c.get(State.SKIPPED, 0)
+    total = max(view.counts.get("total", 0), 1)
+    done = view.counts.get("succeeded", 0)
     header = Table.grid(padding=(0, 1))
     header.add_row(ProgressBar(total=total, completed=done, width=30), Text(counts_line(view)))
     parts: list[RenderableType] = [header]
@@ -187,11 +184,11 @@ def display_for(console: Console) -> Display:
 def print_outcome(console: Console, outcome: Any, report_command: str, ui_command: str) -> None:
     """The closing summary of `xstilts run` (outcome: local.Outcome)."""
     c = outcome.counts
-    done = c.get(State.DONE, 0)
+    succeeded = c.get("succeeded", 0)
     console.print(
-        f"[bold]{done + c.get(State.SKIPPED, 0)}/{sum(c.values())}[/bold] runs done ({done} now,"
-        f" {c.get(State.SKIPPED, 0)} earlier) in {format_seconds(outcome.elapsed_seconds)};"
-        f" {len(outcome.failed)} failed, {len(outcome.blocked)} blocked, {c.get(State.PENDING, 0)} not started")
+        f"[bold]{succeeded}/{c.get('total', 0)}[/bold] runs done ({succeeded - outcome.earlier} now,"
+        f" {outcome.earlier} earlier) in {format_seconds(outcome.elapsed_seconds)};"
+        f" {len(outcome.failed)} failed, {len(outcome.blocked)} blocked, {c.get('pending', 0)} not started")
     for f in outcome.failed:
         why = f.reason + (" in an earlier invocation; --retry-failed retries it" if f.earlier else "")
         console.print(f"[red]failed[/red] {f.run_id} {escape(f.title)}: {escape(why)}; log: {escape(str(f.log_path))}",

@@ -9,7 +9,9 @@ Resumable by construction: a run whose result.json exists is skipped without sta
 process, so a rerun after Ctrl-C, a crash or a SIGKILL picks up where the last one stopped.
 Each run's process holds a lock file in its run directory for as long as it lives, so a
 rerun never starts a second process on a run whose earlier process is still exiting.
-The bookkeeping (what may start, what a failure blocks, time left) is pure, in schedule.py.
+What may start, in which order, and what a failure blocks is decided by the controller's
+pure reconcile() (operator/cluster/reconcile.py), for which this executor is a backend of
+local processes; the time estimate is in eta.py.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,15 +33,20 @@ from types import FrameType
 from typing import IO
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from xstilts.operator.cluster.reconcile import (
+    BLOCKED,
+    FAILED,
+    Decision,
+    Observed,
+    ObservedJob,
+    ResultSummary,
+    reconcile,
+)
+from xstilts.operator.cluster.render import job_name
 from xstilts.operator.experiment.plan import Plan, PlannedRun
 from xstilts.operator.experiment.spec import ExperimentSpec
-from xstilts.operator.local.dag_state import (
-    Schedule,
-    State,
-    estimate_remaining_seconds,
-    relative_cost,
-)
 from xstilts.operator.local.display import Display, ProgressView, RunningRow, format_seconds
+from xstilts.operator.local.eta import estimate_remaining_seconds, relative_cost
 from xstilts.operator.local.forkserver import ForkedRun, die_with_parent, fork_run, start_server, wait_for_exit
 from xstilts.trainer.config import ExitCode, Resources, RunLabels, TrackingConfig
 from xstilts.trainer.launch import trainer_command
@@ -177,14 +184,6 @@ def read_failure(run_dir: RunDir) -> str | None:
     return str(data.get("reason", "failed")) if isinstance(data, dict) else "failed"
 
 
-def result_seconds(run_dir: RunDir) -> float | None:
-    """wall_seconds of a finished run's result.json (for the time estimate)."""
-    try:
-        return read_result(run_dir.result).wall_seconds
-    except ResultProblem:
-        return None
-
-
 def log_tail(log_path: Path, offset: int, lines: int = LOG_TAIL_LINES) -> list[str]:
     """The last lines of one attempt's log (the part after `offset`)."""
     try:
@@ -279,7 +278,8 @@ class Outcome:
     """What `xstilts run` did: counts by state, failures with their log tails, blocked runs,
     and the signal that stopped it, if any."""
 
-    counts: dict[State, int]
+    counts: dict[str, int]  # reconcile's status counts
+    earlier: int  # succeeded runs whose result existed before this invocation
     failed: list[FailedRun]
     blocked: list[tuple[str, str, str]]  # run id, title, reason
     elapsed_seconds: float
@@ -290,10 +290,55 @@ class Outcome:
         return not self.failed and not self.blocked and self.stopped_by is None
 
 
+def local_observed(experiment: str, running: Iterable[str], held: Iterable[str],
+                   results: Mapping[str, ResultSummary], failures: Mapping[str, str]) -> Observed:
+    """What the local executor sees, in reconcile()'s terms (docs/decisions/
+    one-orchestration-engine.md): a live process is a running Job; a run created by a
+    decision but not started yet (its GPUs are taken, or an earlier process of it still holds
+    its lock) is a pending Job; a finished run is its result; a failure (a failure file of an
+    earlier invocation, or a process that failed in this one) is remembered as the cluster
+    remembers it, through the previous status."""
+    jobs = [ObservedJob(job_name(experiment, rid), rid, "running") for rid in running]
+    jobs += [ObservedJob(job_name(experiment, rid), rid, "pending") for rid in held]
+    return Observed(jobs=jobs, results=results,
+                    previous_status={"runs": dict.fromkeys(failures, FAILED), "failures": dict(failures)})
+
+
+def blocked_reasons(p: Plan, states: Mapping[str, str]) -> dict[str, str]:
+    """Why each blocked run is blocked: the first run it needs that failed or is blocked."""
+    reasons = {}
+    for run in p.runs:
+        if states.get(run.run_id) == BLOCKED:
+            need = next(d for d in run.depends_on if states.get(d) in (FAILED, BLOCKED))
+            reasons[run.run_id] = f"needs run {need}, which {'failed' if states[need] == FAILED else 'is blocked'}"
+    return reasons
+
+
+def load_result(run: PlannedRun) -> ResultSummary | None:
+    """The run's result as reconcile reads it, or None while result.json does not exist. A
+    result.json that cannot be read still marks the run done (it is the trainer's last
+    write, as before), with no scores."""
+    run_dir = RunDir.of(run.config)
+    if not run_dir.has_result():
+        return None
+    try:
+        return ResultSummary.from_result(read_result(run_dir.result, run.run_id))
+    except ResultProblem:
+        return ResultSummary(run.run_id)
+
+
 class LocalExecutor:
-    def __init__(self, p: Plan, options: LocalOptions, display: Display,
+    """The local backend of reconcile(): each poll it turns processes and run directories into
+    an `Observed`, asks reconcile() what to do, and carries out its CreateRun (start a process)
+    and DeleteJob (stop one) actions. Dependencies, failures, blocking, the start order and
+    --parallel (reconcile's maxParallel) are reconcile's rules, as on a cluster."""
+
+    def __init__(self, spec: ExperimentSpec, p: Plan, options: LocalOptions, display: Display,
                  machine_gpus: Sequence[str] = (), cpus: int | None = None,
                  extra_env: Mapping[str, str] | None = None):
+        # --parallel is this backend's maxParallel.
+        self.spec = spec.model_copy(update={"cluster": spec.cluster.model_copy(
+            update={"max_parallel": options.parallel})})
         self.plan = p
         self.options = options
         self.extra_env = dict(extra_env or {})  # e.g. MLflow credentials, kept out of RUN.json
@@ -303,6 +348,9 @@ class LocalExecutor:
         self.cpus = cpus or os.cpu_count() or 1
         self.costs = {r.run_id: relative_cost(r) for r in p.runs}
         self.processes: dict[str, _Process] = {}
+        self.held: dict[str, None] = {}  # created by a decision, not started yet (ordered)
+        self.results: dict[str, ResultSummary] = {}
+        self.failures: dict[str, str] = {}  # run id → reason, as reconcile's previous status keeps them
         self.observed: list[tuple[float, float]] = []  # (cost, seconds) of finished runs
         self.failed: dict[str, FailedRun] = {}
         self.signals: list[int] = []  # received, not yet acted on
@@ -310,27 +358,32 @@ class LocalExecutor:
         self.stop_deadline: float | None = None
         self.waiting_for_lock: set[str] = set()
         self.fork = options.preload_trainer and not machine_gpus
-        self.schedule = self._initial_schedule()
+        self._observe_run_dirs()
+        self.earlier = frozenset(self.results)
+        self.decision = self._decide()
+        self.blocked = set(blocked_reasons(self.plan, self.decision.status["runs"]))
 
     def _run_dir(self, run_id: str) -> RunDir:
         return RunDir.of(self.plan.by_id[run_id].config)
 
-    def _initial_schedule(self) -> Schedule:
-        finished: list[str] = []
-        failed_before: dict[str, str] = {}
+    def _observe_run_dirs(self) -> None:
+        """Results and failure files left by earlier invocations."""
         for run in self.plan.runs:
             run_dir = RunDir.of(run.config)
-            if run_dir.has_result():
-                finished.append(run.run_id)
-                seconds = result_seconds(run_dir)
-                if seconds is not None:
-                    self.observed.append((self.costs[run.run_id], seconds))
+            summary = load_result(run)
+            if summary is not None:
+                self.results[run.run_id] = summary
+                if summary.wall_seconds:
+                    self.observed.append((self.costs[run.run_id], summary.wall_seconds))
             elif not self.options.retry_failed and (reason := read_failure(run_dir)) is not None:
-                failed_before[run.run_id] = reason
+                self.failures[run.run_id] = reason
                 self.failed[run.run_id] = FailedRun(
                     run.run_id, run_title(run.config.labels, run.config.seed), reason, run_dir.train_log,
                     earlier=True)
-        return Schedule.from_plan(self.plan, finished, failed_before)
+
+    def _decide(self) -> Decision:
+        observed = local_observed(self.spec.name, self.processes, self.held, self.results, self.failures)
+        return reconcile(self.spec, self.plan, observed, datetime.now(UTC), render=False)
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -342,16 +395,20 @@ class LocalExecutor:
             while True:
                 self._reap()
                 self._handle_signals()
+                self.decision = self._decide()
                 if self.stop_signal is not None:
                     if not self.processes:
                         break
                     self._escalate_stop()
                 else:
-                    self._start_ready()
-                    if self.schedule.finished and not self.processes:
+                    if self._apply(self.decision):
+                        self.decision = self._decide()
+                    if not self.processes and not self.held and not self.decision.creates:
                         break
+                self._announce_blocked()
                 self.display.update(self._view(started))
                 wait_for_exit([p.popen for p in self.processes.values()], self.options.poll_seconds)
+            self._announce_blocked()
             self.display.update(self._view(started))
         finally:
             for s, handler in previous.items():
@@ -360,13 +417,20 @@ class LocalExecutor:
         return self._outcome(time.monotonic() - started)
 
     def _announce(self) -> None:
-        counts = self.schedule.counts()
+        counts = self.decision.status["counts"]
         self.display.event(
-            f"{self.plan.experiment}: {len(self.plan.runs)} runs, {counts[State.SKIPPED]} already done,"
-            f" {counts[State.PENDING]} to run, at most {self.options.parallel} at once")
+            f"{self.plan.experiment}: {len(self.plan.runs)} runs, {len(self.earlier)} already done,"
+            f" {counts['pending']} to run, at most {self.options.parallel} at once")
         for failure in self.failed.values():
             self.display.event(f"not retried: {failure.run_id} {failure.title} failed earlier ({failure.reason})",
                                style="red")
+
+    def _announce_blocked(self) -> None:
+        for run_id, reason in blocked_reasons(self.plan, self.decision.status["runs"]).items():
+            if run_id not in self.blocked:
+                self.blocked.add(run_id)
+                config = self.plan.by_id[run_id].config
+                self.display.event(f"blocked {run_id} {run_title(config.labels, config.seed)}: {reason}", style="red")
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         # Only note it: the loop acts within a poll interval, outside the handler, so that the
@@ -379,6 +443,7 @@ class LocalExecutor:
             if self.stop_signal is None:
                 self.stop_signal = signum
                 self.stop_deadline = time.monotonic() + self.options.stop_grace_seconds
+                self.held.clear()  # created, never started: nothing to stop
                 self.display.event(
                     f"stopping: asked {len(self.processes)} running run(s) to checkpoint and exit"
                     " (Ctrl-C again to kill them now); rerun the same command to resume", style="yellow")
@@ -396,25 +461,30 @@ class LocalExecutor:
 
     def _kill_all(self, sig: signal.Signals) -> None:
         for proc in self.processes.values():
-            # The trainer leads its own process group, which holds torchrun's workers too. A run
-            # forked a moment ago may not lead its group yet: then the signal goes to it alone.
-            try:
-                os.killpg(proc.popen.pid, sig)
-            except ProcessLookupError:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(proc.popen.pid, sig)
-            except PermissionError:
-                pass
+            _signal_process(proc, sig)
 
-    def _start_ready(self) -> None:
-        for run_id in self.schedule.ready():
+    def _apply(self, decision: Decision) -> bool:
+        """Carry out the decision: DeleteJob stops the run's process (it checkpoints and
+        exits), CreateRun holds the run until its GPUs are free, then starts it. True when
+        something was started, finished or failed (the next decision differs)."""
+        for delete in decision.deletes:
+            for run_id, proc in self.processes.items():
+                if job_name(self.spec.name, run_id) == delete.name:
+                    self.display.event(f"stopping {run_id}: {delete.reason}", style="yellow")
+                    _signal_process(proc, signal.SIGTERM)
+        for create in decision.creates:
+            self.held[create.run_id] = None
+        changed = False
+        for run_id in list(self.held):
             if len(self.processes) >= self.options.parallel:
-                return
+                break
             if self.placements[run_id].gpus > len(self.free_gpus):
                 continue  # a run needing fewer GPUs may still fit
-            self._start(run_id)
+            changed |= self._start(run_id)
+        return changed
 
-    def _start(self, run_id: str) -> None:
+    def _start(self, run_id: str) -> bool:
+        """Start a held run's process; False while an earlier process of it holds its lock."""
         run = self.plan.by_id[run_id]
         run_dir = self._run_dir(run_id)
         run_dir.path.mkdir(parents=True, exist_ok=True)
@@ -425,16 +495,12 @@ class LocalExecutor:
             if run_id not in self.waiting_for_lock:
                 self.waiting_for_lock.add(run_id)
                 self.display.event(f"waiting: an earlier process of {run_id} is still exiting", style="yellow")
-            if run_dir.has_result():
-                self.schedule.start(run_id)
-                self.schedule.finish(run_id)
-            return
+            return self._take_result(run_id)
         self.waiting_for_lock.discard(run_id)
-        if run_dir.has_result():  # finished by that earlier process
+        if self._take_result(run_id):  # finished by that earlier process
             os.close(lock_fd)
-            self.schedule.start(run_id)
-            self.schedule.finish(run_id)
-            return
+            return True
+        del self.held[run_id]
         placement = self.placements[run_id]
         gpu_ids, self.free_gpus = self.free_gpus[:placement.gpus], self.free_gpus[placement.gpus:]
         config_path = run_dir.run_config
@@ -456,12 +522,21 @@ class LocalExecutor:
             log.close()
             os.close(lock_fd)
             self.free_gpus.extend(gpu_ids)
-            self.schedule.start(run_id)
             self._fail(run_id, f"could not start the trainer: {e}", [], run_dir.train_log)
-            return
-        self.schedule.start(run_id)
+            return True
         self.processes[run_id] = _Process(run, popen, log, offset, lock_fd, gpu_ids, time.monotonic(), time.time())
         self.display.event(f"start  {run_id} {run_title(run.config.labels, run.config.seed)}")
+        return True
+
+    def _take_result(self, run_id: str) -> bool:
+        """A held run whose result.json appeared (an earlier process finished it) is done."""
+        summary = load_result(self.plan.by_id[run_id])
+        if summary is None:
+            return False
+        self.results[run_id] = summary
+        self.held.pop(run_id, None)
+        self.waiting_for_lock.discard(run_id)
+        return True
 
     def _launch(self, run_id: str, argv: list[str], config_path: Path, log: IO[bytes], lock_fd: int,
                 env: dict[str, str]) -> subprocess.Popen[bytes] | ForkedRun:
@@ -499,13 +574,13 @@ class LocalExecutor:
             seconds = time.monotonic() - proc.started
             title = run_title(proc.run.config.labels, proc.run.config.seed)
             log_path = self._run_dir(run_id).train_log
-            result_exists = self._run_dir(run_id).has_result()
-            if code == ExitCode.OK and result_exists:
-                self.schedule.finish(run_id)
+            summary = load_result(proc.run)
+            if code == ExitCode.OK and summary is not None:
+                self.results[run_id] = summary
                 self.observed.append((self.costs[run_id], seconds))
                 self.display.event(f"done   {run_id} {title} in {format_seconds(seconds)}", style="green")
             elif self.stop_signal is not None and (code == ExitCode.INTERRUPTED or code < 0):
-                self.schedule.requeue(run_id)
+                # No process, no result: reconcile starts it again in the next invocation.
                 self.display.event(f"paused {run_id} {title} ({exit_reason(code)}); a rerun resumes it",
                                    style="yellow")
             else:
@@ -515,7 +590,7 @@ class LocalExecutor:
     def _fail(self, run_id: str, reason: str, tail: list[str], log_path: Path) -> None:
         run = self.plan.by_id[run_id]
         title = run_title(run.config.labels, run.config.seed)
-        blocked = self.schedule.fail(run_id, reason)
+        self.failures[run_id] = reason
         self.failed[run_id] = FailedRun(run_id, title, reason, log_path, tail)
         # An interruption the executor did not ask for (an OOM kill, a reboot) is retried by
         # the next invocation; anything else is final until --retry-failed.
@@ -524,9 +599,6 @@ class LocalExecutor:
             write_atomic(self._run_dir(run_id).failure, json.dumps(
                 {"run_id": run_id, "reason": reason, "at": datetime.now(UTC).isoformat(timespec="seconds")}))
         self.display.failure(run_id, title, reason, tail, log_path)
-        for b in blocked:
-            config = self.plan.by_id[b].config
-            self.display.event(f"blocked {b} {run_title(config.labels, config.seed)}: needs {run_id}", style="red")
 
     # --- what the display shows -------------------------------------------------------------
 
@@ -540,19 +612,33 @@ class LocalExecutor:
             etas[run_id] = float(eta) if isinstance(eta, int | float) else None
             rows.append(RunningRow(run_id, run_title(proc.run.config.labels, proc.run.config.seed),
                                    progress, elapsed[run_id]))
-        remaining = estimate_remaining_seconds(self.costs, self.schedule, self.observed, elapsed, etas,
+        status = self.decision.status
+        remaining = estimate_remaining_seconds(self.costs, status["runs"], self.observed, elapsed, etas,
                                                self.options.parallel)
         note = None
         if self.stop_signal is not None:
             note = f"stopping: waiting for {len(self.processes)} run(s) to checkpoint and exit"
-        return ProgressView(self.plan.experiment, dict(self.schedule.counts()), rows, now - started,
+        return ProgressView(self.plan.experiment, dict(status["counts"]), len(self.earlier), rows, now - started,
                             remaining, note)
 
     def _outcome(self, elapsed: float) -> Outcome:
-        blocked = [(r, run_title(self.plan.by_id[r].config.labels, self.plan.by_id[r].config.seed),
-                    self.schedule.reason.get(r, "")) for r in self.schedule.runs_in(State.BLOCKED)]
-        return Outcome(dict(self.schedule.counts()), list(self.failed.values()), blocked, elapsed,
-                       self.stop_signal)
+        reasons = blocked_reasons(self.plan, self.decision.status["runs"])
+        blocked = [(r, run_title(self.plan.by_id[r].config.labels, self.plan.by_id[r].config.seed), why)
+                   for r, why in reasons.items()]
+        return Outcome(dict(self.decision.status["counts"]), len(self.earlier), list(self.failed.values()),
+                       blocked, elapsed, self.stop_signal)
+
+
+def _signal_process(proc: _Process, sig: signal.Signals) -> None:
+    # The trainer leads its own process group, which holds torchrun's workers too. A run
+    # forked a moment ago may not lead its group yet: then the signal goes to it alone.
+    try:
+        os.killpg(proc.popen.pid, sig)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(proc.popen.pid, sig)
+    except PermissionError:
+        pass
 
 
 def write_run_configs(p: Plan) -> None:
@@ -593,7 +679,7 @@ def run_experiment(spec: ExperimentSpec, p: Plan, storage_root: Path, tracking_u
                             lambda text: display.event(text, style="yellow"))
         p = with_tracking(p, public_uri, parent)
         write_run_configs(p)
-        executor = LocalExecutor(p, options, display, machine_gpus, extra_env=credentials)
+        executor = LocalExecutor(spec, p, options, display, machine_gpus, extra_env=credentials)
         if parent is not None:
             set_parent_status(tracking_uri, parent, "RUNNING")
         outcome = executor.execute()

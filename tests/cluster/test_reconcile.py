@@ -25,6 +25,7 @@ from xstilts.operator.cluster.reconcile import (
     best_gain,
     gains,
     reconcile,
+    start_order,
 )
 from xstilts.operator.cluster.render import RUN_ID_LABEL, OwnerRef, job_name, render_run
 from xstilts.operator.experiment.plan import PlannedRun, plan
@@ -80,10 +81,14 @@ def created(decision: Decision) -> list[str]:
 # --- the rules, case by case ----------------------------------------------------------------
 
 
-def test_fresh_experiment_creates_runs_without_dependencies_up_to_max_parallel_in_plan_order() -> None:
+def test_fresh_experiment_creates_runs_without_dependencies_up_to_max_parallel_most_unblocking_first() -> None:
     d = decide()
     independent = [r.run_id for r in PLAN.runs if not r.depends_on]
-    assert created(d) == independent[:3]
+    # phase-2 runs (each unblocks a target run per target) take the slots before baselines
+    # (which unblock nothing); among equals, plan order
+    phase2 = [r for r in independent if PLAN.by_id[r].config.stage is Stage.INTERMEDIATE]
+    assert created(d) == phase2[:3]
+    assert created(d) != independent[:3]  # plan order would have started a baseline third
     assert all(isinstance(a, CreateRun) for a in d.actions)
     first = d.creates[0]
     assert first.job_name == job_name("grid", first.run_id)
@@ -96,7 +101,7 @@ def test_fresh_experiment_creates_runs_without_dependencies_up_to_max_parallel_i
 
 
 def test_active_jobs_use_up_the_parallelism_budget() -> None:
-    a, b, c = [r.run_id for r in PLAN.runs if not r.depends_on][:3]
+    a, b, c = start_order(PLAN, [r.run_id for r in PLAN.runs if not r.depends_on])[:3]
     assert created(decide([job(a, "running"), job(b, "pending")])) == [c]
     assert created(decide([job(a, "running"), job(b, "pending"), job(c, "running")])) == []
     # Finished Jobs hold no GPUs: they do not count.
@@ -162,7 +167,7 @@ def test_a_failed_phase_2_run_blocks_exactly_its_dependants() -> None:
 def test_a_job_deleted_by_hand_is_recreated() -> None:
     target = run("small", "baseline", "xnli")
     previous = decide([job(target.run_id, "running")]).status
-    d = decide([], previous=previous)
+    d = decide([], previous=previous, spec=with_max_parallel(100))
     assert target.run_id in created(d)
 
 

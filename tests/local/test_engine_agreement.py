@@ -1,8 +1,9 @@
-"""The local executor's bookkeeping (dag_state.Schedule) and the controller's reconcile() must
-decide alike: from the same observations (which runs have a result, which failed), the same
-runs may start, the same are blocked, the same stay failed. A first step towards one engine
-(docs/decisions/one-orchestration-engine.md): until the local executor drives reconcile()
-itself, this pins the two to the same dependency and failure rules."""
+"""One orchestration engine (docs/decisions/one-orchestration-engine.md): the local executor
+has no DAG logic of its own. It turns what it sees (results in run directories, failure files,
+live processes, runs created but not started) into reconcile()'s `Observed` (`local_observed`)
+and carries out the decision. These tests pin that mapping, and the rules the local executor
+now gets from reconcile(): dependencies first, a failure blocks exactly its dependants,
+--parallel is maxParallel, and ready runs start most-unblocking first."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from datetime import UTC, datetime
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from xstilts.operator.cluster.reconcile import CreateRun, Observed, ResultSummary, reconcile
+from xstilts.operator.cluster.reconcile import ResultSummary, reconcile, start_order
 from xstilts.operator.experiment.plan import plan
 from xstilts.operator.experiment.spec import ExperimentSpec
-from xstilts.operator.local.dag_state import Schedule, State
+from xstilts.operator.local.executor import blocked_reasons, local_observed
+from xstilts.trainer.config import Stage
 
 SPEC = ExperimentSpec.model_validate({
     "name": "grid",
@@ -28,47 +30,82 @@ PLAN = plan(SPEC)
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 
 
+def with_parallel(n: int) -> ExperimentSpec:
+    return SPEC.model_copy(update={"cluster": SPEC.cluster.model_copy(update={"max_parallel": n})})
+
+
 @st.composite
-def observations(draw: st.DrawFn) -> tuple[set[str], dict[str, str]]:
-    """A consistent history: a run has a result or failed only once its dependencies had results."""
+def observations(draw: st.DrawFn) -> tuple[set[str], dict[str, str], set[str]]:
+    """A consistent local history: a run has a result, failed, or has a live process only once
+    its dependencies had results."""
     finished: set[str] = set()
     failed: dict[str, str] = {}
+    running: set[str] = set()
     for run in PLAN.runs:  # dependencies first
         if all(d in finished for d in run.depends_on):
-            outcome = draw(st.sampled_from(["finished", "failed", "not run"]))
+            outcome = draw(st.sampled_from(["finished", "failed", "running", "not run"]))
             if outcome == "finished":
                 finished.add(run.run_id)
             elif outcome == "failed":
-                failed[run.run_id] = "invalid config"
-    return finished, failed
+                failed[run.run_id] = "exit 42 (invalid config or data)"
+            elif outcome == "running":
+                running.add(run.run_id)
+    return finished, failed, running
 
 
-def decide_both(finished: set[str], failed: dict[str, str]) -> tuple[Schedule, dict[str, str], set[str]]:
-    schedule = Schedule.from_plan(PLAN, finished=finished, failed_before=failed)
-    observed = Observed(results={r: ResultSummary(r) for r in finished},
-                        previous_status={"runs": dict.fromkeys(failed, "failed"), "failures": failed})
-    decision = reconcile(SPEC, PLAN, observed, NOW)
-    creates = {a.run_id for a in decision.actions if isinstance(a, CreateRun)}
-    return schedule, decision.status["runs"], creates
+def downstream(run_ids: set[str]) -> set[str]:
+    found: set[str] = set()
+    for run in PLAN.runs:
+        if any(d in run_ids or d in found for d in run.depends_on):
+            found.add(run.run_id)
+    return found
 
 
 @settings(max_examples=200, deadline=None)
-@given(observations())
-def test_local_bookkeeping_and_reconcile_agree(history: tuple[set[str], dict[str, str]]) -> None:
-    finished, failed = history
-    schedule, states, creates = decide_both(finished, failed)
-    assert set(schedule.ready()) == creates
-    assert set(schedule.runs_in(State.BLOCKED)) == {r for r, s in states.items() if s == "blocked"}
-    assert set(schedule.runs_in(State.FAILED)) == {r for r, s in states.items() if s == "failed"}
-    assert set(schedule.runs_in(State.SKIPPED)) == {r for r, s in states.items() if s == "succeeded"}
+@given(observations(), st.integers(min_value=1, max_value=6))
+def test_local_observations_drive_reconcile_by_the_dependency_and_failure_rules(
+        history: tuple[set[str], dict[str, str], set[str]], parallel: int) -> None:
+    finished, failed, running = history
+    observed = local_observed(SPEC.name, running, (), {r: ResultSummary(r) for r in finished}, failed)
+    decision = reconcile(with_parallel(parallel), PLAN, observed, NOW, render=False)
+    states = decision.status["runs"]
+    creates = [a.run_id for a in decision.creates]
+    assert all(not a.objects for a in decision.creates)  # the local backend renders nothing
+    assert {r for r, s in states.items() if s == "succeeded"} == finished
+    assert {r for r, s in states.items() if s == "failed"} == set(failed)
+    assert {r for r, s in states.items() if s == "running"} == running
+    assert {r for r, s in states.items() if s == "blocked"} == downstream(set(failed)) - finished - running
+    # a run starts only once every run it needs has a result; never twice; never beyond --parallel
+    ready = [r.run_id for r in PLAN.runs if r.run_id not in finished | set(failed) | running
+             and all(d in finished for d in r.depends_on)]
+    assert set(creates) <= set(ready) and not set(creates) & running
+    assert len(creates) == min(len(ready), max(0, parallel - len(running)))
+    assert creates == start_order(PLAN, ready)[:len(creates)]
+    assert decision.status["failures"] if failed else "failures" not in decision.status
 
 
-def test_a_failed_intermediate_run_blocks_its_target_runs_in_both() -> None:
+def test_a_failed_intermediate_run_blocks_its_target_runs_and_says_why() -> None:
     intermediate = next(r for r in PLAN.runs if any(r.run_id in d.depends_on for d in PLAN.runs))
     dependants = {r.run_id for r in PLAN.runs if intermediate.run_id in r.depends_on}
     assert dependants
-    finished = set(intermediate.depends_on)
-    schedule, states, creates = decide_both(finished, {intermediate.run_id: "invalid config"})
-    assert dependants <= set(schedule.runs_in(State.BLOCKED))
+    observed = local_observed(SPEC.name, (), (), {}, {intermediate.run_id: "exit 42"})
+    decision = reconcile(SPEC, PLAN, observed, NOW, render=False)
+    states = decision.status["runs"]
     assert all(states[r] == "blocked" for r in dependants)
-    assert not dependants & creates and not dependants & set(schedule.ready())
+    assert not dependants & {a.run_id for a in decision.creates}
+    assert decision.status["failures"] == {intermediate.run_id: "exit 42"}
+    assert blocked_reasons(PLAN, states) == dict.fromkeys(dependants, f"needs run {intermediate.run_id}, which failed")
+
+
+def test_a_created_run_waiting_for_its_gpus_holds_its_slot_and_is_not_created_twice() -> None:
+    first = start_order(PLAN, [r.run_id for r in PLAN.runs if not r.depends_on])
+    held = local_observed(SPEC.name, (), [first[0]], {}, {})
+    decision = reconcile(with_parallel(2), PLAN, held, NOW, render=False)
+    assert decision.status["runs"][first[0]] == "pending"
+    assert [a.run_id for a in decision.creates] == [first[1]]
+
+
+def test_phase_2_runs_start_before_baselines_because_target_runs_wait_on_them() -> None:
+    decision = reconcile(with_parallel(4), PLAN, local_observed(SPEC.name, (), (), {}, {}), NOW, render=False)
+    assert [PLAN.by_id[a.run_id].config.stage for a in decision.creates] == [Stage.INTERMEDIATE] * 4
+    assert all(PLAN.by_id[a.run_id].labels.intermediate != "baseline" for a in decision.creates)

@@ -1,5 +1,6 @@
-"""The local executor's pure parts: which run may start, what a failure blocks, the time
-estimate, and how a run is placed and launched on this machine."""
+"""The local executor's pure parts: the time estimate, the progress lines, and how a run is
+placed and launched on this machine. Which run may start and what a failure blocks is
+reconcile()'s (tests/local/test_engine_agreement.py, tests/cluster/test_reconcile.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import pytest
 from xstilts.operator.cli.local_commands import default_parallel, follow_up_commands, parse_formats
 from xstilts.operator.experiment.plan import Plan, plan
 from xstilts.operator.experiment.spec import load_spec_text
-from xstilts.operator.local.dag_state import Schedule, State, estimate_remaining_seconds, relative_cost
 from xstilts.operator.local.display import ProgressView, RunningRow, counts_line, format_seconds, progress_text
+from xstilts.operator.local.eta import estimate_remaining_seconds, relative_cost
 from xstilts.operator.local.executor import (
     LocalRunError,
     Placement,
@@ -44,88 +45,28 @@ def run_of(p: Plan, model: str, arm: str, stage: Stage) -> str:
                 and r.config.stage is stage)
 
 
-def test_dependencies_come_first_and_unblocking_runs_are_preferred() -> None:
-    p = the_plan()
-    s = Schedule.from_plan(p)
-    a_mnli = run_of(p, "a", "mnli", Stage.INTERMEDIATE)
-    a_target = run_of(p, "a", "mnli", Stage.TARGET)
-    ready = s.ready()
-    # every intermediate run (it unblocks a target run) before the baselines, which unblock none
-    assert [p.by_id[r].config.stage for r in ready] == [Stage.INTERMEDIATE, Stage.INTERMEDIATE,
-                                                        Stage.TARGET, Stage.TARGET]
-    assert a_target not in ready
-    s.start(a_mnli)
-    assert a_target not in s.ready()
-    s.finish(a_mnli)
-    assert a_target in s.ready()
-
-
-def test_a_failure_blocks_its_dependants_and_nothing_else() -> None:
-    p = the_plan()
-    s = Schedule.from_plan(p)
-    a_mnli = run_of(p, "a", "mnli", Stage.INTERMEDIATE)
-    s.start(a_mnli)
-    blocked = s.fail(a_mnli, "exit 42 (invalid config or data)")
-    assert blocked == [run_of(p, "a", "mnli", Stage.TARGET)]
-    assert s.state[blocked[0]] is State.BLOCKED
-    assert s.reason[blocked[0]] == f"needs run {a_mnli}, which failed"
-    # everything else can still run
-    assert len(s.ready()) == 3
-    for r in s.ready():
-        s.start(r)
-        s.finish(r)
-    b_target = run_of(p, "b", "mnli", Stage.TARGET)
-    s.start(b_target)
-    s.finish(b_target)
-    assert s.finished
-    assert s.counts() == {State.DONE: 4, State.FAILED: 1, State.BLOCKED: 1}
-
-
-def test_runs_done_before_are_skipped_and_earlier_failures_are_not_retried() -> None:
-    p = the_plan()
-    a_mnli = run_of(p, "a", "mnli", Stage.INTERMEDIATE)
-    b_mnli = run_of(p, "b", "mnli", Stage.INTERMEDIATE)
-    s = Schedule.from_plan(p, finished=[a_mnli], failed_before={b_mnli: "exit 42"})
-    assert s.state[a_mnli] is State.SKIPPED
-    assert s.state[b_mnli] is State.FAILED
-    assert s.state[run_of(p, "b", "mnli", Stage.TARGET)] is State.BLOCKED
-    assert run_of(p, "a", "mnli", Stage.TARGET) in s.ready()  # its dependency was done earlier
-
-
-def test_requeue_and_illegal_transitions() -> None:
-    p = the_plan()
-    s = Schedule.from_plan(p)
-    r = s.ready()[0]
-    s.start(r)
-    s.requeue(r)  # interrupted: pending again
-    assert s.state[r] is State.PENDING
-    with pytest.raises(ValueError, match="not running"):
-        s.finish(r)
-    s.start(r)
-    s.finish(r)
-    with pytest.raises(ValueError, match="cannot fail"):
-        s.fail(r, "late")
-
-
 def test_remaining_time_from_observed_rate() -> None:
     p = the_plan()
-    s = Schedule.from_plan(p)
+    states = {r.run_id: "queued" if not r.depends_on else "waiting" for r in p.runs}
     costs = {r.run_id: relative_cost(r) for r in p.runs}
     # nothing timed yet and nothing reporting progress: unknown
-    assert estimate_remaining_seconds(costs, s, [], {}, {}, parallel=2) is None
+    assert estimate_remaining_seconds(costs, states, [], {}, {}, parallel=2) is None
     # one unit of cost per second observed; 6 pending runs shared by 2 slots
     rate_obs = [(1000.0, 1000.0)]
     expected = sum(costs.values()) / 2
-    assert estimate_remaining_seconds(costs, s, rate_obs, {}, {}, parallel=2) == pytest.approx(expected)
+    assert estimate_remaining_seconds(costs, states, rate_obs, {}, {}, parallel=2) == pytest.approx(expected)
     # a running run contributes the eta it reports
-    first = s.ready()[0]
-    s.start(first)
+    first = next(r for r, s in states.items() if s == "queued")
+    states[first] = "running"
     pending = sum(c for r, c in costs.items() if r != first)
-    got = estimate_remaining_seconds(costs, s, rate_obs, {first: 5.0}, {first: 30.0}, parallel=2)
+    got = estimate_remaining_seconds(costs, states, rate_obs, {first: 5.0}, {first: 30.0}, parallel=2)
     assert got == pytest.approx((pending + 30.0) / 2)
     # ... or, without one, its expected length minus what it has run
-    got = estimate_remaining_seconds(costs, s, rate_obs, {first: 5.0}, {first: None}, parallel=2)
+    got = estimate_remaining_seconds(costs, states, rate_obs, {first: 5.0}, {first: None}, parallel=2)
     assert got == pytest.approx((pending + costs[first] - 5.0) / 2)
+    # failed and blocked runs never start: no time for them
+    states = dict.fromkeys(states, "failed") | {first: "succeeded"}
+    assert estimate_remaining_seconds(costs, states, rate_obs, {}, {}, parallel=2) == 0.0
 
 
 def test_bigger_models_cost_more() -> None:
@@ -195,8 +136,8 @@ def test_progress_lines() -> None:
                                               "eta_s": 42}, 12.0)
     assert progress_text(row) == "train, step 3/10, loss 0.512, ~0:42 left"
     assert progress_text(RunningRow("abc", "t", None, 1.0)) == "starting"
-    view = ProgressView("sched", {State.DONE: 1, State.SKIPPED: 2, State.RUNNING: 1, State.PENDING: 1,
-                                  State.FAILED: 1}, [row], 61.0, 30.0)
+    view = ProgressView("sched", {"total": 6, "succeeded": 3, "running": 1, "pending": 1, "failed": 1,
+                                  "blocked": 0}, 2, [row], 61.0, 30.0)
     assert counts_line(view) == ("sched: 3/6 done (2 earlier), 1 running, 1 pending, 1 failed;"
                                  " elapsed 1:01, ~0:30 left")
 
@@ -207,7 +148,7 @@ def test_live_view_renders_counts_and_running_runs() -> None:
 
     row = RunningRow("abc123def456", "a mnli→pawsx seed 1", {"phase": "train", "step": 5, "total_steps": 20,
                                                             "loss": 0.7, "eta_s": 30}, 9.0)
-    view = ProgressView("sched", {State.DONE: 2, State.RUNNING: 1, State.PENDING: 3}, [row], 125.0, None,
+    view = ProgressView("sched", {"total": 6, "succeeded": 2, "running": 1, "pending": 3}, 0, [row], 125.0, None,
                         note="stopping: waiting for 1 run(s) to checkpoint and exit")
     console = Console(record=True, width=160, force_terminal=False)
     console.print(render(view))
