@@ -175,9 +175,11 @@ def score(task: Task, encoded: Encoded, rows: Sequence[int], predictions: Sequen
         return {"accuracy": accuracy(list(predictions), column("label"))}
     if task.format is Format.TAGGING:
         labels = column("labels")
-        preds, golds = word_tags(list(predictions), labels, encoded.labels)
-        return {"accuracy": token_accuracy(list(predictions), labels),
-                "f1": tag_f1(preds, golds, entities=is_bio(encoded.labels))}
+        scores = {"accuracy": token_accuracy(list(predictions), labels)}
+        if task.metric == "f1":  # UD-POS, PAN-X (XTREME's metric); CCG supertagging keeps accuracy
+            preds, golds = word_tags(list(predictions), labels, encoded.labels)
+            scores["f1"] = tag_f1(preds, golds, entities=is_bio(encoded.labels))
+        return scores
     windows: dict[int, list[Span]] = defaultdict(list)
     for example_index, span in zip(column("example_index"), predictions, strict=True):
         windows[example_index].append(span)
