@@ -395,6 +395,9 @@ class RunResult(BaseModel):
     metrics: dict[str, float]
     # Per-language test metrics of a target run: {"de": {"accuracy": 0.71}, ...}
     languages: dict[str, dict[str, float]] = Field(default_factory=dict)
+    # The same, by target-dev ("oracle") selection: each language's test metrics at the evaluation
+    # step its own dev set scored best. Empty when the target has no dev sets in its languages.
+    oracle_languages: dict[str, dict[str, float]] = Field(default_factory=dict)
     primary_metric: str = "accuracy"
     parameter_count: int
     tokens_seen: int

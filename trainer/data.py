@@ -77,6 +77,26 @@ def tuning_splits(config: RunConfig) -> list[SplitRef]:
     return [SplitRef(task.name, VALIDATION, lang) for lang in eval_languages(config)]
 
 
+def target_dev_splits(config: RunConfig) -> list[SplitRef]:
+    """Dev sets of a target run in its languages other than English: the target-dev ("oracle")
+    model-selection protocol next to the English-dev one. Only where the task has a dev set
+    apart from its test set in those languages (local <dir>/<language>/validation.jsonl; a hub
+    source whose per-language config has a validation split that is not its test split): the
+    protocol is then reported as unavailable rather than failing the run."""
+    if config.stage is not Stage.TARGET:
+        return []
+    task = TASKS[config.tasks[0]]
+    refs = [SplitRef(task.name, VALIDATION, lang) for lang in eval_languages(config) if lang != ENGLISH]
+    data_dir = config.task_data.get(task.name)
+    if data_dir is not None:
+        return [ref for ref in refs if local_path(data_dir, ref).is_file()]
+    per_language = [s for s in task.hub if s.config and "{lang}" in s.config]
+    if per_language and all(VALIDATION in s.splits and s.splits[VALIDATION] != s.splits.get(TEST)
+                            for s in per_language):
+        return refs
+    return []
+
+
 def required_splits(config: RunConfig) -> list[SplitRef]:
     return training_splits(config) + dev_splits(config) + tuning_splits(config) + test_splits(config)
 

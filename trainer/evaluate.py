@@ -227,6 +227,21 @@ def dev_metrics(tasks: Sequence[Task], per_task: Mapping[str, Mapping[str, float
     return out
 
 
+def oracle_test_scores(history: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Target-dev ("oracle") model selection: for each language, the test metrics at the
+    evaluation step whose dev score in that language was best (the earliest on a tie). Each
+    history entry is {"step", "dev": {lang: primary metric}, "test": {lang: {metric: value}}},
+    recorded at every evaluation step; English is selected by the English dev set, as usual."""
+    out: dict[str, dict[str, float]] = {}
+    languages = sorted({lang for h in history for lang in h["test"]})
+    for lang in languages:
+        candidates = [h for h in history if lang in h["dev"] and lang in h["test"]]
+        if candidates:
+            best = max(candidates, key=lambda h: (h["dev"][lang], -h["step"]))
+            out[lang] = dict(best["test"][lang])
+    return out
+
+
 def test_metrics(target: str, per_language: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """"<target>.test.<metric>.<lang>" for every language and ".avg", their mean."""
     out: dict[str, float] = {}

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import time
 from collections.abc import Iterator, Sequence
@@ -22,10 +23,11 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 from xstilts.trainer import checkpoints
 from xstilts.trainer.batching import Collator, MultiTaskBatchSampler, TrainSet
+from xstilts.trainer.data import ENGLISH
 from xstilts.trainer.evaluate import Predictor, dev_metrics, eval_token_budget, evaluate_splits
 from xstilts.trainer.features import Encoded
 from xstilts.trainer.interrupt import Interruption, RunInterrupted
-from xstilts.trainer.rundir import ProgressFile, eta_seconds
+from xstilts.trainer.rundir import ProgressFile, eta_seconds, write_atomic
 from xstilts.trainer.tasks import Task
 
 MAX_EVAL_ROWS = 1024
@@ -103,7 +105,9 @@ class RunCallback(TrainerCallback):
 class StiltsTrainer(Trainer):
     def __init__(self, *, model: Any, args: Any, train_set: TrainSet, sampler: MultiTaskBatchSampler,
                  collator: Collator, dev: Sequence[Encoded], tasks: Sequence[Task], eval_cap: int | None,
-                 tracker: Any, progress: ProgressFile, eval_tokens: int, callback: RunCallback) -> None:
+                 tracker: Any, progress: ProgressFile, eval_tokens: int, callback: RunCallback,
+                 target_dev: Sequence[Encoded] = (), test: Sequence[Encoded] = (),
+                 selection_file: Path | None = None) -> None:
         super().__init__(model=model, args=args, train_dataset=train_set, data_collator=collator,
                          eval_dataset={e.ref.task: e.features for e in dev}, callbacks=[callback])
         self.batch_sampler = sampler
@@ -114,6 +118,15 @@ class StiltsTrainer(Trainer):
         self.progress = progress
         self.eval_tokens = eval_tokens
         self.run_callback = callback
+        # Target-dev selection: a target run with dev sets in its other languages also scores
+        # them and its test sets at every evaluation (one pooled pass), so that the test scores
+        # at the step each language's dev set prefers are known without keeping every checkpoint.
+        self.target_dev = list(target_dev) if test else []
+        self.test = list(test) if self.target_dev else []
+        self.selection_file = selection_file
+        self.selection_history: list[dict[str, Any]] = []
+        if selection_file is not None and selection_file.is_file():  # a resumed run keeps its earlier steps
+            self.selection_history = json.loads(selection_file.read_text(encoding="utf-8"))
 
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
         loader = torch.utils.data.DataLoader(
@@ -160,6 +173,8 @@ class StiltsTrainer(Trainer):
         self.progress.update(force=True, phase="eval")
         with self.run_callback.pause():
             per_task = {e.ref.task: self.evaluate_split(e, i) for i, e in enumerate(self.dev)}
+            if self.target_dev:
+                self._record_selection(per_task)
         flat = dev_metrics(self.tasks, per_task)
         self.tracker.log_metrics(flat, step=self.state.global_step)
         metrics = {f"{metric_key_prefix}_{k.removeprefix('dev.').replace('.', '_')}": v for k, v in flat.items()}
@@ -167,6 +182,20 @@ class StiltsTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         self.progress.update(force=True, phase="train")
         return metrics
+
+    def _record_selection(self, per_task: dict[str, dict[str, float]]) -> None:
+        metric = self.tasks[0].metric
+        scores = self.evaluate_splits([*self.target_dev, *self.test], 0)
+        n = len(self.target_dev)
+        dev = {ENGLISH: per_task[self.tasks[0].name][metric]}
+        dev |= {e.ref.language: s[metric] for e, s in zip(self.target_dev, scores[:n], strict=True)}
+        test = {e.ref.language: s for e, s in zip(self.test, scores[n:], strict=True)}
+        step = self.state.global_step
+        # a resumed run re-evaluates from its checkpoint: later entries of the earlier attempt go
+        self.selection_history = [h for h in self.selection_history if h["step"] < step]
+        self.selection_history.append({"step": step, "dev": dev, "test": test})
+        if self.selection_file is not None and self.args.should_save:
+            write_atomic(self.selection_file, json.dumps(self.selection_history) + "\n")
 
     # --- checkpoints: staged, then renamed into place once complete (see checkpoints.py) -------
 

@@ -59,6 +59,7 @@ class RunDir:
     RESULT: ClassVar[str] = "result.json"
     FAILURE: ClassVar[str] = "failed.json"
     TRAIN_LOG: ClassVar[str] = "train.log"
+    SELECTION: ClassVar[str] = "selection.json"  # dev and test scores per evaluation step (target-dev selection)
     LOCK: ClassVar[str] = ".lock"
     TRACKING_BUFFER: ClassVar[str] = "mlflow-buffer.jsonl"
     TRACKING_SYNCED: ClassVar[str] = "mlflow-buffer.synced.json"
@@ -79,6 +80,10 @@ class RunDir:
     @property
     def config(self) -> Path:
         return self.path / self.CONFIG
+
+    @property
+    def selection(self) -> Path:
+        return self.path / self.SELECTION
 
     @property
     def progress(self) -> Path:

@@ -42,6 +42,7 @@ from xstilts.trainer.data import (
     dev_splits,
     is_retrieval,
     open_split,
+    target_dev_splits,
     test_splits,
     training_splits,
 )
@@ -92,6 +93,7 @@ class RunData:
     dev: list[Any]
     test: list[Any]  # target runs: one per evaluation language
     tasks: list[Task] = field(default_factory=list)
+    target_dev: list[Any] = field(default_factory=list)  # target runs: dev sets in the other languages
 
 
 def cap_rows(encoded: Any, max_examples: int | None, seed_text: str) -> Any:
@@ -120,7 +122,8 @@ def load_run_data(config: RunConfig, tokenizer: Any, cache_dir: Path) -> RunData
     labels = {e.ref.task: e.labels for e in train}
     dev = [encoded(ref, labels[ref.task]) for ref in dev_splits(config)]
     test = [encoded(ref, labels[ref.task]) for ref in test_splits(config)]
-    return RunData(train, dev, test, [TASKS[t] for t in config.tasks])
+    target_dev = [encoded(ref, labels[ref.task]) for ref in target_dev_splits(config)]
+    return RunData(train, dev, test, [TASKS[t] for t in config.tasks], target_dev)
 
 
 def row_tokens(train: Sequence[Any], max_length: int) -> int:
@@ -250,7 +253,7 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
     from transformers import AutoTokenizer, set_seed
     from xstilts.trainer.batch_plan import deepspeed_config, mixed_precision, plan_steps
     from xstilts.trainer.batching import Collator, MultiTaskBatchSampler, TrainSet
-    from xstilts.trainer.evaluate import dev_metrics, selection_metric, test_metrics
+    from xstilts.trainer.evaluate import dev_metrics, oracle_test_scores, selection_metric, test_metrics
     from xstilts.trainer.hf_seams import check_hf_seams
     from xstilts.trainer.loop import RunCallback, StiltsTrainer
     from xstilts.trainer.model import HeadSpec, build_model, encoder_parameter_count, save_model
@@ -299,7 +302,7 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
         model=model, args=args, train_set=TrainSet(train_parts), sampler=sampler, collator=collator,
         dev=data.dev, tasks=data.tasks, eval_cap=hp.max_eval_examples, tracker=tracker, progress=progress,
         eval_tokens=EVAL_BATCH_FACTOR * schedule.micro_batch_size * row_tokens(data.train, hp.max_seq_length),
-        callback=callback,
+        callback=callback, target_dev=data.target_dev, test=data.test, selection_file=run_dir.selection,
     )
     if dist.is_main:
         remove_partial_checkpoints(run_dir.resume)
@@ -326,8 +329,13 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
     if config.stage is Stage.TARGET:
         languages = dict(zip([e.ref.language for e in data.test], trainer.evaluate_splits(data.test, 0), strict=True))
         metrics |= test_metrics(config.tasks[0], languages)
+    oracle = oracle_test_scores(trainer.selection_history)
+    if oracle:
+        oracle_metrics = test_metrics(config.tasks[0], oracle)
+        metrics |= {k.replace(".test.", ".test_oracle.", 1): v for k, v in oracle_metrics.items()}
     result = RunResult(
         run_id=config.run_id, config=config, metrics=metrics, languages=languages, primary_metric=selection,
+        oracle_languages=oracle,
         parameter_count=parameters, tokens_seen=int(trainer.state.num_input_tokens_seen),
         train_steps=int(trainer.state.global_step), wall_seconds=round(time.monotonic() - started, 2),
         tokens_per_second=round(tokens_this_attempt / max(train_seconds, 1e-9), 1), finished_at=utc_now(),

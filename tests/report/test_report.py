@@ -318,3 +318,24 @@ def test_without_a_reachable_mlflow_the_report_is_still_written_and_no_password_
     assert (out / "report" / "report.md").exists()
     assert f"MLflow at http://127.0.0.1:{port} is not usable" in result.output
     assert secret not in result.output
+
+
+def test_both_model_selection_protocols_side_by_side() -> None:
+    spec = the_spec()
+    p = plan(spec)
+    results = []
+    for r in hand_made_results(p):
+        if r.config.labels is not None and r.config.labels.model == "small":
+            # target-dev selection finds a checkpoint 1 point better in de for mnli, none for the baseline
+            bump = 0.01 if r.config.labels.intermediate == "mnli" else 0.0
+            oracle = {lang: {"accuracy": v["accuracy"] + (bump if lang == "de" else 0.0)}
+                      for lang, v in r.languages.items()}
+            r = r.model_copy(update={"oracle_languages": oracle})
+        results.append(r)
+    report = build_report(results, grid_of(spec))
+    # small, zero-shot (de): English-dev 13/3; target-dev 13/3 + 1
+    assert report.oracle_gains[("small", "mnli", "pawsx")].mean == pytest.approx(13 / 3 + 1)
+    assert ("big", "mnli", "pawsx") not in report.oracle_gains  # big's runs have no target-dev scores
+    table = next(t for t in tables(report) if t.title.startswith("Zero-shot gain under both"))
+    assert table.rows[0] == ("small", "mnli", "pawsx", "+4.33 ± 2.87", "+5.33 ± 2.87")
+    assert ("big", "mnli", "pawsx", "+10.00 ± 12.17†", "–") in table.rows

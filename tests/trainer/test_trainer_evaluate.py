@@ -102,3 +102,19 @@ def test_predictions_come_back_in_the_order_of_the_rows_asked_for(tiny_hub: Tiny
     both = predictor.predict_splits([en, fr], 0, [rows_en, rows_fr])
     assert both == [[predictor.predict(en, 0, [i])[0] for i in rows_en],
                     [predictor.predict(fr, 0, [i])[0] for i in rows_fr]]
+
+
+def test_oracle_selection_takes_each_languages_test_score_at_its_best_dev_step() -> None:
+    from xstilts.trainer.evaluate import oracle_test_scores
+
+    history = [
+        {"step": 10, "dev": {"en": 0.70, "de": 0.50}, "test": {"en": {"accuracy": 0.69}, "de": {"accuracy": 0.48}}},
+        {"step": 20, "dev": {"en": 0.75, "de": 0.50}, "test": {"en": {"accuracy": 0.74}, "de": {"accuracy": 0.52}}},
+        {"step": 30, "dev": {"en": 0.72, "de": 0.55}, "test": {"en": {"accuracy": 0.71}, "de": {"accuracy": 0.57}}},
+    ]
+    # en: best dev at step 20; de: best at step 30 (English dev would have picked step 20: 0.52)
+    assert oracle_test_scores(history) == {"en": {"accuracy": 0.74}, "de": {"accuracy": 0.57}}
+    # a tie goes to the earlier step, as the Trainer's own best-checkpoint choice does
+    tied = [history[0], {**history[0], "step": 40, "test": {"en": {"accuracy": 0.1}, "de": {"accuracy": 0.1}}}]
+    assert oracle_test_scores(tied) == {"en": {"accuracy": 0.69}, "de": {"accuracy": 0.48}}
+    assert oracle_test_scores([]) == {}

@@ -166,6 +166,17 @@ def test_pawsx_baseline_evaluates_its_seven_languages(tiny_hub: TinyHub, tiny_ca
     assert {f"pawsx.test.accuracy.{lang}" for lang in PAWSX_LANGUAGES} < set(result.metrics)
     # max_eval_examples caps each split: 20 rows, so accuracies are multiples of 1/20
     assert all(round(v["accuracy"] * 20, 6).is_integer() for v in result.languages.values())
+    # both model-selection protocols: every language's dev set was scored at each evaluation step,
+    # and its test score at the step its dev set liked best is kept beside the English-dev one
+    history = json.loads(RunDir.of(config).selection.read_text(encoding="utf-8"))
+    assert history and all(set(h["dev"]) == set(PAWSX_LANGUAGES) for h in history)
+    assert set(result.oracle_languages) == set(PAWSX_LANGUAGES)
+    # English is selected by the English dev set under both: the same checkpoint, the same score
+    assert result.oracle_languages["en"]["accuracy"] == pytest.approx(result.languages["en"]["accuracy"])
+    for lang in PAWSX_LANGUAGES:
+        best = max(history, key=lambda h: (h["dev"][lang], -h["step"]))
+        assert result.oracle_languages[lang] == best["test"][lang]
+        assert result.metrics[f"pawsx.test_oracle.accuracy.{lang}"] == best["test"][lang]["accuracy"]
 
 
 @pytest.mark.parametrize(("task", "metrics"), [
