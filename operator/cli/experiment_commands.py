@@ -93,6 +93,9 @@ def _totals(p: Plan) -> dict[str, Any]:
         "target_runs": p.count(Stage.TARGET),
         "gpu_hours": p.gpu_hours,
         "unknown_gpu_hours": sum(1 for r in p.runs if r.gpu_hours is None),
+        # With spec.replication: every cell at maxSeeds (the runs above are the minSeeds ones).
+        "max_runs": len(p.runs) + len(p.reserve),
+        "max_gpu_hours": p.gpu_hours + sum(r.gpu_hours or 0.0 for r in p.reserve),
     }
 
 
@@ -120,6 +123,13 @@ def _print_plan_table(spec: ExperimentSpec, p: Plan) -> None:
         f" estimated [bold]{_fmt_hours(t['gpu_hours'])}[/bold] GPU-hours at"
         f" {spec.planning.assumed_tflops_per_gpu:g} TFLOP/s per GPU{unknown}"
     )
+    if spec.replication is not None:
+        rep = spec.replication
+        console.print(
+            f"replication to ±{rep.target_half_width:g} points: at least [bold]{t['runs']}[/bold] runs,"
+            f" {_fmt_hours(t['gpu_hours'])} GPU-hours (every cell stops at {rep.min_seeds} seeds); at most"
+            f" [bold]{t['max_runs']}[/bold] runs, {_fmt_hours(t['max_gpu_hours'])} GPU-hours (every cell"
+            f" needs {rep.max_seeds} seeds)")
 
 
 def crd() -> None:

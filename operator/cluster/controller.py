@@ -667,6 +667,7 @@ class Controller:
 
         previous = obj.get("status") or {}
         decision = decide(previous)
+        plan_ = decision.plan or plan_  # with the seeds replication added
         self._apply(obj, plan_, decision)
         self._sweep_orphans(obj, plan_, generation)
         status = {**decision.status, "observedGeneration": generation} if generation is not None else decision.status

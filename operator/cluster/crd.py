@@ -32,6 +32,20 @@ STATUS_SCHEMA: dict[str, Any] = {
         "gpuHoursEstimated": {"type": "number"},
         "gpuHoursUsed": {"type": "number"},
         "bestGain": {"type": "string", "description": "largest mean gain so far, e.g. '+3.1 xnli/mnli@large'"},
+        "replication": {
+            "type": "object",
+            "description": "with spec.replication: per cell (model/intermediate/target), its seeds so far, the"
+                           " half-width of its paired gain interval in points, and whether it reached the target",
+            "additionalProperties": {
+                "type": "object",
+                "properties": {
+                    "seeds": {"type": "integer", "minimum": 0},
+                    "halfWidth": {"type": "number"},
+                    "state": {"type": "string",
+                              "enum": ["measuring", "addingSeeds", "reached", "stoppedAtMaxSeeds"]},
+                },
+            },
+        },
         "mlflowExperiment": {"type": "string", "description": "the MLflow experiment name"},
         "mlflowTrackingUri": {"type": "string"},
         "message": {"type": "string"},

@@ -55,7 +55,7 @@ from xstilts.operator.cluster.render import (
     render_run,
 )
 from xstilts.operator.experiment.plan import Plan
-from xstilts.operator.experiment.spec import ExperimentSpec
+from xstilts.operator.experiment.spec import BASELINE, ExperimentSpec
 from xstilts.operator.report.build import AVG, POINTS, Cell, arm_gains
 from xstilts.operator.report.stats import Interval, gain_interval
 from xstilts.trainer.config import RunResult, Stage
@@ -232,6 +232,9 @@ Action = CreateRun | DeleteJob
 class Decision:
     actions: list[Action]
     status: dict[str, Any]
+    # The plan decided on: the given one, plus the seeds replication added (`replicated`).
+    # Callers look runs up here, and keep the objects of every run in it.
+    plan: Plan | None = None
 
     @property
     def creates(self) -> list[CreateRun]:
@@ -300,6 +303,111 @@ def _average(summary: ResultSummary | None) -> float | None:
     return None if summary is None else summary.scores.get(AVG)
 
 
+# --- precision-driven replication ----------------------------------------------------------
+
+REACHED = "reached"  # the paired gain interval is within ±targetHalfWidth
+AT_MAX_SEEDS = "stoppedAtMaxSeeds"  # maxSeeds ran, the interval is still wider
+ADDING = "addingSeeds"  # a seed was added: its runs are under way
+MEASURING = "measuring"  # the first minSeeds seeds' runs are under way
+
+
+@dataclass(frozen=True, slots=True)
+class CellPrecision:
+    """Where one cell (model × intermediate arm × target) stands under spec.replication."""
+
+    model: str
+    intermediate: str
+    target: str
+    seeds: int  # seeds the cell runs now (1..seeds)
+    half_width: float | None  # of the paired gain interval over the seeds with results, in points
+    state: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}/{self.intermediate}/{self.target}"
+
+
+def replication_cells(spec: ExperimentSpec, plan: Plan,
+                      results: Mapping[str, ResultSummary]) -> list[CellPrecision]:
+    """Each cell's seed count, derived from the results alone (level-triggered, like the rest
+    of reconcile): start at minSeeds; once seeds 1..n all have baseline and arm results, stop
+    if the paired gain interval (the report's gain_interval) is within ±targetHalfWidth or n
+    is maxSeeds, else go on with seed n+1. Results never go away, so a cell's count only grows.
+    Empty without spec.replication."""
+    rep = spec.replication
+    if rep is None:
+        return []
+    target_runs = {(r.labels.model, r.labels.intermediate, r.labels.target or "", r.config.seed): r.run_id
+                   for r in (*plan.runs, *plan.reserve) if r.config.stage is Stage.TARGET}
+    cells = []
+    for model in spec.models:
+        for arm in spec.intermediates:
+            for target in spec.targets:
+                cells.append(_cell(rep.target_half_width, rep.min_seeds, rep.max_seeds, model.name, arm, target,
+                                   target_runs, results))
+    return cells
+
+
+def _cell(half_width: float, min_seeds: int, max_seeds: int, model: str, arm: str, target: str,
+          target_runs: Mapping[tuple[str, str, str, int], str],
+          results: Mapping[str, ResultSummary]) -> CellPrecision:
+    treated: dict[int, float] = {}
+    baseline: dict[int, float] = {}
+    n, width = min_seeds, None
+    for seed in range(1, max_seeds + 1):
+        a = _average(results.get(target_runs.get((model, arm, target, seed), "")))
+        b = _average(results.get(target_runs.get((model, BASELINE, target, seed), "")))
+        if a is None or b is None:
+            break
+        treated[seed], baseline[seed] = POINTS * a, POINTS * b
+        if seed < min_seeds:
+            continue
+        interval = _cached_gain(treated, baseline)
+        width = None if interval is None else interval.half_width
+        if width is not None and width <= half_width:
+            return CellPrecision(model, arm, target, seed, width, REACHED)
+        if seed == max_seeds:
+            return CellPrecision(model, arm, target, seed, width, AT_MAX_SEEDS)
+        n = seed + 1
+    if width is None and len(treated) >= 2:
+        interval = _cached_gain(treated, baseline)
+        width = None if interval is None else interval.half_width
+    return CellPrecision(model, arm, target, n, width, MEASURING if n == min_seeds else ADDING)
+
+
+def replicated(spec: ExperimentSpec, plan: Plan, results: Mapping[str, ResultSummary]) -> Plan:
+    """The plan with the runs of every seed `replication_cells` calls for moved from its
+    reserve into its runs: per added seed, the cell's baseline and arm target runs and the
+    phase-2 run the arm's needs. Idempotent; the plan itself without spec.replication."""
+    if spec.replication is None or not plan.reserve:
+        return plan
+    wanted: set[tuple[str, str, str, int]] = set()
+    for cell in replication_cells(spec, plan, results):
+        for seed in range(spec.replication.min_seeds + 1, cell.seeds + 1):
+            wanted.add((cell.model, cell.intermediate, cell.target, seed))
+            wanted.add((cell.model, BASELINE, cell.target, seed))
+    if not wanted:
+        return plan
+    moved: set[str] = set()
+    for run in plan.reserve:
+        labels = run.labels
+        if (labels.model, labels.intermediate, labels.target, run.config.seed) in wanted:
+            moved.add(run.run_id)
+            moved.update(run.depends_on)
+    if not moved:
+        return plan
+    added = [r for r in plan.reserve if r.run_id in moved]  # reserve order: dependencies first
+    runs = (*plan.runs, *added)
+    return Plan(plan.experiment, runs, {**plan.by_id, **{r.run_id: r for r in added}},
+                tuple(r for r in plan.reserve if r.run_id not in moved))
+
+
+def _replication_status(cells: list[CellPrecision]) -> dict[str, Any]:
+    return {cell.key: {"seeds": cell.seeds, "state": cell.state,
+                       **({"halfWidth": round(cell.half_width, 3)} if cell.half_width is not None else {})}
+            for cell in cells}
+
+
 # --- reconcile ---------------------------------------------------------------------------
 
 
@@ -310,6 +418,7 @@ def reconcile(spec: ExperimentSpec, plan: Plan, observed: Observed, now: datetim
     (`start_order`). `render=False` leaves CreateRun.objects empty: the local executor
     (operator/local) starts processes, not Kubernetes objects."""
     results = observed.results
+    plan = replicated(spec, plan, results)
     seen = tuple(observed.jobs)
     jobs, deletes = _assign_jobs(spec, plan, seen)
     previous = observed.previous_status or {}
@@ -351,7 +460,9 @@ def reconcile(spec: ExperimentSpec, plan: Plan, observed: Observed, now: datetim
         creates.append(CreateRun(rid, job_name(spec.name, rid), objects))
 
     status = _status(spec, plan, results, previous, now, states, failures, jobs)
-    return Decision(actions=[*deletes, *creates], status=status)
+    if spec.replication is not None:
+        status["replication"] = _replication_status(replication_cells(spec, plan, results))
+    return Decision(actions=[*deletes, *creates], status=status, plan=plan)
 
 
 def start_order(plan: Plan, ready: Iterable[str]) -> list[str]:

@@ -42,10 +42,11 @@ class ResultStore:
         return RunDir.at(root, run_id).result
 
     def read(self, spec: ExperimentSpec, plan: Plan) -> tuple[dict[str, ResultSummary], list[str]]:
-        """The results of the plan's runs that have one, and a line per unreadable file."""
+        """The results of the plan's runs that have one (its reserve's too: replication adds
+        seeds from there once it sees their first results), and a line per unreadable file."""
         found: dict[str, ResultSummary] = {}
         problems: list[str] = []
-        for run in plan.runs:
+        for run in (*plan.runs, *plan.reserve):
             path = self.path(spec, run.run_id)
             if path is None:
                 continue

@@ -49,6 +49,9 @@ class Plan:
     experiment: str
     runs: tuple[PlannedRun, ...]  # dependencies before dependants
     by_id: dict[str, PlannedRun] = field(repr=False, compare=False)
+    # Under spec.replication: the runs of the seeds above minSeeds, which reconcile adds to
+    # `runs` cell by cell while a cell's gain interval is too wide (replication.replicated).
+    reserve: tuple[PlannedRun, ...] = ()
 
     @property
     def gpu_hours(self) -> float:
@@ -96,7 +99,7 @@ def _plan(spec: ExperimentSpec, storage_root: str | None) -> Plan:
     runs: list[PlannedRun] = []
     for model in spec.models:
         shared = _ModelShared.of(spec, model)
-        for seed in spec.seeds:
+        for seed in spec.all_seeds:
             phase2: dict[str, str] = {}
             for arm in spec.intermediates:
                 run = _intermediate_run(spec, model, shared, arm, seed, root, tracking)
@@ -110,7 +113,11 @@ def _plan(spec: ExperimentSpec, storage_root: str | None) -> Plan:
         if run.run_id in by_id:  # cannot happen unless the grid itself repeats: a bug
             raise AssertionError(f"run {run.run_id} planned twice: {run.labels} and {by_id[run.run_id].labels}")
         by_id[run.run_id] = run
-    return Plan(spec.name, tuple(runs), by_id)
+    if spec.replication is None:
+        return Plan(spec.name, tuple(runs), by_id)
+    initial = set(spec.initial_seeds)
+    first = tuple(r for r in runs if r.config.seed in initial)
+    return Plan(spec.name, first, {r.run_id: r for r in first}, tuple(r for r in runs if r.config.seed not in initial))
 
 
 @dataclass(frozen=True)

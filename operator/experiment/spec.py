@@ -536,6 +536,23 @@ class PlanningSpec(_Spec):
     max_runs: Annotated[int, Field(ge=1, le=MAX_RUNS)] = 2000
 
 
+class ReplicationSpec(_Spec):
+    """Precision-driven replication: each cell (model × intermediate arm × target) starts with
+    seeds 1..minSeeds; while its paired gain interval (95%, in points) is wider than
+    ±targetHalfWidth once its runs have finished, reconcile adds the next seed (a baseline
+    and an intermediate-arm run with it), up to maxSeeds."""
+
+    target_half_width: Annotated[float, Field(gt=0, le=100)]
+    min_seeds: Annotated[int, Field(ge=2, le=1000)] = 3  # two paired seeds give the first interval
+    max_seeds: Annotated[int, Field(ge=2, le=1000)] = 10
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ReplicationSpec:
+        if self.max_seeds < self.min_seeds:
+            raise FieldError("maxSeeds", f"maxSeeds ({self.max_seeds}) must be at least minSeeds ({self.min_seeds})")
+        return self
+
+
 # --- the experiment ---------------------------------------------------------------------
 
 
@@ -548,6 +565,7 @@ class ExperimentSpec(_Spec):
     multi_task_groups: list[MultiTaskGroup] = Field(default_factory=list)
     targets: Annotated[list[TargetTaskName], Field(min_length=1)]
     seeds: Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1)] = [1]
+    replication: ReplicationSpec | None = None  # instead of seeds: as many seeds as precision needs
     hyperparameters: HyperParameterSpec = HyperParameterSpec()
     eval_languages: dict[str, list[str]] = Field(default_factory=dict)  # target -> subset
     data: dict[str, str] = Field(default_factory=dict)  # task -> local data directory
@@ -619,6 +637,10 @@ class ExperimentSpec(_Spec):
             if bad or not languages:
                 raise FieldError(f"evalLanguages{path_part(target)}",
                                  f"{shown_value(languages)} must be a non-empty subset of {', '.join(valid)}")
+        if self.replication is not None and "seeds" in self.model_fields_set:
+            raise FieldError("replication",
+                             "cannot be combined with seeds: replication picks the seeds itself (1, 2, ... up to"
+                             " maxSeeds); remove seeds, or remove replication to run a fixed list of seeds")
         runs = self.run_count
         if runs > self.planning.max_runs:
             raise FieldError("planning.maxRuns",
@@ -634,8 +656,19 @@ class ExperimentSpec(_Spec):
         return [*self.intermediate_tasks, *(g.name for g in self.multi_task_groups)]
 
     @property
+    def initial_seeds(self) -> list[int]:
+        """The seeds every cell runs: the fixed list, or 1..minSeeds under replication."""
+        return self.seeds if self.replication is None else list(range(1, self.replication.min_seeds + 1))
+
+    @property
+    def all_seeds(self) -> list[int]:
+        """Every seed a cell may run: the fixed list, or 1..maxSeeds under replication."""
+        return self.seeds if self.replication is None else list(range(1, self.replication.max_seeds + 1))
+
+    @property
     def run_count(self) -> int:
-        n_models, n_seeds = len(self.models), len(self.seeds)
+        """Runs at most (with replication: every cell at maxSeeds), for the planning.maxRuns guard."""
+        n_models, n_seeds = len(self.models), len(self.all_seeds)
         phase2 = n_models * len(self.intermediates) * n_seeds
         phase3 = n_models * (len(self.intermediates) + 1) * len(self.targets) * n_seeds
         return phase2 + phase3

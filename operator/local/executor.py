@@ -78,13 +78,14 @@ def tracking_uri_for(spec: ExperimentSpec, flag: str | None, storage_root: str |
 def with_tracking(p: Plan, tracking_uri: str, parent_run_id: str | None) -> Plan:
     """The plan with every run's tracking target set. Tracking is not part of a run's
     identity, so run ids (and their directories) stay the same."""
-    runs = []
-    for run in p.runs:
+    def tracked(run: PlannedRun) -> PlannedRun:
         tracking = TrackingConfig(tracking_uri=tracking_uri, experiment_name=run.config.tracking.experiment_name,
                                   parent_run_id=parent_run_id)
         config = run.config.model_copy(update={"tracking": tracking})
-        runs.append(PlannedRun(run.run_id, config, run.depends_on, run.train_tokens, run.gpu_hours))
-    return Plan(p.experiment, tuple(runs), {r.run_id: r for r in runs})
+        return PlannedRun(run.run_id, config, run.depends_on, run.train_tokens, run.gpu_hours)
+
+    runs = tuple(tracked(r) for r in p.runs)
+    return Plan(p.experiment, runs, {r.run_id: r for r in runs}, tuple(tracked(r) for r in p.reserve))
 
 
 def split_credentials(tracking_uri: str) -> tuple[str, dict[str, str]]:
@@ -344,6 +345,7 @@ class LocalExecutor:
         self.extra_env = dict(extra_env or {})  # e.g. MLflow credentials, kept out of RUN.json
         self.display = display
         self.free_gpus = list(machine_gpus)
+        self.machine_gpus = len(machine_gpus)
         self.placements = {r.run_id: place(r.config.resources, len(machine_gpus)) for r in p.runs}
         self.cpus = cpus or os.cpu_count() or 1
         self.costs = {r.run_id: relative_cost(r) for r in p.runs}
@@ -367,8 +369,9 @@ class LocalExecutor:
         return RunDir.of(self.plan.by_id[run_id].config)
 
     def _observe_run_dirs(self) -> None:
-        """Results and failure files left by earlier invocations."""
-        for run in self.plan.runs:
+        """Results and failure files left by earlier invocations (of the replication reserve
+        too: the seeds an earlier invocation added are added again at once)."""
+        for run in (*self.plan.runs, *self.plan.reserve):
             run_dir = RunDir.of(run.config)
             summary = load_result(run)
             if summary is not None:
@@ -383,7 +386,26 @@ class LocalExecutor:
 
     def _decide(self) -> Decision:
         observed = local_observed(self.spec.name, self.processes, self.held, self.results, self.failures)
-        return reconcile(self.spec, self.plan, observed, datetime.now(UTC), render=False)
+        decision = reconcile(self.spec, self.plan, observed, datetime.now(UTC), render=False)
+        if decision.plan is not None and len(decision.plan.runs) > len(self.plan.runs):
+            self._adopt(decision.plan)
+        return decision
+
+    def _adopt(self, extended: Plan) -> None:
+        """Take on the runs replication added (seeds for cells whose interval is still wide)."""
+        known = self.plan.by_id
+        added = [r for r in extended.runs if r.run_id not in known]
+        for run in added:
+            self.placements[run.run_id] = place(run.config.resources, self.machine_gpus)
+            self.costs[run.run_id] = relative_cost(run)
+            summary = load_result(run)  # done by an earlier invocation that had added it too
+            if summary is not None:
+                self.results[run.run_id] = summary
+        self.plan = extended
+        write_run_configs(Plan(extended.experiment, tuple(added), {r.run_id: r for r in added}))
+        seeds = sorted({r.config.seed for r in added})
+        self.display.event(f"replication: {len(added)} runs added (seeds {', '.join(map(str, seeds))}) for cells"
+                           " whose gain interval is still wider than the target")
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -665,7 +687,7 @@ def run_experiment(spec: ExperimentSpec, p: Plan, storage_root: Path, tracking_u
                    options: LocalOptions, display: Display) -> Outcome:
     """`xstilts run`: hold the storage root, link MLflow, write every RUN.json, execute."""
     machine_gpus = detect_gpus()
-    for run in p.runs:  # refuse what cannot run here before touching anything
+    for run in (*p.runs, *p.reserve):  # refuse what cannot run here before touching anything
         place(run.config.resources, len(machine_gpus))
     with executor_lock(storage_root), display:
         if not machine_gpus and any(r.config.resources.gpus_per_node for r in p.runs):

@@ -61,6 +61,8 @@ class Grid:
     targets: tuple[str, ...]
     seeds: tuple[int, ...]
     languages: Mapping[str, tuple[str, ...]]  # target -> evaluated languages
+    # spec.replication's (targetHalfWidth, maxSeeds), when seeds are added to reach a precision
+    replication: tuple[float, int] | None = None
 
     def metric(self, target: str) -> str:
         metric: str = TASKS[target].metric
@@ -73,9 +75,22 @@ def grid_of(spec: ExperimentSpec) -> Grid:
         models=tuple(ModelInfo(m.name, m.label, m.parameter_count) for m in spec.models),
         arms=tuple(spec.intermediates),
         targets=tuple(spec.targets),
-        seeds=tuple(spec.seeds),
+        seeds=tuple(spec.initial_seeds),
         languages={t: tuple(spec.eval_languages.get(t) or TASKS[t].languages) for t in spec.targets},
+        replication=None if spec.replication is None else (spec.replication.target_half_width,
+                                                           spec.replication.max_seeds),
     )
+
+
+def replication_text(gain: Interval, target_half_width: float, max_seeds: int) -> str:
+    """Where a cell's language-average gain stands against spec.replication: the rule
+    reconcile adds seeds by (reconcile.replication_cells), on the same interval."""
+    width = "?" if gain.half_width is None else f"{gain.half_width:.2f}"
+    if gain.half_width is not None and gain.half_width <= target_half_width:
+        return f"reached ±{width}"
+    if gain.n >= max_seeds:
+        return f"stopped at max seeds, ±{width}"
+    return f"±{width} with {gain.n} seeds, more to come"
 
 
 # Scores of one target run, by language plus AVG when every language is there.
@@ -472,6 +487,16 @@ def tables(report: Report) -> list[TableData]:
     models = report.models_by_size
     out: list[TableData] = []
     out.append(trend_table(report))
+    if g.replication is not None:
+        half_width, max_seeds = g.replication
+        out.append(TableData(
+            f"Replication: seeds added until the gain interval is within ±{half_width:g} points",
+            ("model", "intermediate", "target", "seeds", "gain (all languages)", "precision"),
+            tuple((c.model, c.arm, c.target, str(c.gain.n), fmt_interval(c.gain),
+                   replication_text(c.gain, half_width, max_seeds))
+                  for c in report.cells if c.language == AVG),
+            "" if report.cells else "No cell has both baseline and intermediate results yet.",
+        ))
     out.append(TableData(
         "Best intermediate task per model size",
         ("model", "parameters", "best intermediate", "zero-shot gain (over targets)", "95% interval"),
