@@ -7,6 +7,7 @@
 #   socat                                            kubectl port-forward
 #   buildah                                          images from the Dockerfile, no Docker engine
 #   debootstrap                                      the offline CPU test base image
+#   chromium                                         the headless browser test of `xstilts ui`
 #
 # Nothing is installed when every command is already there. Prints what it installs.
 set -euo pipefail
@@ -24,6 +25,7 @@ have ethtool || need+=(ethtool)
 have buildah || need+=(buildah)
 have debootstrap || need+=(debootstrap)
 have socat || need+=(socat)
+have chromium || need+=(chromium)
 
 if ((${#need[@]} == 0)); then
   exit 0

@@ -8,7 +8,10 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -153,7 +156,7 @@ def report_command(spec: ExperimentSpec, output_dir: Path | None, formats_text: 
     parent = parent_run(uri, experiment_name, spec.name, root, warn)
     if parent is not None:
         try:
-            log_report(paths, uri, parent)
+            log_report(paths, uri, parent, report)
         except Exception as e:  # the files are written; MLflow is only a view of them
             from xstilts.trainer.tracking.mlflow_client import first_line
 
@@ -196,14 +199,67 @@ def ui_command(spec: ExperimentSpec | None, output_dir: Path | None, host: str, 
         return ExitCode.INVALID_INPUT
     argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--default-artifact-root", artifacts,
             "--host", host, "--port", str(port), "--workers", "1"]
-    console.print(f"MLflow UI for {escape(str(root))}: [bold]http://{host}:{port}[/bold] (Ctrl-C to stop)")
+    url = f"http://{host}:{port}" + runs_view_path(uri, spec.mlflow.experiment_name or spec.name if spec else None)
+    console.print(f"MLflow UI for {escape(str(root))}: [bold]{escape(url)}[/bold] (Ctrl-C to stop)", soft_wrap=True)
     sys.stdout.flush()
     console.file.flush()
     # Browsing runs needs none of the server's background job workers (GenAI features): a
     # lighter UI on a laptop, unless the environment asks for them.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | dict(os.environ)
-    # The server takes this process's place: Ctrl-C and kill reach it directly, nothing is orphaned.
-    os.execve(sys.executable, argv, env)
+    return serve_until_stopped(argv, env)
+
+
+def runs_view_path(tracking_uri: str, experiment_name: str | None) -> str:
+    """The UI route of the experiment's training-runs table ("/" when the experiment is unknown)."""
+    if experiment_name is None:
+        return "/"
+    from xstilts.trainer.tracking.mlflow_client import EXPERIMENT_KIND_TAG, TRAINING_KIND, open_client
+
+    client = open_client(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return "/"
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # a store from before the tag: the same view
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    # workflowType: the UI's "Model training" side (runs, models) rather than its GenAI side
+    return f"/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+
+
+def serve_until_stopped(argv: list[str], env: dict[str, str]) -> int:
+    """Run the server in a process group of its own until it exits or this process is stopped
+    (Ctrl-C, SIGTERM, SIGHUP); then stop the whole group: `mlflow ui` starts uvicorn and other
+    workers as children, which a signal to the first process alone would leave running."""
+    server = subprocess.Popen(argv, env=env, start_new_session=True)
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        stop_group(server)
+
+
+def stop_group(server: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the server's process group, SIGKILL to what is left after a grace period."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return  # the group is gone
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            server.poll()
+            try:
+                os.killpg(server.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
 
 
 def run(

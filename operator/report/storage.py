@@ -140,8 +140,54 @@ def report_record(report: Report) -> dict[str, object]:
     }
 
 
-def log_report(paths: Sequence[Path], tracking_uri: str, parent_run_id: str) -> None:
-    """The report's files as artifacts of the experiment's parent run, under report/."""
+def log_report(paths: Sequence[Path], tracking_uri: str, parent_run_id: str, report: Report | None = None) -> None:
+    """The report's files as artifacts of the experiment's parent run, under report/; with
+    `report`, also its gains and trends as metrics of that run and as a table artifact
+    (report/gains.json), so that the UI can compare two experiments' parent runs."""
     client = open_client(tracking_uri)
     for path in paths:
         client.log_artifact(parent_run_id, str(path), MLFLOW_REPORT_PATH)
+    if report is None:
+        return
+    from mlflow.entities import Metric
+    from xstilts.trainer.tracking.buffer import now_ms
+
+    at = now_ms()
+    metrics = [Metric(k, v, at, 0) for k, v in parent_metrics(report).items()]
+    for start in range(0, len(metrics), 1000):  # MLflow's batch limit
+        client.log_batch(parent_run_id, metrics=metrics[start:start + 1000])
+    client.log_table(parent_run_id, gain_table(report), f"{MLFLOW_REPORT_PATH}/gains.json")
+
+
+def _metric_key(*parts: str) -> str:
+    # MLflow keys allow letters, digits, _ - . / and spaces
+    return ".".join(p.replace(" ", "_") for p in parts)
+
+
+def parent_metrics(report: Report) -> dict[str, float]:
+    """gain.<model>.<arm>.zero_shot / .all (and _low/_high), trend.<arm>.<target>.slope/_low/_high."""
+    out: dict[str, float] = {}
+    for (model, arm), g in report.model_averages.items():
+        out[_metric_key("gain", model, arm, "zero_shot")] = g.mean
+        if g.low is not None and g.high is not None:
+            out[_metric_key("gain", model, arm, "zero_shot_low")] = g.low
+            out[_metric_key("gain", model, arm, "zero_shot_high")] = g.high
+    for (model, arm), g in report.model_averages_all.items():
+        out[_metric_key("gain", model, arm, "all")] = g.mean
+    for (arm, target), t in report.trends.items():
+        out[_metric_key("trend", arm, target, "slope")] = t.slope
+        out[_metric_key("trend", arm, target, "slope_low")] = t.low
+        out[_metric_key("trend", arm, target, "slope_high")] = t.high
+    return out
+
+
+def gain_table(report: Report) -> dict[str, list[object]]:
+    """Every gain cell as columns (MLflow's table artifact)."""
+    columns: dict[str, list[object]] = {k: [] for k in
+                                        ("model", "intermediate", "target", "language", "gain", "low", "high", "n")}
+    for c in report.cells:
+        for key, value in (("model", c.model), ("intermediate", c.arm), ("target", c.target),
+                           ("language", c.language), ("gain", c.gain.mean), ("low", c.gain.low),
+                           ("high", c.gain.high), ("n", c.gain.n)):
+            columns[key].append(value)
+    return columns

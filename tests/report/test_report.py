@@ -252,8 +252,17 @@ def test_report_command_writes_files_and_logs_them_to_the_mlflow_parent_run(tmp_
     parents = client.search_runs([experiment.experiment_id], "tags.`xstilts.parent` = 'true'")
     assert len(parents) == 1
     logged = {Path(a.path).name: a.file_size for a in client.list_artifacts(parents[0].info.run_id, "report")}
-    assert set(logged) == names
+    assert set(logged) == names | {"gains.json"}
     assert logged["gain_vs_size.png"] == (report_dir / "gain_vs_size.png").stat().st_size
+    # the gains and the trend as metrics of the parent run, and the gain table as a table artifact
+    parent = client.get_run(parents[0].info.run_id)
+    assert parent.data.metrics["gain.small.mnli.zero_shot"] == pytest.approx(13 / 3)
+    assert parent.data.metrics["gain.small.mnli.all"] == pytest.approx(3.5)
+    assert "trend.mnli.pawsx.slope" in parent.data.metrics and "trend.mnli.all_targets.slope_low" in parent.data.metrics
+    table = json.loads(Path(client.download_artifacts(parents[0].info.run_id, "report/gains.json", str(tmp_path)))
+                       .read_text(encoding="utf-8"))
+    assert "model" in table["columns"] and len(table["data"]) == len(record["gains"])
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
     # a second report goes to the same parent run
     again = CliRunner().invoke(app, ["report", str(spec_path), "--output-dir", str(out), "--format", "md"])

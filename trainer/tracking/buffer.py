@@ -32,6 +32,7 @@ STAGE_TAG = "xstilts.stage"
 MODEL_TAG = "xstilts.model"
 INTERMEDIATE_TAG = "xstilts.intermediate"
 TARGET_TAG = "xstilts.target"
+SEED_TAG = "xstilts.seed"
 EXPERIMENT_TAG = "xstilts.experiment"
 PARENT_TAG = "xstilts.parent"
 MLFLOW_PARENT_TAG = "mlflow.parentRunId"
@@ -82,7 +83,8 @@ class RunIdentity:
     @classmethod
     def of(cls, config: RunConfig) -> RunIdentity:
         labels = config.labels
-        tags = {RUN_ID_TAG: config.run_id, STAGE_TAG: config.stage.value}
+        # model, intermediate, target and seed as tags: the UI's run table groups by them
+        tags = {RUN_ID_TAG: config.run_id, STAGE_TAG: config.stage.value, SEED_TAG: str(config.seed)}
         if labels:
             tags |= {EXPERIMENT_TAG: labels.experiment, MODEL_TAG: labels.model,
                      INTERMEDIATE_TAG: labels.intermediate}

@@ -113,19 +113,28 @@ def _oldest_run_id(client: MlflowClient, experiment_id: str, filter_string: str)
     return str(min(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id)).info.run_id)
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+
+
 def find_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None = None) -> str:
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return str(client.create_experiment(name, artifact_location=artifact_location))
+            # MLflow 3's UI opens an experiment of this kind on its training-runs table (params,
+            # metrics, grouping), not on the GenAI overview of traces
+            return str(client.create_experiment(name, artifact_location=artifact_location,
+                                                tags={EXPERIMENT_KIND_TAG: TRAINING_KIND}))
         except MlflowException as e:  # created by someone else since we looked
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
                 raise e from None
     if experiment.lifecycle_stage == "deleted":  # its name cannot be reused, so bring it back
         client.restore_experiment(experiment.experiment_id)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
     return str(experiment.experiment_id)
 
 
