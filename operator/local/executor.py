@@ -346,9 +346,9 @@ class LocalExecutor:
         self.display = display
         self.free_gpus = list(machine_gpus)
         self.machine_gpus = len(machine_gpus)
-        self.placements = {r.run_id: place(r.config.resources, len(machine_gpus)) for r in p.runs}
+        self.placements = {r.run_id: place(r.config.resources, len(machine_gpus)) for r in (*p.runs, *p.reserve)}
         self.cpus = cpus or os.cpu_count() or 1
-        self.costs = {r.run_id: relative_cost(r) for r in p.runs}
+        self.costs = {r.run_id: relative_cost(r) for r in (*p.runs, *p.reserve)}
         self.processes: dict[str, _Process] = {}
         self.held: dict[str, None] = {}  # created by a decision, not started yet (ordered)
         self.results: dict[str, ResultSummary] = {}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from fixtures.tiny_hub import TinyHub
-from xstilts.operator.experiment.plan import Plan, plan
+from xstilts.operator.experiment.plan import Plan, PlannedRun, plan
 from xstilts.operator.experiment.spec import load_spec_text
 from xstilts.operator.local.executor import ATTEMPT_MARK
 from xstilts.trainer.config import ExitCode, RunResult, Stage
@@ -267,3 +267,42 @@ def test_a_run_asking_for_several_processes_runs_under_torchrun(
     (mark,) = attempts(p, only.run_id)
     assert ("-m xstilts.trainer.launch --nproc_per_node=2 --nnodes=1 --standalone --max_restarts=0"
             " -m xstilts.trainer") in mark
+
+
+def test_replication_adds_a_paired_seed_locally_and_a_rerun_starts_nothing(
+        tiny_hub: TinyHub, tiny_cache: Path, tmp_path: Path) -> None:
+    """Seeds 1-2 train; their scores are then edited so that the cell's two paired gains
+    disagree by 20 points (tiny runs often score alike, which reaches any precision); the rerun's
+    reconcile adds seed 3 (maxSeeds): a baseline and an mnli run with it, trained for real."""
+    text = spec_text(tiny_hub, name="rep-test").replace(
+        "seeds: [1]", "replication: {targetHalfWidth: 1.0, minSeeds: 2, maxSeeds: 3}")
+    spec, p = write_spec(tmp_path, text)
+    assert sorted({r.config.seed for r in p.runs}) == [1, 2] and len(p.reserve) == 3
+    first = xstilts_run(spec, tmp_path, "--parallel", "2")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert {r.run_id for r in p.runs} <= set(finished_all(p))
+    for seed, gain in ((1, 0.0), (2, 0.2)):
+        base = RunResult.model_validate_json(result_path(p, run_of(p, "baseline", Stage.TARGET, seed)).read_text())
+        arm_path = result_path(p, run_of(p, "mnli", Stage.TARGET, seed))
+        arm = RunResult.model_validate_json(arm_path.read_text())
+        languages = {lang: {k: v + gain for k, v in scores.items()} for lang, scores in base.languages.items()}
+        arm_path.write_text(arm.model_copy(update={"languages": languages}).model_dump_json())
+    second = xstilts_run(spec, tmp_path, "--parallel", "2")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "9/9 runs done" in second.stdout
+    assert set(finished_all(p)) == {r.run_id for r in (*p.runs, *p.reserve)}
+    assert all(len(attempts_any(r)) == 1 for r in (*p.runs, *p.reserve))  # each trained once
+    third = xstilts_run(spec, tmp_path, "--parallel", "2")
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "start  " not in third.stdout and "9 runs, 9 already done, 0 to run" in third.stdout
+
+
+def finished_all(p: Plan) -> list[str]:
+    """Runs of the plan and its replication reserve that have a result."""
+    return [r.run_id for r in (*p.runs, *p.reserve) if RunDir.of(r.config).has_result()]
+
+
+def attempts_any(run: PlannedRun) -> list[str]:
+    log = RunDir.of(run.config).train_log
+    text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
+    return [line for line in text.splitlines() if line.startswith(ATTEMPT_MARK)]

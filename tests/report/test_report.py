@@ -348,3 +348,23 @@ def test_both_model_selection_protocols_side_by_side() -> None:
     table = next(t for t in tables(report) if t.title.startswith("Zero-shot gain under both"))
     assert table.rows[0] == ("small", "mnli", "pawsx", "+4.33 ± 2.87", "+5.33 ± 2.87")
     assert ("big", "mnli", "pawsx", "+10.00 ± 12.17†", "–") in table.rows
+
+
+def test_under_replication_each_cell_says_whether_it_reached_the_target_precision() -> None:
+    text = SPEC.replace("seeds: [1, 2, 3]", "replication: {targetHalfWidth: 5.0, minSeeds: 2, maxSeeds: 3}")
+    spec = load_spec_text(text, "report-test.yaml")
+    p = plan(spec)
+    full = Plan(p.experiment, (*p.runs, *p.reserve), {r.run_id: r for r in (*p.runs, *p.reserve)})
+    # small: three close paired gains (reached); big: gains of 0 and 20 points on seeds 1-3 (stopped at max)
+    scores = {("small", "baseline"): [(0.60, 0.50), (0.62, 0.52), (0.64, 0.51)],
+              ("small", "mnli"): [(0.63, 0.53), (0.65, 0.55), (0.67, 0.54)],
+              ("big", "baseline"): [(0.70, 0.60), (0.70, 0.60), (0.70, 0.60)],
+              ("big", "mnli"): [(0.70, 0.60), (0.90, 0.80), (0.70, 0.60)]}
+    results = [make_result(full, m, a, s + 1, en, de) for (m, a), values in scores.items()
+               for s, (en, de) in enumerate(values)]
+    report = build_report(results, grid_of(spec))
+    table = next(t for t in tables(report) if t.title.startswith("Replication"))
+    marks = {(row[0], row[2]): row[-1] for row in table.rows}
+    assert marks[("small", "pawsx")].startswith("reached ±")
+    assert marks[("big", "pawsx")].startswith("stopped at max seeds, ±")
+    assert "Replication" in to_markdown(report)
