@@ -42,6 +42,7 @@ def spec_with_runs(target_runs: int) -> ExperimentSpec:
         "multiTaskGroups": [{"name": "all", "tasks": list(INTERMEDIATE_TASKS)}],
         "targets": ["xnli", "pawsx"],
         "seeds": list(range(seeds)),
+        "data": {"ccg": "/data/ccgbank"},  # CCG has no hub source: its corpus is licensed
         "planning": {"maxRuns": MAX_RUNS},
     })
 
