@@ -11,6 +11,7 @@ reduces its model outputs to small per-row predictions before they are gathered.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ import torch
 from xstilts.trainer.batching import Collator, eval_batches
 from xstilts.trainer.features import Encoded
 from xstilts.trainer.scoring import (
+    IGNORE,
     Span,
     accuracy,
     answer_text,
@@ -193,17 +195,55 @@ def score(task: Task, encoded: Encoded, rows: Sequence[int], predictions: Sequen
     return squad_scores(answers, golds)
 
 
+def outcomes(task: Task, encoded: Encoded, rows: Sequence[int], predictions: Sequence[Any]) -> list[dict[str, Any]]:
+    """One record per test example, enough to recompute any metric: "example" (its index),
+    "prediction" and "gold" (JSON text: a class id, a tag list, an answer), and "score" with
+    "weight" such that the task's primary metric is sum(score) / sum(weight) where it is a
+    mean over examples (accuracy, span F1 and exact match; token accuracy weighs each word).
+    Entity F1 of tagging pools over examples: recompute it from prediction and gold."""
+    features = encoded.features.select(rows)
+    index = features["example_index"][:]
+    if task.format in (Format.CLASSIFICATION, Format.MULTIPLE_CHOICE):
+        return [{"example": int(i), "prediction": json.dumps(p), "gold": json.dumps(y), "score": float(p == y),
+                 "weight": 1.0} for i, p, y in zip(index, predictions, features["label"][:], strict=True)]
+    if task.format is Format.TAGGING:
+        out = []
+        for i, p, y in zip(index, predictions, features["labels"][:], strict=True):
+            kept = [(a, b) for a, b in zip(p, y, strict=False) if b != IGNORE]
+            out.append({"example": int(i), "prediction": json.dumps([a for a, _ in kept]),
+                        "gold": json.dumps([b for _, b in kept]), "score": float(sum(a == b for a, b in kept)),
+                        "weight": float(len(kept))})
+        return out
+    windows: dict[int, list[Span]] = defaultdict(list)
+    for example_index, span in zip(index, predictions, strict=True):
+        windows[example_index].append(span)
+    examples = encoded.examples
+    out = []
+    for example_index, spans in sorted(windows.items()):
+        example = examples[example_index]
+        answer = answer_text(example["context"], spans, task.no_answer)
+        golds = list(example["answers"]["text"]) or [""]
+        values = squad_scores({"q": answer}, {"q": golds})
+        out.append({"example": int(example_index), "prediction": json.dumps(answer), "gold": json.dumps(golds),
+                    "score": values[task.metric] if task.metric in values else values["f1"], "weight": 1.0})
+    return out
+
+
 def evaluate_split(predictor: Predictor, encoded: Encoded, task_index: int,
                    max_examples: int | None = None) -> dict[str, float]:
     return evaluate_splits(predictor, [encoded], task_index, max_examples)[0]
 
 
 def evaluate_splits(predictor: Predictor, splits: Sequence[Encoded], task_index: int,
-                    max_examples: int | None = None) -> list[dict[str, float]]:
+                    max_examples: int | None = None,
+                    records: list[list[dict[str, Any]]] | None = None) -> list[dict[str, float]]:
     """The metrics of each split of one task (a target's test languages), predicted in one
-    pass (Predictor.predict_splits); each split is scored on its own."""
+    pass (Predictor.predict_splits); each split is scored on its own. With `records`, each
+    split's per-example outcomes are appended to it too."""
     rows = [capped_rows(e, max_examples) for e in splits]
     predictions = predictor.predict_splits(splits, task_index, rows)
+    if records is not None:
+        records += [outcomes(e.task, e, r, p) for e, r, p in zip(splits, rows, predictions, strict=True)]
     return [score(e.task, e, r, p) for e, r, p in zip(splits, rows, predictions, strict=True)]
 
 

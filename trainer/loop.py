@@ -156,14 +156,15 @@ class StiltsTrainer(Trainer):
     def evaluate_split(self, encoded: Encoded, task_index: int) -> dict[str, float]:
         return self.evaluate_splits([encoded], task_index)[0]
 
-    def evaluate_splits(self, splits: Sequence[Encoded], task_index: int) -> list[dict[str, float]]:
+    def evaluate_splits(self, splits: Sequence[Encoded], task_index: int,
+                        records: list[list[dict[str, Any]]] | None = None) -> list[dict[str, float]]:
         """The metrics of several splits of one task, predicted in one pass (a target's test
         languages)."""
         model = self.model_wrapped
         was_training = model.training
         model.eval()
         try:
-            return evaluate_splits(self.predictor(), splits, task_index, self.eval_cap)
+            return evaluate_splits(self.predictor(), splits, task_index, self.eval_cap, records)
         finally:
             if was_training:
                 model.train()

@@ -59,6 +59,7 @@ class RunDir:
     RESULT: ClassVar[str] = "result.json"
     FAILURE: ClassVar[str] = "failed.json"
     TRAIN_LOG: ClassVar[str] = "train.log"
+    PREDICTIONS: ClassVar[str] = "predictions.parquet"  # per-example test outcomes of a target run
     SELECTION: ClassVar[str] = "selection.json"  # dev and test scores per evaluation step (target-dev selection)
     LOCK: ClassVar[str] = ".lock"
     TRACKING_BUFFER: ClassVar[str] = "mlflow-buffer.jsonl"
@@ -80,6 +81,10 @@ class RunDir:
     @property
     def config(self) -> Path:
         return self.path / self.CONFIG
+
+    @property
+    def predictions(self) -> Path:
+        return self.path / self.PREDICTIONS
 
     @property
     def selection(self) -> Path:

@@ -327,7 +327,11 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
     metrics = dev_metrics(data.tasks, per_task)
     languages: dict[str, dict[str, float]] = {}
     if config.stage is Stage.TARGET:
-        languages = dict(zip([e.ref.language for e in data.test], trainer.evaluate_splits(data.test, 0), strict=True))
+        records: list[list[dict[str, Any]]] = []
+        languages = dict(zip([e.ref.language for e in data.test], trainer.evaluate_splits(data.test, 0, records),
+                             strict=True))
+        if dist.is_main:
+            write_predictions(run_dir.predictions, [e.ref.language for e in data.test], records)
         metrics |= test_metrics(config.tasks[0], languages)
     oracle = oracle_test_scores(trainer.selection_history)
     if oracle:
@@ -348,10 +352,26 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
         path = write_result(result)
         tracker.log_artifact(path)
         tracker.log_artifact(run_dir.config)
+        if run_dir.predictions.is_file():
+            tracker.log_artifact(run_dir.predictions)
         progress.update(force=True, phase="eval", step=result.train_steps, eta_s=0.0)
         # The run is done and never resumes: its resume checkpoints (weights, optimizer state) go.
         shutil.rmtree(run_dir.resume, ignore_errors=True)
     return result
+
+
+def write_predictions(path: Path, languages: Sequence[str], records: Sequence[Sequence[dict[str, Any]]]) -> None:
+    """The per-example test outcomes (evaluate.outcomes) of every language as one Parquet
+    file, written to a temporary name and renamed into place."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"language": lang, **r} for lang, split in zip(languages, records, strict=True) for r in split]
+    schema = pa.schema([("language", pa.string()), ("example", pa.int64()), ("prediction", pa.string()),
+                        ("gold", pa.string()), ("score", pa.float64()), ("weight", pa.float64())])
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp, compression="zstd")
+    os.replace(tmp, path)
 
 
 def _log_params(tracker: Any, config: RunConfig, schedule: Any, parameters: int, precision: str,

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import numpy as np
 from xstilts.operator.experiment.spec import BASELINE, ExperimentSpec
 from xstilts.operator.report.stats import (
     BOOTSTRAP_REPLICATES,
@@ -29,6 +30,7 @@ from xstilts.operator.report.stats import (
     Method,
     SeedSample,
     Trend,
+    example_bootstrap,
     gain_interval,
     mean_interval,
     seed_sample,
@@ -136,6 +138,8 @@ class Report:
     xtreme_gains: Mapping[tuple[str, str], Interval] = field(default_factory=dict)
     # (model, arm, target) -> headline gain under target-dev ("oracle") model selection
     oracle_gains: Mapping[tuple[str, str, str], Interval] = field(default_factory=dict)
+    # (model, arm, target, language) -> (gain, low, high) from the example-level paired bootstrap
+    example_gains: Mapping[tuple[str, str, str, str], tuple[float, float, float]] = field(default_factory=dict)
 
     @property
     def models_by_size(self) -> list[ModelInfo]:
@@ -255,7 +259,13 @@ def _over_targets(scores: Mapping[RunKey, Scores], grid: Grid, model: str, arm: 
     return out
 
 
-def build_report(results: Iterable[RunResult], grid: Grid) -> Report:
+# Per-example test outcomes of a run (its predictions.parquet): language -> example -> (score, weight)
+Outcomes = Mapping[str, Mapping[int, tuple[float, float]]]
+
+
+def build_report(results: Iterable[RunResult], grid: Grid, predictions: Mapping[str, Outcomes] | None = None) -> Report:
+    """`predictions`: per xstilts run id, the run's per-example outcomes, for the example-level
+    bootstrap (runs without them leave it out)."""
     results = list(results)
     scores = target_scores(results, grid)
     arms_with_baseline = (BASELINE, *grid.arms)
@@ -298,7 +308,48 @@ def build_report(results: Iterable[RunResult], grid: Grid) -> Report:
     parameters = measured_parameters(results, grid)
     return Report(grid, parameters, absolute, tuple(cells), averages, tuple(best),
                   tuple(missing_lines(scores, grid)), len(results), methods, averages_all,
-                  trends(scores, grid, parameters), xtreme, xtreme_gains, oracle_gains(results, grid))
+                  trends(scores, grid, parameters), xtreme, xtreme_gains, oracle_gains(results, grid),
+                  example_gains(results, grid, predictions or {}))
+
+
+EXAMPLE_REPLICATES = 2000
+
+
+def _matrix(runs: Sequence[Mapping[int, tuple[float, float]]], order: Sequence[int], part: int) -> np.ndarray:
+    """runs × examples: the score (part 0) or weight (part 1) of each example in `order`."""
+    return np.array([[run[e][part] for e in order] for run in runs], dtype=float)
+
+
+def example_gains(results: Sequence[RunResult], grid: Grid,
+                  predictions: Mapping[str, Outcomes]) -> dict[tuple[str, str, str, str], tuple[float, float, float]]:
+    """Per (model, arm, target, language): the gain and its 95% interval from the
+    example-level paired bootstrap (stats.example_bootstrap) over the seeds whose baseline and
+    intermediate runs both kept their predictions, on the examples they all scored."""
+    runs: dict[RunKey, str] = {}
+    for r in results:
+        labels = r.config.labels
+        if labels is not None and labels.target is not None and r.run_id in predictions:
+            runs[(labels.model, labels.intermediate, labels.target, r.config.seed)] = r.run_id
+    out: dict[tuple[str, str, str, str], tuple[float, float, float]] = {}
+    for m in grid.models:
+        for target in grid.targets:
+            for arm in grid.arms:
+                seeds = sorted(k[3] for k in runs if k[:3] == (m.name, arm, target)
+                               and (m.name, BASELINE, target, k[3]) in runs)
+                if not seeds:
+                    continue
+                pairs = [(predictions[runs[(m.name, arm, target, s)]], predictions[runs[(m.name, BASELINE, target, s)]])
+                         for s in seeds]
+                for lang in grid.languages[target]:
+                    common = set.intersection(*(set(t.get(lang, {})) & set(b.get(lang, {})) for t, b in pairs))
+                    if not common:
+                        continue
+                    order = sorted(common)
+                    t, b = [p[0][lang] for p in pairs], [p[1][lang] for p in pairs]
+                    out[(m.name, arm, target, lang)] = example_bootstrap(
+                        _matrix(t, order, 0), _matrix(t, order, 1), _matrix(b, order, 0), _matrix(b, order, 1),
+                        replicates=EXAMPLE_REPLICATES)
+    return out
 
 
 def oracle_gains(results: Sequence[RunResult], grid: Grid) -> dict[tuple[str, str, str], Interval]:
@@ -520,6 +571,7 @@ def tables(report: Report) -> list[TableData]:
               for m in models for a in g.arms),
     ))
     out.append(selection_table(report))
+    out.append(example_table(report))
     targets = xtreme_targets(g)
     if targets:
         scope = "all 9 tasks" if len(targets) == XTREME_TASKS else f"{len(targets)} of its {XTREME_TASKS} tasks"
@@ -585,6 +637,21 @@ def selection_table(report: Report) -> TableData:
         "English-dev: the checkpoint the English dev set scored best (XTREME's protocol). Target-dev: for each"
         " language, the checkpoint its own dev set scored best, an upper bound (Keung et al. 2020)."
         + ("" if report.oracle_gains else " No run recorded target-language dev scores yet."))
+
+
+def example_table(report: Report) -> TableData:
+    rows = tuple((m.label, arm, target, lang, fmt_points(g[0]), f"[{g[1]:+.2f}, {g[2]:+.2f}]",
+                  excludes_zero_text(g[1] > 0 or g[2] < 0))
+                 for m in report.models_by_size for arm in report.grid.arms for target in report.grid.targets
+                 for lang in report.grid.languages[target]
+                 if (g := report.example_gains.get((m.name, arm, target, lang))) is not None)
+    return TableData(
+        "Example-level paired bootstrap per language (test-set sampling)",
+        ("model", "intermediate", "target", "language", "gain", "95% interval", "interval"), rows,
+        f"Test examples resampled ({EXAMPLE_REPLICATES} times, fixed random seed), the same draw for every run;"
+        " each seed's intermediate run paired with its baseline run, the gain averaged over seeds. This"
+        " interval is the test set's sampling noise; the ± over seeds above is the training noise."
+        + ("" if rows else " No run kept its per-example predictions yet."))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xstilts.operator.experiment.plan import Plan
-from xstilts.operator.report.build import Figure, Report, to_html, to_markdown
+from xstilts.operator.report.build import Figure, Outcomes, Report, to_html, to_markdown
 from xstilts.trainer.config import RunResult
 from xstilts.trainer.rundir import ResultMissing, ResultProblem, RunDir, read_result, write_atomic
 from xstilts.trainer.tracking.buffer import RUN_ID_TAG, redact_uri
@@ -47,6 +47,27 @@ def load_result_files(p: Plan) -> Loaded:
     for run in p.runs:
         _read(RunDir.of(run.config).result, loaded)
     return loaded
+
+
+def load_predictions(results: Iterable[RunResult]) -> dict[str, Outcomes]:
+    """Each target run's predictions.parquet beside its result.json, where there is one
+    (and pyarrow, from the [train] extra, is installed)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        return {}
+    out: dict[str, Outcomes] = {}
+    for r in results:
+        path = RunDir.of(r.config).predictions
+        if not path.is_file():
+            continue
+        by_language: dict[str, dict[int, tuple[float, float]]] = {}
+        columns = pq.read_table(path, columns=["language", "example", "score", "weight"]).to_pydict()
+        for lang, example, score, weight in zip(columns["language"], columns["example"], columns["score"],
+                                                columns["weight"], strict=True):
+            by_language.setdefault(lang, {})[example] = (score, weight)
+        out[r.run_id] = by_language
+    return out
 
 
 def load_mlflow_results(tracking_uri: str, experiment_name: str, run_ids: Iterable[str]) -> Loaded:

@@ -368,3 +368,48 @@ def test_under_replication_each_cell_says_whether_it_reached_the_target_precisio
     assert marks[("small", "pawsx")].startswith("reached ±")
     assert marks[("big", "pawsx")].startswith("stopped at max seeds, ±")
     assert "Replication" in to_markdown(report)
+
+
+def test_example_level_paired_bootstrap_per_language() -> None:
+    import numpy as np
+
+    spec = the_spec()
+    results = hand_made_results(plan(spec))
+    rng = np.random.default_rng(5)
+    predictions = {}
+    for r in results:
+        labels = r.config.labels
+        assert labels is not None
+        if labels.model != "small":
+            continue
+        p_correct = 0.8 if labels.intermediate == "mnli" else 0.5
+        de = {e: (float(rng.random() < p_correct), 1.0) for e in range(300)}
+        en = {e: (1.0, 1.0) for e in range(300)}  # both arms right everywhere: no gain, no spread
+        predictions[r.run_id] = {"de": de, "en": en}
+    report = build_report(results, grid_of(spec), predictions)
+    gain, low, high = report.example_gains[("small", "mnli", "pawsx", "de")]
+    assert 20 < gain < 40 and low < 30 < high and low > 0
+    assert report.example_gains[("small", "mnli", "pawsx", "en")] == (0.0, 0.0, 0.0)
+    assert ("big", "mnli", "pawsx", "de") not in report.example_gains  # big kept no predictions
+    # deterministic: the same predictions, the same interval
+    assert build_report(results, grid_of(spec), predictions).example_gains == report.example_gains
+    table = next(t for t in tables(report) if t.title.startswith("Example-level"))
+    assert table.rows[0][:4] == ("small", "mnli", "pawsx", "en")
+    assert table.rows[1][3] == "de" and table.rows[1][6] == "excludes 0"
+
+
+def test_predictions_written_by_a_run_are_read_back_for_the_report(tmp_path: Path) -> None:
+    from xstilts.operator.report.storage import load_predictions
+    from xstilts.trainer.rundir import RunDir
+    from xstilts.trainer.train import write_predictions
+
+    spec = the_spec()
+    result = hand_made_results(plan(spec, str(tmp_path)))[0]
+    path = RunDir.of(result.config).predictions
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = [[{"example": 0, "prediction": "1", "gold": "1", "score": 1.0, "weight": 1.0},
+                {"example": 1, "prediction": "0", "gold": "1", "score": 0.0, "weight": 1.0}],
+               [{"example": 0, "prediction": "[1, 2]", "gold": "[1, 3]", "score": 1.0, "weight": 2.0}]]
+    write_predictions(path, ["en", "de"], records)
+    assert load_predictions([result]) == {result.run_id: {"en": {0: (1.0, 1.0), 1: (0.0, 1.0)}, "de": {0: (1.0, 2.0)}}}
+    assert load_predictions(hand_made_results(plan(spec, str(tmp_path / "elsewhere")))[:1]) == {}

@@ -177,6 +177,16 @@ def test_pawsx_baseline_evaluates_its_seven_languages(tiny_hub: TinyHub, tiny_ca
         best = max(history, key=lambda h: (h["dev"][lang], -h["step"]))
         assert result.oracle_languages[lang] == best["test"][lang]
         assert result.metrics[f"pawsx.test_oracle.accuracy.{lang}"] == best["test"][lang]["accuracy"]
+    # per-example test predictions: every language's accuracy recomputes from them
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(RunDir.of(config).predictions).to_pylist()
+    for lang in PAWSX_LANGUAGES:
+        rows = [r for r in table if r["language"] == lang]
+        assert len(rows) == 20 and len({r["example"] for r in rows}) == 20
+        assert sum(r["score"] for r in rows) / sum(r["weight"] for r in rows) == pytest.approx(
+            result.languages[lang]["accuracy"])
+        assert all(r["score"] == float(json.loads(r["prediction"]) == json.loads(r["gold"])) for r in rows)
 
 
 @pytest.mark.parametrize(("task", "metrics"), [
