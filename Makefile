@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-all lint clean node-deps cluster-parts e2e gpu-bundle
+.PHONY: install demo test test-all lint clean node-deps cluster-parts e2e gpu-bundle gpu-check
 
 $(BIN)/xstilts: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ test: install cluster-parts
 # against the 64 MiB that can be carried to it.
 gpu-bundle: install
 	PYTHON=$(BIN)/python bash scripts/build-gpu-bundle.sh
+
+# On the GPU machine, with gpu-bundle/ carried along (no venv, no network): installs the bundle
+# into gpu-check-out/site, runs the trainer's CUDA path and the benchmarks, and writes
+# gpu-check-out/gpu-check.json and gpu-check.md (see README, "The GPU check").
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 lint: install
 	$(BIN)/ruff check .

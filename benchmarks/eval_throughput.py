@@ -27,6 +27,7 @@ evaluates the XLM-R large architecture.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -135,6 +136,7 @@ def main() -> None:
     parser.add_argument("--per-language", type=int, default=1000, help="test examples per language (XNLI has 5,010)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
+    parser.add_argument("--json", type=Path, help="also write every figure to this file")
     args = parser.parse_args()
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -196,6 +198,17 @@ def main() -> None:
     print(f"ratio xstilts / naive examples/s: {ratio:.2f}x  (goal >= 3x: {'met' if ratio >= 3 else 'NOT met'})")
     print(f"ratio by CPU seconds: {cpu['naive'] / cpu['xstilts']:.2f}x")
     print(f"largest per-language accuracy difference between the two: {disagreement:.4f}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "device": where, "torch": torch.__version__, "transformers": transformers.__version__,
+            "model": arch.name, "examples": examples, "per_language": args.per_language, "repeats": args.repeats,
+            "naive_batch": args.naive_batch, "micro_batch": args.micro_batch, "load_average": list(os.getloadavg()),
+            "naive": {"examples_per_second": examples / best["naive"], "seconds": best["naive"],
+                      "cpu_seconds": cpu["naive"], "padding": naive_padding},
+            "xstilts": {"examples_per_second": examples / best["xstilts"], "seconds": best["xstilts"],
+                        "cpu_seconds": cpu["xstilts"], "padding": 1 - real / computed},
+            "ratio": ratio, "ratio_cpu_seconds": cpu["naive"] / cpu["xstilts"], "accuracy_difference": disagreement,
+        }, indent=2) + "\n")
     if not cuda and disagreement > 1 / args.per_language:  # a near-tie may flip one row; more means a bug
         sys.exit("the two evaluations disagree: the benchmark is invalid")
 

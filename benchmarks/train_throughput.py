@@ -14,15 +14,21 @@ rows and the same number of optimizer steps:
 
 Every trainer's rate is real tokens over the seconds of its training steps: from the start of
 `train()` to the end of the last optimizer step, less the xstilts run's dev evaluation and
-checkpoint saves (a baseline does neither). Model loading and tokenization are outside. The
-trainers run in turn, `--repeats` times, and each one's best repeat is reported: on a shared
-machine the best of several is the least disturbed measurement.
+checkpoint saves (a baseline does neither). Model loading and tokenization are outside.
+
+The trainers run interleaved, `--repeats` rounds of one run each, and each round starts with a
+different trainer (round r rotates the order by r), so that a slow spell of a shared machine
+does not fall on one trainer. Reported: each trainer's median rate and its spread (lowest and
+highest run), and each ratio as the ratio of medians with a 95 % bootstrap interval that
+resamples whole rounds (a round's runs share the machine's load at the time). On a GPU
+`--warmup-rounds` (default 1) runs every trainer first for a few untimed steps: CUDA context,
+cuBLAS handles and kernel caches then cost no trainer its first measured steps.
 
 `--model large` builds the XLM-R large architecture with random weights (GPU only) and prints
-model FLOPs utilisation: 6 · N · tokens/s against the GPU's dense bf16 peak, N = non-embedding
-parameters.
+model FLOPs utilisation: 6 · N · real tokens/s against the GPU's dense bf16 peak (no sparsity;
+named in the output), N = non-embedding parameters. `--json PATH` writes every figure.
 
-    python benchmarks/train_throughput.py [--model tiny|large] [--steps 60] [--batch-size 32] [--repeats 2]
+    python benchmarks/train_throughput.py [--model tiny|large] [--steps 200] [--batch-size 32] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import statistics
 import sys
 import tempfile
 import time
@@ -197,14 +205,50 @@ def train_rows(steps: int, batch_size: int) -> int:
     return steps * batch_size
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(ARCHITECTURES), default="tiny")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each trainer; the best is reported")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (all trainers)")
-    args = parser.parse_args()
+def round_order(names: list[str], round_index: int) -> list[str]:
+    """The trainers of round `round_index`, rotated so that each round starts with another."""
+    k = round_index % len(names)
+    return names[k:] + names[:k]
+
+
+def ratio_interval(ours: list[float], theirs: list[float], resamples: int = 4000, seed: int = 0,
+                   level: float = 0.95) -> tuple[float, float]:
+    """Bootstrap interval of median(ours) / median(theirs), resampling whole rounds (the i-th
+    run of each was measured in the same round)."""
+    rng = random.Random(seed)
+    n = len(ours)
+    ratios = []
+    for _ in range(resamples):
+        rounds = [rng.randrange(n) for _ in range(n)]
+        ratios.append(statistics.median(ours[i] for i in rounds) / statistics.median(theirs[i] for i in rounds))
+    ratios.sort()
+    tail = (1 - level) / 2
+    return ratios[int(tail * resamples)], ratios[min(resamples - 1, int((1 - tail) * resamples))]
+
+
+def summarize(rates: dict[str, list[float]], measurements: dict[str, list[Measurement]]) -> dict[str, Any]:
+    """Per trainer: median, lowest and highest real tokens/s, padding and tokens; per ratio
+    against a baseline: ratio of medians and its bootstrap interval."""
+    trainers = {}
+    for name, values in rates.items():
+        m = measurements[name][0]
+        median = statistics.median(values)
+        trainers[name] = {"median_tokens_per_second": median, "min": min(values), "max": max(values),
+                          "spread": (max(values) - min(values)) / median, "runs": values,
+                          "padding": m.padding_fraction, "real_tokens": m.real_tokens,
+                          "median_seconds": statistics.median(x.seconds for x in measurements[name])}
+    ratios = {}
+    for name, goal in (("HF default", 3.0), ("HF best", 1.3)):
+        low, high = ratio_interval(rates["xstilts"], rates[name])
+        ratio = trainers["xstilts"]["median_tokens_per_second"] / trainers[name]["median_tokens_per_second"]
+        ratios[name] = {"ratio": ratio, "interval_95": [low, high], "goal": goal, "met": ratio >= goal,
+                        "runs": [x / y for x, y in zip(rates["xstilts"], rates[name], strict=True)]}
+    return {"trainers": trainers, "ratios": ratios}
+
+
+def benchmark(model_kind: str, steps: int, batch_size: int, repeats: int, warmup_rounds: int,
+              threads: int) -> dict[str, Any]:
+    """Every figure of one benchmark run, as a JSON-able dict."""
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -212,55 +256,113 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     cuda = torch.cuda.is_available()
-    arch = ARCHITECTURES[args.model]
-    if args.model == "large" and not cuda:
-        sys.exit("--model large needs a GPU (XLM-R large does not train at a useful rate on a CPU); use --model tiny")
+    arch = ARCHITECTURES[model_kind]
     if not cuda:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} thread(s)"
-
+    load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="xstilts-throughput-") as tmp:
         root = Path(tmp)
         model = build_encoder(root / "model", arch)
         n_nonembedding = nonembedding_parameters(model)
         data = root / "mnli"
-        write_mnli(data, train=train_rows(args.steps, args.batch_size), dev=256)
-        trainers: dict[str, Callable[[int], Measurement]] = {
-            "HF default": lambda r: run_hf(model, data, root / f"a{r}", args.steps, args.batch_size, False, cuda),
-            "HF best": lambda r: run_hf(model, data, root / f"b{r}", args.steps, args.batch_size, True, cuda),
-            "xstilts": lambda r: run_xstilts(model, data, root / f"x{r}", args.steps, args.batch_size),
+        write_mnli(data, train=train_rows(steps, batch_size), dev=256)
+        trainers: dict[str, Callable[[str, int], Measurement]] = {
+            "HF default": lambda tag, n: run_hf(model, data, root / tag, n, batch_size, False, cuda),
+            "HF best": lambda tag, n: run_hf(model, data, root / tag, n, batch_size, True, cuda),
+            "xstilts": lambda tag, n: run_xstilts(model, data, root / tag, n, batch_size),
         }
-        best: dict[str, Measurement] = {}
-        rates: dict[str, list[float]] = {name: [] for name in trainers}
+        names = list(trainers)
         started = time.perf_counter()
-        for r in range(args.repeats):
-            for name, train in trainers.items():
-                m = train(r)
+        for w in range(warmup_rounds):
+            for name in names:
+                trainers[name](f"w{w}-{names.index(name)}", min(steps, 10))
+        rates: dict[str, list[float]] = {name: [] for name in names}
+        measurements: dict[str, list[Measurement]] = {name: [] for name in names}
+        for r in range(repeats):
+            for name in round_order(names, r):
+                m = trainers[name](f"r{r}-{names.index(name)}", steps)
                 rates[name].append(m.tokens_per_second)
-                if name not in best or m.tokens_per_second > best[name].tokens_per_second:
-                    best[name] = m
+                measurements[name].append(m)
         elapsed = time.perf_counter() - started
-
     peak = peak_flops(device) if cuda else None
-    print(f"device: {device}; torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"model: XLM-R architecture '{arch.name}' (hidden {arch.hidden}, {arch.layers} layers, {arch.heads} heads,"
-          f" vocabulary {arch.vocab:,}), {n_nonembedding:,} non-embedding parameters, random weights")
-    print(f"data: {train_rows(args.steps, args.batch_size):,} MNLI-like pairs (10-{MAX_LENGTH} tokens, median ~40);"
-          f" {args.steps} steps of {args.batch_size} rows; best of {args.repeats} run(s) each")
-    header = f"{'':14}{'real tokens/s':>15}{'padding':>10}{'real tokens':>13}{'seconds':>9}  all runs (tokens/s)"
-    print(header + ("   MFU" if peak else ""))
-    for name, m in best.items():
-        runs = ", ".join(f"{v:,.0f}" for v in rates[name])
-        mfu = f"   {6 * n_nonembedding * m.tokens_per_second / peak:.1%}" if peak else ""
-        print(f"{name:14}{m.tokens_per_second:>15,.0f}{m.padding_fraction:>10.1%}{m.real_tokens:>13,}"
-              f"{m.seconds:>9.2f}  {runs}{mfu}")
-    ours = best["xstilts"].tokens_per_second
-    for name, goal in (("HF default", 3.0), ("HF best", 1.3)):
-        ratio = ours / best[name].tokens_per_second
-        print(f"ratio xstilts / {name}: {ratio:.2f}x  (goal >= {goal}x: {'met' if ratio >= goal else 'NOT met'})")
-    if cuda and peak is None:
-        print(f"MFU: no dense bf16 peak known for {device!r}")
-    print(f"[{elapsed:.0f} s in all]")
+    out = {
+        "device": device, "cuda": cuda, "torch": torch.__version__, "transformers": transformers.__version__,
+        "model": {"architecture": arch.name, "hidden": arch.hidden, "layers": arch.layers, "heads": arch.heads,
+                  "vocab": arch.vocab, "nonembedding_parameters": n_nonembedding},
+        "data": {"rows": train_rows(steps, batch_size), "steps": steps, "batch_size": batch_size,
+                 "max_length": MAX_LENGTH},
+        "repeats": repeats, "warmup_rounds": warmup_rounds, "threads": None if cuda else threads,
+        "load_average_at_start": list(load), "load_average_at_end": list(os.getloadavg()),
+        "seconds": elapsed,
+        "peak_bf16_flops": peak, "peak_name": peak_name(device) if peak else None,
+    } | summarize(rates, measurements)
+    if peak:
+        for figures in out["trainers"].values():
+            figures["mfu"] = 6 * n_nonembedding * figures["median_tokens_per_second"] / peak
+    return out
+
+
+def peak_name(device_name: str) -> str | None:
+    for key in PEAK_BF16_FLOPS:
+        if key in device_name:
+            return key
+    return None
+
+
+def report(out: dict[str, Any]) -> str:
+    m, d = out["model"], out["data"]
+    peak = out["peak_bf16_flops"]
+    lines = [
+        f"device: {out['device']}; torch {out['torch']}, transformers {out['transformers']}",
+        f"model: XLM-R architecture '{m['architecture']}' (hidden {m['hidden']}, {m['layers']} layers,"
+        f" {m['heads']} heads, vocabulary {m['vocab']:,}), {m['nonembedding_parameters']:,} non-embedding"
+        " parameters, random weights",
+        f"data: {d['rows']:,} MNLI-like pairs (10-{d['max_length']} tokens, median ~40); {d['steps']} steps of"
+        f" {d['batch_size']} rows; {out['repeats']} interleaved round(s), {out['warmup_rounds']} untimed warm-up"
+        " round(s)",
+        "load average (1, 5, 15 min): at start " + ", ".join(f"{x:.2f}" for x in out["load_average_at_start"])
+        + "; at end " + ", ".join(f"{x:.2f}" for x in out["load_average_at_end"]),
+    ]
+    header = f"{'':12}{'median tok/s':>13}{'lowest':>9}{'highest':>9}{'spread':>8}{'padding':>9}{'real tokens':>13}"
+    lines.append(header + ("     MFU" if peak else ""))
+    for name, t in out["trainers"].items():
+        mfu = f"{t['mfu']:>8.1%}" if peak else ""
+        lines.append(f"{name:12}{t['median_tokens_per_second']:>13,.0f}{t['min']:>9,.0f}{t['max']:>9,.0f}"
+                     f"{t['spread']:>8.1%}{t['padding']:>9.1%}{t['real_tokens']:>13,}{mfu}")
+    for name, r in out["ratios"].items():
+        low, high = r["interval_95"]
+        lines.append(f"ratio xstilts / {name}: {r['ratio']:.2f}x  (95% interval {low:.2f}-{high:.2f}; goal >="
+                     f" {r['goal']}x: {'met' if r['met'] else 'NOT met'})")
+    if peak:
+        lines.append(f"MFU = 6 x {m['nonembedding_parameters']:,} x real tokens/s / {peak / 1e12:,.0f} TFLOP/s"
+                     f" (dense bf16 peak of the {out['peak_name']})")
+    elif out["cuda"]:
+        lines.append(f"MFU: no dense bf16 peak known for {out['device']!r}")
+    lines.append(f"[{out['seconds']:.0f} s in all]")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(ARCHITECTURES), default="tiny")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds (one run of each trainer)")
+    parser.add_argument("--warmup-rounds", type=int, default=None,
+                        help="untimed rounds of 10 steps first (default: 1 on a GPU, 0 on a CPU)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (all trainers)")
+    parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    args = parser.parse_args()
+    import torch
+
+    if args.model == "large" and not torch.cuda.is_available():
+        sys.exit("--model large needs a GPU (XLM-R large does not train at a useful rate on a CPU); use --model tiny")
+    warmup = args.warmup_rounds if args.warmup_rounds is not None else int(torch.cuda.is_available())
+    out = benchmark(args.model, args.steps, args.batch_size, args.repeats, warmup, args.threads)
+    print(report(out))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
