@@ -67,7 +67,14 @@ def test_token_budget_batches_give_the_metrics_of_one_row_at_a_time(tiny_hub: Ti
         return Predictor(forward, collator, torch.device("cpu"), max_tokens=max_tokens, max_rows=max_rows)
 
     together = Recorded(model)
-    metrics = evaluate_splits(predictor(together, budget, 64), splits, 0)
+    records: list[list[dict[str, Any]]] = []
+    metrics = evaluate_splits(predictor(together, budget, 64), splits, 0, records=records)
+    # the per-example outcomes (predictions.parquet) give back each split's primary metric
+    metric = splits[0].task.metric
+    for split_records, got in zip(records, metrics, strict=True):
+        assert split_records and len({r["example"] for r in split_records}) == len(split_records)
+        recomputed = sum(r["score"] for r in split_records) / sum(r["weight"] for r in split_records)
+        assert recomputed == pytest.approx(got[metric])
     one_row = Recorded(model)
     for encoded, got in zip(splits, metrics, strict=True):
         assert got == evaluate_split(predictor(one_row, 1, 1), encoded, 0)
