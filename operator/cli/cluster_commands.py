@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
-from xstilts.operator.cli.common import console, fail, load_spec
+from xstilts.operator.cli.common import console, fail, load_spec, warn
 from xstilts.trainer.config import ExitCode
 
 if TYPE_CHECKING:
@@ -71,6 +71,29 @@ def _require_crd(kube: Kube) -> None:
                    " or submit with --no-controller")
 
 
+def _require_secrets(kube: Kube, spec: ExperimentSpec, namespace: str) -> None:
+    """Every Secret the spec names must exist, or each run's pod would wait in
+    CreateContainerConfigError; a missing one fails with the command that creates it. Only
+    metadata is asked for: values never leave the API server."""
+    from xstilts.operator.cluster.render import secret_commands
+    from xstilts.operator.cluster.runtime.kube_api import METADATA_ONLY_OBJECT, SECRETS, KubeError
+    missing = []
+    for name, command in secret_commands(spec, namespace).items():
+        try:
+            kube.request("GET", SECRETS, namespace, name, accept=METADATA_ONLY_OBJECT)
+        except KubeError as e:
+            if e.not_found:
+                missing.append((name, command))
+            elif e.status == 403:  # may submit, may not read Secrets: the pods will tell
+                warn(f"cannot check that Secret {name} exists in namespace {namespace} ({e.message})")
+            else:
+                raise
+    if missing:
+        fail(f"the spec names Secrets that do not exist in namespace {namespace}: "
+             + ", ".join(name for name, _ in missing) + "; create them with\n"
+             + "\n".join(f"  {command}" for _, command in missing))
+
+
 class _Dumper(yaml.SafeDumper):
     """Multi-line strings (a ConfigMap's run.json) as literal blocks, like kubectl prints them."""
 
@@ -113,10 +136,16 @@ def submit(
     context: Context = None,
 ) -> None:
     """Create or update the Experiment (the controller runs it), or with --no-controller its Jobs."""
+    from xstilts.operator.cluster.render import for_cluster
     from xstilts.operator.experiment.spec import to_object
 
     spec = _with_namespace(load_spec(spec_path), namespace)
     ns = spec.cluster.namespace
+    try:
+        # The controller applies the same defaults; the Experiment keeps the spec as written.
+        cluster_spec = for_cluster(spec)
+    except ValueError as e:
+        fail(f"{spec_path}: {e}", ExitCode.INVALID_INPUT)
     if not no_controller:
         obj = to_object(spec, ns)
         if dry_run:
@@ -125,17 +154,19 @@ def submit(
         with cluster_errors():
             kube = _connect(kubeconfig, context)
             _require_crd(kube)
+            _require_secrets(kube, spec, ns)
             outcome = _apply_experiment(kube, obj)
         runs = spec.run_count
         console.print(f"experiment.xstilts.dev/{spec.name} {outcome} in namespace {ns}: {runs} runs;"
                      f" follow it with `xstilts status {spec.name} -n {ns}`", soft_wrap=True, highlight=False)
         return
     if dry_run:
-        sys.stdout.write(_first_pass_yaml(spec))
+        sys.stdout.write(_first_pass_yaml(cluster_spec))
         return
     with cluster_errors():
         kube = _connect(kubeconfig, context)
-        lines = _submit_pass(kube, spec, results_dir)
+        _require_secrets(kube, spec, ns)
+        lines = _submit_pass(kube, cluster_spec, results_dir)
     for line in lines:
         console.print(line, soft_wrap=True, highlight=False, markup=False)
 
@@ -387,9 +418,14 @@ def controller(
         "--request-timeout", min=0.1,
         help="Give up on an API request unanswered for this many seconds (and try again).")] = 30.0,
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+    tracking_uri: Annotated[str | None, typer.Option(
+        "--tracking-uri", envvar="XSTILTS_TRACKING_URI",
+        help="The MLflow server that runs of a spec naming none log to (default: the in-cluster server of"
+        " k8s/base, http://xstilts-mlflow.xstilts.svc:5000).")] = None,
 ) -> None:
     """Run the Experiment controller: turn Experiments into Jobs until SIGTERM."""
     from xstilts.operator.cluster.controller import ControllerError, RunOptions, configure_logging, run_controller
+    from xstilts.operator.cluster.render import IN_CLUSTER_TRACKING_URI
 
     if namespace and all_namespaces:
         fail("give either --namespace or --all-namespaces", ExitCode.INVALID_INPUT)
@@ -399,7 +435,7 @@ def controller(
         results_dir=results_dir, resync_seconds=resync_seconds, health_port=health_port or None,
         metrics_port=metrics_port, leader_elect=leader_elect, lease_namespace=lease_namespace, identity=identity,
         lease_duration=lease_duration, renew_deadline=renew_deadline, retry_period=retry_period,
-        request_timeout=request_timeout)
+        request_timeout=request_timeout, tracking_uri=tracking_uri or IN_CLUSTER_TRACKING_URI)
     try:
         code = run_controller(options)
     except ControllerError as e:

@@ -61,11 +61,13 @@ from xstilts.operator.cluster.reconcile import (
 )
 from xstilts.operator.cluster.render import (
     EXPERIMENT_LABEL,
+    IN_CLUSTER_TRACKING_URI,
     MANAGED_BY,
     MANAGED_BY_LABEL,
     RUN_ID_LABEL,
     OwnerRef,
     experiment_selector,
+    for_cluster,
     pod_storage_root,
 )
 from xstilts.operator.cluster.results import ResultStore
@@ -425,6 +427,8 @@ class ControllerOptions:
     results_dir: Path | None = None
     resync_seconds: float = 30.0
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}")
+    # Where runs of a spec that names no MLflow server log (render.for_cluster).
+    tracking_uri: str = IN_CLUSTER_TRACKING_URI
 
 
 class NotLeading(Exception):
@@ -700,6 +704,7 @@ class Controller:
         source = f"experiment {meta.get('namespace')}/{meta.get('name')}"
         spec = parse_document(dict(obj), source)
         try:
+            spec = for_cluster(spec, self.options.tracking_uri)
             planned = _Planned(generation, spec, plan(spec, storage_root=pod_storage_root(spec)))
         except ValueError as e:
             raise SpecError(source, [str(e)]) from None
@@ -846,6 +851,7 @@ class RunOptions:
     renew_deadline: float = 10.0
     retry_period: float = 2.0
     request_timeout: float = REQUEST_TIMEOUT
+    tracking_uri: str = IN_CLUSTER_TRACKING_URI
 
 
 class ControllerError(Exception):
@@ -917,7 +923,7 @@ def run_controller(options: RunOptions, stop: threading.Event | None = None) -> 
             elector.keep_renewing(stop, on_lost)
         metrics.set("xstilts_leader", 1)
         controller = Controller(kube, ControllerOptions(namespace, options.results_dir, options.resync_seconds,
-                                                        identity), metrics, health)
+                                                        identity, options.tracking_uri), metrics, health)
         log.info("xstilts controller %s starting on %s (%s), %s, results from %s", identity, connection.server,
                  connection.source, controller.scope, options.results_dir or "the runs' own paths")
         controller.run(stop)

@@ -82,6 +82,24 @@ COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 HF_TOKEN_KEY = "token"
 
 
+def secret_commands(spec: ExperimentSpec, namespace: str) -> dict[str, str]:
+    """Secret name → the `kubectl create secret` command that makes it with the keys the runs
+    read (placeholders for the values), for every Secret the spec names."""
+    secrets = spec.cluster.secrets
+    keys: dict[str, list[str]] = {}
+    if secrets.hf_token:
+        keys.setdefault(secrets.hf_token, []).append(f"{HF_TOKEN_KEY}=<Hugging Face token>")
+    if secrets.mlflow:
+        keys.setdefault(secrets.mlflow, []).extend(
+            ["MLFLOW_TRACKING_USERNAME=<user>", "MLFLOW_TRACKING_PASSWORD=<password>"])
+    if secrets.s3:
+        keys.setdefault(secrets.s3, []).extend(
+            ["AWS_ACCESS_KEY_ID=<key id>", "AWS_SECRET_ACCESS_KEY=<secret key>"])
+    return {name: f"kubectl -n {namespace} create secret generic {name} "
+                  + " ".join(f"--from-literal='{literal}'" for literal in literals)
+            for name, literals in keys.items()}
+
+
 class OwnerRef(BaseModel):
     """The Experiment that owns a run's objects; deleting it cascades to them.
 
@@ -182,6 +200,32 @@ def runs_pvc(spec: ExperimentSpec) -> str | None:
     if storage.uri:
         return None
     return storage.pvc or DEFAULT_RUNS_PVC
+
+
+# --- MLflow ------------------------------------------------------------------------------
+
+# The MLflow server of k8s/base (its Service in the namespace `xstilts`), as pods reach it.
+IN_CLUSTER_TRACKING_URI = "http://xstilts-mlflow.xstilts.svc:5000"
+# Stores that live on the filesystem of whoever opens them: in a pod, on the runs volume.
+LOCAL_TRACKING_SCHEMES = ("sqlite:", "file:")
+
+
+def for_cluster(spec: ExperimentSpec, tracking_uri: str = IN_CLUSTER_TRACKING_URI) -> ExperimentSpec:
+    """The spec as its runs execute on a cluster: a spec that names no MLflow server logs to
+    `tracking_uri` (the in-cluster server by default). Raises ValueError, naming the field and
+    the fix, for a tracking store that would live on the pods' own filesystem: a SQLite file on
+    the shared runs volume breaks under many concurrent writers, and no server would show it."""
+    uri = spec.mlflow.tracking_uri
+    if uri is None:
+        mlflow = spec.mlflow.model_copy(update={"tracking_uri": tracking_uri})
+        return spec.model_copy(update={"mlflow": mlflow})
+    if uri.startswith(LOCAL_TRACKING_SCHEMES):
+        raise ValueError(
+            f"mlflow.trackingUri: {uri.split(':', 1)[0]}: is a store on the pods' own filesystem (on the shared"
+            " runs volume, with every run writing to it at once), not usable on a cluster; leave"
+            f" mlflow.trackingUri out to log to the in-cluster MLflow server ({tracking_uri}), or name an"
+            " http(s):// server")
+    return spec
 
 
 def pod_run_config(run: PlannedRun, spec: ExperimentSpec) -> RunConfig:

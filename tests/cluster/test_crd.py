@@ -3,6 +3,7 @@ in object form validates against its openAPIV3Schema."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import yaml
 from openapi_schema_validator import OAS30Validator
 from xstilts.operator.cluster.crd import crd
-from xstilts.operator.experiment.spec import load_spec_text, to_object
+from xstilts.operator.experiment.spec import load_spec_text, parse_document, to_object
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
 
@@ -44,6 +45,18 @@ def test_examples_in_object_form_validate_against_the_crd_schema(example: Path) 
     spec = load_spec_text(example.read_text(), example.name)
     raw = yaml.safe_load(example.read_text())
     for document in (raw if raw.get("kind") else to_object(spec), to_object(spec)):
+        OAS30Validator(schema()).validate(document)
+
+
+def test_the_readmes_kubectl_example_is_an_experiment_object() -> None:
+    """`kubectl apply -f` needs apiVersion and kind: the README's object must have them, pass the
+    spec's validation and the CRD's schema."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "kind: Experiment" in b]
+    assert blocks, "README.md shows no Experiment object for kubectl apply"
+    for document in blocks:
+        assert document["apiVersion"] == "xstilts.dev/v1alpha1" and document["kind"] == "Experiment"
+        assert parse_document(document).name == document["metadata"]["name"]
         OAS30Validator(schema()).validate(document)
 
 

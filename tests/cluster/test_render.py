@@ -12,6 +12,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 from xstilts.operator.cluster.render import (
@@ -20,11 +21,13 @@ from xstilts.operator.cluster.render import (
     MAX_JOB_NAME,
     RUN_CONFIG_PATH,
     OwnerRef,
+    for_cluster,
     job_name,
     memory_bytes,
     render_experiment,
     render_run,
     result_file,
+    secret_commands,
     shm_size,
 )
 from xstilts.operator.experiment.plan import Plan, PlannedRun, plan
@@ -382,7 +385,7 @@ def test_restricted_security_context(example: Path) -> None:
 
 
 def test_secrets_are_referenced_by_name_never_included() -> None:
-    spec, p = load("scaling")
+    spec, p = spec_with(secrets={"hfToken": "hf-token", "mlflow": "mlflow-credentials"})
     objects = render_run(p.runs[0], spec)
     assert "Secret" not in {o["kind"] for o in objects}
     job = objects[-1]
@@ -445,9 +448,9 @@ def object_store_spec() -> tuple[ExperimentSpec, Plan]:
 # check a rendered run by hand and put the new digest here.
 RENDER_DIGESTS = {
     "demo": "8f7911244961adc9992859e37e81c05f0110f1f39adca2b966bd77fe02b5b80c",
-    "phang2020": "7b26daf40fc67f0cefe15395f1e376068fad9fb021da882b4d5201b2f1c0033e",
-    "scaling": "4b2f7bed14e74dff05f44ad0c94b6cb9b410d8e0432f194cf014dbe798fe2456",
-    "scaling-no-owner": "6f5c82fa9c1620dfaf9f0e02f64b3c8bf1d8055cd5423d812b4439913604273e",
+    "phang2020": "ac5a6902cb1bace1b2a156b0e0cd4f8585103a526ea7c872849f5234243dbaed",
+    "scaling": "0bed3b28f846542bdac8bc7ba945e990d9e93ca660d6ddbc26e91d64a58fc8e7",
+    "scaling-no-owner": "9a25a86cbf3e4a7d29408f70dd596f37d91633b506c5c15cf0f849ac1b5d8efe",
     "object-store": "c0a1d0b65ac565c37a9490852f6c1d8bc336d3bce34a94c262c8e5f871ce8725",
 }
 
@@ -484,3 +487,54 @@ def test_rendered_objects_share_no_dict_or_list() -> None:
             assert id(value) not in seen, f"shared between objects: {value}"
             seen.add(id(value))
             pending.extend(value.values() if isinstance(value, dict) else value)
+
+
+def test_a_cluster_spec_without_an_mlflow_server_logs_to_the_in_cluster_one() -> None:
+    spec, _ = spec_with()
+    assert spec.mlflow.tracking_uri is None
+    clustered = for_cluster(spec)
+    assert clustered.mlflow.tracking_uri == "http://xstilts-mlflow.xstilts.svc:5000"
+    p = plan(clustered)
+    job = render_run(p.runs[0], clustered)[-1]
+    assert env_of(job)["MLFLOW_TRACKING_URI"]["value"] == "http://xstilts-mlflow.xstilts.svc:5000"
+    config_map = render_run(p.runs[0], clustered)[0]
+    assert json.loads(config_map["data"]["run.json"])["tracking"]["tracking_uri"] == clustered.mlflow.tracking_uri
+    # Same runs: where they log is not part of a run's identity.
+    assert [r.run_id for r in p.runs] == [r.run_id for r in plan(spec).runs]
+    named = spec.model_copy(update={"mlflow": spec.mlflow.model_copy(update={"tracking_uri": "https://ml.example"})})
+    assert for_cluster(named) is named
+    assert for_cluster(spec, "http://mlflow.other:5000").mlflow.tracking_uri == "http://mlflow.other:5000"
+
+
+@pytest.mark.parametrize("uri", ["sqlite:////data/mini/mlflow.db", "file:///data/mlruns"])
+def test_a_tracking_store_on_the_pods_filesystem_is_rejected_for_a_cluster(uri: str) -> None:
+    spec, _ = spec_with()
+    spec = spec.model_copy(update={"mlflow": spec.mlflow.model_copy(update={"tracking_uri": uri})})
+    with pytest.raises(ValueError, match=r"^mlflow\.trackingUri: .* leave mlflow\.trackingUri out to log to the"
+                                         r" in-cluster MLflow server \(http://xstilts-mlflow"):
+        for_cluster(spec)
+
+
+def test_secret_commands_create_each_named_secret_with_the_keys_runs_read() -> None:
+    spec, _ = spec_with(secrets={"hfToken": "hf-token", "mlflow": "creds", "s3": "creds"})
+    commands = secret_commands(spec, "lab")
+    assert commands["hf-token"] == ("kubectl -n lab create secret generic hf-token"
+                                    " --from-literal='token=<Hugging Face token>'")
+    assert commands["creds"].startswith("kubectl -n lab create secret generic creds ")
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert f"--from-literal='{key}=" in commands["creds"]
+    assert secret_commands(spec_with()[0], "lab") == {}
+
+
+def test_submit_rejects_a_sqlite_tracking_store_for_a_cluster(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+    from xstilts.operator.cli import app
+
+    spec = yaml.safe_load((EXAMPLES_DIR / "demo.yaml").read_text())
+    spec["mlflow"] = {"trackingUri": "sqlite:////data/demo/mlflow.db"}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    for mode in ([], ["--no-controller"]):
+        result = CliRunner().invoke(app, ["submit", str(path), "--dry-run", *mode])
+        assert result.exit_code == 2, result.output
+        assert "mlflow.trackingUri: sqlite: is a store on the pods' own filesystem" in result.output

@@ -51,6 +51,8 @@ STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 # Ask for metadata only (PartialObjectMetadataList): listing a run's ConfigMaps to find
 # orphans should not download every run.json.
 METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
+# One object's metadata only (a Secret's existence, without its values).
+METADATA_ONLY_OBJECT = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 
 
 # --- resources ---------------------------------------------------------------------------
@@ -87,6 +89,8 @@ SERVICES = Resource("", "v1", "services", "Service")
 EVENTS = Resource("", "v1", "events", "Event")
 LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease")
 PODS = Resource("", "v1", "pods", "Pod")
+# Only `xstilts submit` (with the user's credentials) asks for Secrets, and only whether they exist.
+SECRETS = Resource("", "v1", "secrets", "Secret")
 BY_KIND = {r.kind: r for r in (EXPERIMENTS, JOBS, CONFIG_MAPS, SERVICES, EVENTS, LEASES, PODS)}
 
 # HTTP method (and whether a name is given) → the RBAC verb it needs.

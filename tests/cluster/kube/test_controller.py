@@ -11,6 +11,7 @@ result.json of each run whose Job completed, where the controller reads results.
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import time
 import urllib.request
@@ -315,6 +316,33 @@ def test_submit_without_controller_continues_pass_by_pass(env: Env) -> None:
     deleted = env.xstilts("delete", "direct", "-n", env.namespace)
     assert deleted.returncode == 0 and "deleted the 6 Jobs" in deleted.stdout
     assert list_jobs(env.cp, env.namespace, "direct") == []
+
+
+def test_submit_fails_on_missing_secrets_with_the_commands_that_create_them(env: Env) -> None:
+    obj = small_experiment("secrets", env.namespace, seeds=(1,))
+    obj["spec"]["cluster"]["secrets"] = {"hfToken": "hf-token", "mlflow": "mlflow-credentials"}
+    spec_file = env.tmp / "secrets.yaml"
+    spec_file.write_text(yaml.safe_dump(obj, sort_keys=False))
+    commands: list[str] = []
+    for mode in ([], ["--no-controller"]):
+        result = env.xstilts("submit", str(spec_file), *mode)
+        assert result.returncode == 1, (mode, result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr
+        assert (f"Secrets that do not exist in namespace {env.namespace}: hf-token, mlflow-credentials"
+                in result.stderr), result.stderr
+        commands = [line.strip() for line in result.stderr.splitlines() if line.strip().startswith("kubectl ")]
+        assert [c.split()[6] for c in commands] == ["hf-token", "mlflow-credentials"], commands
+    # Nothing was created.
+    assert env.cp.kubectl("get", "experiment", "secrets", namespace=env.namespace, check=False).returncode != 0
+    assert list_jobs(env.cp, env.namespace, "secrets") == []
+    # The printed commands, run as printed, make what submit needs.
+    for command in commands:
+        words = shlex.split(command)
+        assert words[:3] == ["kubectl", "-n", env.namespace]
+        env.cp.kubectl(*words[1:])
+    result = env.xstilts("submit", str(spec_file))
+    assert result.returncode == 0, result.stderr
+    assert "experiment.xstilts.dev/secrets created" in result.stdout
 
 
 def test_a_standby_takes_over_when_the_leader_stops(env: Env) -> None:
