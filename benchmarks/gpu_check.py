@@ -114,7 +114,8 @@ def install(bundle: Path, site: Path) -> dict[str, Any]:
             chosen.append(wheel)
     if _has_pip():
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
-                        "--disable-pip-version-check", "--target", str(site), *map(str, chosen)], check=True)
+                        "--disable-pip-version-check", "--target", str(site.resolve()),
+                        *(str(w.resolve()) for w in chosen)], check=True, cwd="/")
     else:  # a wheel is a zip of the files of site-packages (the .data scripts are not needed)
         for wheel in chosen:
             with zipfile.ZipFile(wheel) as z:
@@ -268,7 +269,8 @@ def launch(config: Any, log: Path) -> subprocess.Popen[bytes]:
         env |= {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "xstilts.trainer.launch", "--standalone", "--nproc_per_node=1",
                "-m", "xstilts.trainer", str(run_json)]
-    return subprocess.Popen(command, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    # cwd: `-m` puts it on sys.path, and the repository's operator/ would shadow the stdlib's
+    return subprocess.Popen(command, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=log.parent)
 
 
 def _wait(process: subprocess.Popen[bytes], log: Path, timeout: float) -> int:
@@ -356,7 +358,7 @@ def benchmark(root: Path, script: str, args: list[str], timeout: float) -> dict[
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     with log.open("wb") as f:
         code = subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), *args, "--json", str(out)],
-                              stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+                              stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout, cwd=root).returncode
     if code != 0 or not out.is_file():
         raise RuntimeError(f"{script} exited {code}:\n" + _tail(log))
     figures: dict[str, Any] = json.loads(out.read_text())
@@ -427,6 +429,7 @@ def run(out: Path, profile_name: str | None) -> int:
 
     cuda = torch.cuda.is_available()
     profile = {"gpu": GPU, "cpu": CPU}[profile_name or ("gpu" if cuda else "cpu")]
+    out = out.resolve()  # the steps run their processes from other directories
     out.mkdir(parents=True, exist_ok=True)
     root = out / "work"
     shutil.rmtree(root, ignore_errors=True)
