@@ -8,7 +8,7 @@ several ranks trainer_state.json (written by rank 0) can be there before another
 
 So every save goes to a staging directory, `.partial-checkpoint-N/checkpoint-N`; once every
 rank has written its part, the main process flushes it to disk and renames it to
-`checkpoint-N` (loop.StiltsTrainer._save_checkpoint). A `checkpoint-N` is complete by
+`checkpoint-N` (hf_seams.SeamTrainer._save_checkpoint). A `checkpoint-N` is complete by
 construction; a `.partial-*` is what a kill left and is removed when the run starts again.
 
 The loss window: the Trainer logs the mean training loss of the steps since its last log and

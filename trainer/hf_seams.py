@@ -1,7 +1,8 @@
-"""The seams where xstilts reaches into HF `Trainer` internals, in one table.
+"""The seams where xstilts reaches into HF `Trainer` internals, in one module.
 
-`StiltsTrainer` (loop.py) overrides private methods and reads private attributes of
-`transformers.Trainer`. Transformers may change any of them in a minor release, so each is
+`SeamTrainer` below is the only code that overrides private methods or touches private
+attributes of `transformers.Trainer`; `StiltsTrainer` (loop.py) builds on it and uses the
+Trainer's public API only. Transformers may change any of these in a minor release, so each is
 listed here and checked: `check_hf_seams()` at trainer start (it returns the seams the
 installed transformers lacks, so a caller can fail or degrade and record it), and one test per
 seam in tests/trainer/test_hf_seams.py.
@@ -24,8 +25,19 @@ Checked against transformers 5.24.0:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import Trainer
+from transformers.trainer_utils import rotate_checkpoints
+from xstilts.trainer import checkpoints
+
+if TYPE_CHECKING:
+    from xstilts.trainer.batching import MultiTaskBatchSampler
 
 CHECKED_AGAINST = "5.24.0"
 
@@ -71,8 +83,70 @@ def check_hf_seams(trainer_class: type | None = None) -> list[str]:
     """The seams the installed transformers lacks, each as a message naming the seam (empty
     when all hold). `trainer_class` defaults to `transformers.Trainer`."""
     if trainer_class is None:
-        from transformers import Trainer
         trainer_class = Trainer
     problems = (seam_problem(trainer_class, s) for s in SEAMS)
     return [f"{p} (xstilts was checked against transformers {CHECKED_AGAINST}; see trainer/hf_seams.py)"
             for p in problems if p is not None]
+
+
+# transformers is Any to mypy (not followed, see pyproject), hence the subclass of Any
+class SeamTrainer(Trainer):  # type: ignore[misc]
+    """`transformers.Trainer` with the overrides of its internals listed in SEAMS, and nothing
+    else. A subclass sets `batch_sampler` (the sampler behind the training data loader) and
+    may replace `checkpoint_pause` (the time a save takes is not training time)."""
+
+    batch_sampler: MultiTaskBatchSampler
+    # the Trainer's private attributes in SEAMS, as the training loop sets them
+    _tr_loss: torch.Tensor
+    _globalstep_last_logged: int
+    # while a checkpoint is saved: the staging dir the Trainer writes it under
+    _staging: Path | None = None
+
+    def checkpoint_pause(self) -> contextlib.AbstractContextManager[None]:
+        """Wraps each checkpoint save."""
+        return contextlib.nullcontext()
+
+    def _run_epoch(self, *args: Any, epoch: int, **kwargs: Any) -> Any:
+        # On a resume on several ranks accelerate wraps the sampler twice (a shard, then the
+        # skip of the batches already trained) and its set_epoch reaches neither: the resumed
+        # epoch would replay epoch 0's batches.
+        self.batch_sampler.set_epoch(epoch)
+        return super()._run_epoch(*args, epoch=epoch, **kwargs)
+
+    # --- checkpoints: staged, then renamed into place once complete (see checkpoints.py) -------
+
+    def _get_output_dir(self, trial: Any) -> str:
+        # while a checkpoint is saved the Trainer writes it (and rotates) under the staging dir
+        return str(self._staging.parent) if self._staging else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        root, step = Path(self.args.output_dir), self.state.global_step
+        staged, final = checkpoints.staging_dir(root, step), root / checkpoints.checkpoint_name(step)
+        with self.checkpoint_pause():
+            self._staging = staged
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging = None
+            checkpoints.save_loss_window(staged, self.args.process_index, self.args.world_size,
+                                         float(self._tr_loss.item()), self._globalstep_last_logged)
+            # The Trainer looked for the best checkpoint under the staging dir; it lives in root.
+            best = self.state.best_global_step
+            if best and (best == step or (root / checkpoints.checkpoint_name(best)).is_dir()):
+                self.state.best_model_checkpoint = str(root / checkpoints.checkpoint_name(best))
+            self.accelerator.wait_for_everyone()  # every rank's files (and DeepSpeed shards) are written
+            if self.args.should_save:
+                self.state.save_to_json(str(staged / checkpoints.TRAINER_STATE))  # with the final path
+                checkpoints.publish(staged, final)
+                rotate_checkpoints(str(root), self.args.save_total_limit, self.state.best_model_checkpoint,
+                                   use_mtime=True)
+            self.accelerator.wait_for_everyone()  # no rank goes on before the checkpoint is in place
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        # Called once on resume, just before the first step: the place to restore the loss window.
+        super()._load_rng_state(checkpoint)
+        window = checkpoints.load_loss_window(checkpoint, self.args.process_index,
+                                              self.args.world_size) if checkpoint else None
+        if window is not None:
+            self._tr_loss = torch.tensor(window[0], device=self._tr_loss.device)
+            self._globalstep_last_logged = window[1]

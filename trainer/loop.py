@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import rotate_checkpoints
-from xstilts.trainer import checkpoints
+from transformers import TrainerCallback
 from xstilts.trainer.batching import Collator, MultiTaskBatchSampler, TrainSet
 from xstilts.trainer.data import ENGLISH
 from xstilts.trainer.evaluate import Predictor, dev_metrics, eval_token_budget, evaluate_splits
 from xstilts.trainer.features import Encoded
+from xstilts.trainer.hf_seams import SeamTrainer
 from xstilts.trainer.interrupt import Interruption, RunInterrupted
 from xstilts.trainer.rundir import ProgressFile, eta_seconds, write_atomic
 from xstilts.trainer.tasks import Task
@@ -102,7 +101,10 @@ class RunCallback(TrainerCallback):
         return requested
 
 
-class StiltsTrainer(Trainer):
+class StiltsTrainer(SeamTrainer):
+    """Uses the Trainer's public API only; every override of its internals (the resume
+    checkpoints, the sampler's epoch) is in SeamTrainer, hf_seams.py."""
+
     def __init__(self, *, model: Any, args: Any, train_set: TrainSet, sampler: MultiTaskBatchSampler,
                  collator: Collator, dev: Sequence[Encoded], tasks: Sequence[Task], eval_cap: int | None,
                  tracker: Any, progress: ProgressFile, eval_tokens: int, callback: RunCallback,
@@ -135,12 +137,8 @@ class StiltsTrainer(Trainer):
         # accelerate deals the sampler's batches to the ranks in turn (see MultiTaskBatchSampler)
         return self.accelerator.prepare(loader)
 
-    def _run_epoch(self, *args: Any, epoch: int, **kwargs: Any) -> Any:
-        # On a resume on several ranks accelerate wraps the sampler twice (a shard, then the
-        # skip of the batches already trained) and its set_epoch reaches neither: the resumed
-        # epoch would replay epoch 0's batches.
-        self.batch_sampler.set_epoch(epoch)
-        return super()._run_epoch(*args, epoch=epoch, **kwargs)
+    def checkpoint_pause(self) -> contextlib.AbstractContextManager[None]:
+        return self.run_callback.pause()
 
     def predictor(self) -> Predictor:
         model = self.model_wrapped
@@ -197,43 +195,3 @@ class StiltsTrainer(Trainer):
         self.selection_history.append({"step": step, "dev": dev, "test": test})
         if self.selection_file is not None and self.args.should_save:
             write_atomic(self.selection_file, json.dumps(self.selection_history) + "\n")
-
-    # --- checkpoints: staged, then renamed into place once complete (see checkpoints.py) -------
-
-    _staging: Path | None = None
-
-    def _get_output_dir(self, trial: Any) -> str:
-        # while a checkpoint is saved the Trainer writes it (and rotates) under the staging dir
-        return str(self._staging.parent) if self._staging else super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        root, step = Path(self.args.output_dir), self.state.global_step
-        staged, final = checkpoints.staging_dir(root, step), root / checkpoints.checkpoint_name(step)
-        with self.run_callback.pause():
-            self._staging = staged
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self._staging = None
-            checkpoints.save_loss_window(staged, self.args.process_index, self.args.world_size,
-                                         float(self._tr_loss.item()), self._globalstep_last_logged)
-            # The Trainer looked for the best checkpoint under the staging dir; it lives in root.
-            best = self.state.best_global_step
-            if best and (best == step or (root / checkpoints.checkpoint_name(best)).is_dir()):
-                self.state.best_model_checkpoint = str(root / checkpoints.checkpoint_name(best))
-            self.accelerator.wait_for_everyone()  # every rank's files (and DeepSpeed shards) are written
-            if self.args.should_save:
-                self.state.save_to_json(str(staged / checkpoints.TRAINER_STATE))  # with the final path
-                checkpoints.publish(staged, final)
-                rotate_checkpoints(str(root), self.args.save_total_limit, self.state.best_model_checkpoint,
-                                   use_mtime=True)
-            self.accelerator.wait_for_everyone()  # no rank goes on before the checkpoint is in place
-
-    def _load_rng_state(self, checkpoint: str | None) -> None:
-        # Called once on resume, just before the first step: the place to restore the loss window.
-        super()._load_rng_state(checkpoint)
-        window = checkpoints.load_loss_window(checkpoint, self.args.process_index,
-                                              self.args.world_size) if checkpoint else None
-        if window is not None:
-            self._tr_loss = torch.tensor(window[0], device=self._tr_loss.device)
-            self._globalstep_last_logged = window[1]

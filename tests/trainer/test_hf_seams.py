@@ -1,10 +1,18 @@
 """One test per HF Trainer seam (trainer/hf_seams.py): a transformers upgrade that changes one
 fails here, naming it."""
 
+import io
+import itertools
+import tokenize
+from pathlib import Path
+
 import pytest
+import xstilts.trainer
 from transformers import Trainer
-from xstilts.trainer.hf_seams import SEAMS, Seam, check_hf_seams, seam_problem
+from xstilts.trainer.hf_seams import SEAMS, Seam, SeamTrainer, check_hf_seams, seam_problem
 from xstilts.trainer.loop import StiltsTrainer
+
+TRAINER_DIR = Path(xstilts.trainer.__file__).parent
 
 
 @pytest.mark.parametrize("seam", SEAMS, ids=lambda s: s.name)
@@ -13,14 +21,39 @@ def test_seam_holds_on_installed_transformers(seam: Seam) -> None:
 
 
 @pytest.mark.parametrize("seam", [s for s in SEAMS if s.kind == "override"], ids=lambda s: s.name)
-def test_every_override_in_the_table_is_overridden_by_stilts_trainer(seam: Seam) -> None:
-    assert seam.name in vars(StiltsTrainer)
+def test_every_override_in_the_table_is_in_seam_trainer_and_reaches_stilts_trainer(seam: Seam) -> None:
+    assert seam.name in vars(SeamTrainer)
+    assert getattr(StiltsTrainer, seam.name) is vars(SeamTrainer)[seam.name]
 
 
-def test_stilts_trainer_overrides_no_private_method_outside_the_table() -> None:
-    private = {n for n, v in vars(StiltsTrainer).items()
-               if n.startswith("_") and not n.startswith("__") and callable(v) and hasattr(Trainer, n)}
-    assert private == {s.name for s in SEAMS if s.kind == "override"}
+def private_trainer_overrides(cls: type) -> set[str]:
+    return {n for n, v in vars(cls).items()
+            if n.startswith("_") and not n.startswith("__") and callable(v) and hasattr(Trainer, n)}
+
+
+def test_seam_trainer_overrides_no_private_method_outside_the_table() -> None:
+    assert private_trainer_overrides(SeamTrainer) == {s.name for s in SEAMS if s.kind == "override"}
+
+
+def test_stilts_trainer_overrides_no_private_method() -> None:
+    assert issubclass(StiltsTrainer, SeamTrainer)
+    assert private_trainer_overrides(StiltsTrainer) == set()
+
+
+def attribute_uses(path: Path) -> set[str]:
+    """The names used as `<something>.name` in the module's code (not its comments or strings)."""
+    tokens = tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
+    return {b.string for a, b in itertools.pairwise(tokens)
+            if a.type == tokenize.OP and a.string == "." and b.type == tokenize.NAME}
+
+
+def test_no_other_trainer_module_touches_a_seam() -> None:
+    # every reach into Trainer internals stays in hf_seams.py, next to its table
+    seams = {s.name for s in SEAMS}
+    offenders = {path.name: attribute_uses(path) & seams for path in sorted(TRAINER_DIR.rglob("*.py"))
+                 if path.name != "hf_seams.py"}
+    assert {name: used for name, used in offenders.items() if used} == {}
+    assert attribute_uses(TRAINER_DIR / "hf_seams.py") >= seams
 
 
 def test_a_changed_transformers_is_reported_naming_the_seam() -> None:
