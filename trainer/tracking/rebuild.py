@@ -1,6 +1,6 @@
 """MLflow runs rebuilt from result files, for `xstilts sync`.
 
-A run's result.json is the record of what happened; MLflow is a view of it (DESIGN.md). When
+A run's result.json is the record of what happened; MLflow is a view of it. When
 MLflow never saw a finished run (it finished while the tracking server was lost with its
 database, or its results were copied from a cluster), sync creates the run from the file:
 the RunConfig's params and the parameter count, the final metrics (dev, per-language test,
@@ -152,7 +152,7 @@ def _held_runs(client: MlflowClient, experiment_name: str) -> dict[str, bool]:
 
 
 def _rebuild(client: MlflowClient, uri: str, run_dir: Path, result: RunResult, counts: Counts) -> str:
-    # config_params lives with the tracker, which imports this module (through tracking_sync).
+    # config_params lives with the tracker, which imports this module (through sync).
     from xstilts.trainer.tracking.tracker import config_params
 
     finished = _epoch_ms(result.finished_at)

@@ -1,7 +1,8 @@
 """`xstilts sync`: replay the MLflow buffers of runs into MLflow, idempotently, then rebuild
 from its result.json the MLflow run of every finished run MLflow does not hold
-(`tracking_rebuild`), and report what was done. Buffer replay is also used by the tracker when
-MLflow comes back, and by the executor and controller."""
+(`rebuild`), and report what was done. The run's own tracker replays its buffer the same way
+when MLflow comes back and when the run finishes; the local executor and the controller do
+not replay buffers."""
 
 from __future__ import annotations
 

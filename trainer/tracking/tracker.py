@@ -1,6 +1,6 @@
 """MLflow tracking for one run, resilient to tracking-server outages, and `xstilts sync`.
 
-Layout in MLflow (DESIGN.md): one MLflow experiment per xstilts experiment, one parent run
+Layout in MLflow: one MLflow experiment per xstilts experiment, one parent run
 for the experiment (tags `xstilts.parent=true`, `xstilts.experiment=<name>`), and one child
 run per training run, tagged `xstilts.run_id=<run id>` and linked by `mlflow.parentRunId`.
 Runs are found by these tags, never remembered, so a retried or resumed run (same run id)
@@ -9,10 +9,10 @@ writes to the same MLflow run.
 Outages. Every write goes to MLflow first; if MLflow cannot be reached, the tracker goes
 offline and appends every call (start, params, metrics with step and timestamp, tags,
 artifacts by path, finish status) to `<run_dir>/mlflow-buffer.jsonl`. Training never waits
-long: HTTP retries and timeouts are cut to seconds (`tracking_mlflow.CLIENT_DEFAULTS`: a
+long: HTTP retries and timeouts are cut to seconds (`mlflow_client.CLIENT_DEFAULTS`: a
 refused connection costs milliseconds, a hung server about 20 s), and while offline the
 tracker tries again only every `retry_after_seconds`, doubling up to 10 minutes.
-Reconnecting, `finish()` and `xstilts sync` replay the buffer (`tracking_sync`):
+Reconnecting, `finish()` and `xstilts sync` replay the buffer (`sync`):
 
 - Replay is idempotent. A metric point whose (key, step) MLflow already has is skipped, a
   param MLflow already holds with the same value is skipped, tags and artifacts are written
@@ -51,8 +51,8 @@ reports keep the URI without them, MLflow's printing of run URLs is turned off, 
 takes credentials from MLflow's own environment variables (MLFLOW_TRACKING_USERNAME,
 MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN), which is where Secrets should put them.
 
-Modules: `tracking_buffer` (the buffer file and its records; no mlflow), `tracking_mlflow`
-(clients, finding or creating experiments and runs, idempotent writes), `tracking_sync`
+Modules of this package: `buffer` (the buffer file and its records; no mlflow), `mlflow_client`
+(clients, finding or creating experiments and runs, idempotent writes), `sync`
 (replay and its report), and this one (the tracker the trainer uses). mlflow is imported
 lazily everywhere: the operator's CLI imports `sync_storage` without the training stack.
 """
