@@ -238,7 +238,7 @@ class DataSizes:
     intermediate_eval: int = 300
 
 
-def _items(task: str, split: str, n: int, seed: int) -> list[PairItem] | list[ChoiceItem]:
+def _items(task: str, split: str, n: int, seed: int) -> list[PairItem | ChoiceItem]:
     # Each task and split draws from its own stream: mnli is not xnli's training data.
     rng = random.Random(f"xstilts-demo-data:{seed}:{task}:{split}")
     if task == "hellaswag":

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from xstilts.trainer.features import IGNORE
+from xstilts.trainer.scoring import IGNORE
 
 MEGABATCH_FACTOR = 50  # rows sorted together: enough to find similar lengths, few enough to stay random
 

@@ -138,7 +138,8 @@ class Predictor:
 def _reduce(fmt: Format, pool: _Pool, batch: list[int], outputs: dict[str, torch.Tensor]) -> list[Any]:
     """Per-row predictions from a batch's outputs: small enough to gather across ranks."""
     if fmt in (Format.CLASSIFICATION, Format.MULTIPLE_CHOICE):
-        return outputs["logits"].argmax(-1).tolist()
+        labels: list[int] = outputs["logits"].argmax(-1).tolist()
+        return labels
     lengths = [pool.lengths[k] for k in batch]
     if fmt is Format.TAGGING:
         tags = outputs["logits"].argmax(-1).tolist()
@@ -171,7 +172,8 @@ def score(task: Task, encoded: Encoded, rows: Sequence[int], predictions: Sequen
     features = encoded.features.select(rows)
 
     def column(name: str) -> list[Any]:  # one read, not one per row
-        return features[name][:]
+        values: list[Any] = features[name][:]
+        return values
 
     if task.format in (Format.CLASSIFICATION, Format.MULTIPLE_CHOICE):
         return {"accuracy": accuracy(list(predictions), column("label"))}

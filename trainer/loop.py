@@ -105,6 +105,8 @@ class StiltsTrainer(SeamTrainer):
     """Uses the Trainer's public API only; every override of its internals (the resume
     checkpoints, the sampler's epoch) is in SeamTrainer, hf_seams.py."""
 
+    control: Any  # the Trainer's TrainerControl, passed through the callbacks by evaluate()
+
     def __init__(self, *, model: Any, args: Any, train_set: TrainSet, sampler: MultiTaskBatchSampler,
                  collator: Collator, dev: Sequence[Encoded], tasks: Sequence[Task], eval_cap: int | None,
                  tracker: Any, progress: ProgressFile, eval_tokens: int, callback: RunCallback,

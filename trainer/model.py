@@ -95,7 +95,7 @@ class MultiTaskModel(nn.Module):
         self.encoder = encoder
         self.config = encoder.config
         self.specs = tuple(specs)
-        dropout = getattr(self.config, "classifier_dropout", None)
+        dropout: float | None = getattr(self.config, "classifier_dropout", None)
         if dropout is None:
             dropout = getattr(self.config, "hidden_dropout_prob", 0.1)
         self.heads = nn.ModuleDict({s.task: make_head(s, self.config.hidden_size, dropout) for s in self.specs})

@@ -202,7 +202,7 @@ def exit_reason(returncode: int) -> str:
             return f"killed by {signal.Signals(-returncode).name}"
         except ValueError:
             return f"killed by signal {-returncode}"
-    known = {ExitCode.INVALID: "invalid config or data", ExitCode.INTERRUPTED: "interrupted"}
+    known: dict[int, str] = {ExitCode.INVALID: "invalid config or data", ExitCode.INTERRUPTED: "interrupted"}
     name = known.get(returncode)
     return f"exit {returncode}" + (f" ({name})" if name else "")
 
