@@ -20,13 +20,11 @@ demo: install
 	$(BIN)/xstilts run examples/demo.yaml
 	$(BIN)/xstilts report examples/demo.yaml
 
-# Builds the test Kubernetes control plane and node from Go modules and the images from the
-# Dockerfile (all cached outside the repo), then the default suite, then the slow tests
+# The lint, then builds the test Kubernetes control plane and node from Go modules and the images
+# from the Dockerfile (all cached outside the repo), then the default suite, then the slow tests
 # (DeepSpeed under torchrun, the control-plane scenarios, the end-to-end demo, the one-node
 # cluster of tests/e2e), which CI runs too.
-test: install cluster-parts
-	$(BIN)/ruff check .
-	$(BIN)/python scripts/typecheck.py
+test: lint cluster-parts
 	$(BIN)/pytest -q
 	$(BIN)/pytest -q -m slow
 
@@ -41,6 +39,7 @@ gpu-bundle: install
 gpu-check:
 	bash benchmarks/gpu_check.sh
 
+# ruff, then mypy over every module (scripts/typecheck.py; what it checks: [tool.mypy] files).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/python scripts/typecheck.py

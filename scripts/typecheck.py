@@ -7,6 +7,10 @@ builds a tree of links under build/typecheck/ laid out as the real packages, run
 the mapped `files` of [tool.mypy] with the same settings, and prints its report with the
 repo's paths again, so editors and readers land in the real files.
 
+`files` may name folders: every .py file under one is checked, less those whose repo path
+matches a regex of [tool.mypy]'s `exclude` (as mypy itself applies `exclude` when it walks a
+folder; explicit files would bypass it).
+
 Usage: python scripts/typecheck.py [extra mypy args]; exits with mypy's status.
 """
 
@@ -73,12 +77,25 @@ def build_tree(packages: dict[str, str]) -> dict[str, str]:
     return links
 
 
+def selected_files(entries: list[str], exclude: str | list[str]) -> list[str]:
+    """The repo paths to check: each file of `entries` as it is, every .py file under each
+    folder, less the paths `exclude` matches (mypy's option: one regex or a list)."""
+    patterns = [re.compile(p) for p in ([exclude] if isinstance(exclude, str) else exclude)]
+    selected: dict[str, None] = {}
+    for entry in entries:
+        path = ROOT / entry
+        found = sorted(p.relative_to(ROOT).as_posix() for p in path.rglob("*.py")) if path.is_dir() else [entry]
+        selected.update(dict.fromkeys(f for f in found if not any(p.search(f) for p in patterns)))
+    return list(selected)
+
+
 def main(argv: list[str]) -> int:
     os.chdir(ROOT)
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     links = build_tree(package_dirs(pyproject))
     to_link = {repo: link for link, repo in links.items()}
-    files: list[str] = pyproject["tool"]["mypy"]["files"]
+    settings = pyproject["tool"]["mypy"]
+    files = selected_files(settings["files"], settings.get("exclude", []))
     # Explicit files on the command line replace the config's `files`; every other setting
     # (strict, plugins, per-module overrides) still comes from pyproject.toml. A file outside
     # the packages (a script) is checked where it is.

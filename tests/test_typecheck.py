@@ -65,3 +65,17 @@ def test_correct_project_passes_and_a_removed_module_leaves_the_tree(tmp_path: P
     (root / "core/old.py").unlink()
     assert typecheck(root).returncode == 0
     assert not (root / "build/typecheck/pkg/core/old.py").is_symlink()
+
+
+def test_a_folder_in_files_checks_every_module_under_it_less_the_excluded(tmp_path: Path) -> None:
+    root = project(tmp_path, "int | None")  # the error is in core/use.py
+    listed = 'files = ["core/use.py", "core/units.py"]'
+    pyproject = (root / "pyproject.toml").read_text()
+    (root / "pyproject.toml").write_text(pyproject.replace(listed, 'files = ["core"]\nexclude = ["^core/use\\\\.py$"]'))
+    result = typecheck(root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Success: no issues found in 2 source files" in result.stdout  # __init__.py and units.py
+
+    (root / "pyproject.toml").write_text(pyproject.replace(listed, 'files = ["core"]'))
+    result = typecheck(root)
+    assert result.returncode == 1 and "core/use.py:5: error:" in result.stdout, result.stdout + result.stderr

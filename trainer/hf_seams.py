@@ -89,8 +89,7 @@ def check_hf_seams(trainer_class: type | None = None) -> list[str]:
             for p in problems if p is not None]
 
 
-# transformers is Any to mypy (not followed, see pyproject), hence the subclass of Any
-class SeamTrainer(Trainer):  # type: ignore[misc]
+class SeamTrainer(Trainer):
     """`transformers.Trainer` with the overrides of its internals listed in SEAMS, and nothing
     else. A subclass sets `batch_sampler` (the sampler behind the training data loader) and
     may replace `checkpoint_pause` (the time a save takes is not training time)."""
