@@ -181,8 +181,8 @@ def score(task: Task, encoded: Encoded, rows: Sequence[int], predictions: Sequen
         labels = column("labels")
         scores = {"accuracy": token_accuracy(list(predictions), labels)}
         if task.metric == "f1":  # UD-POS, PAN-X (XTREME's metric); CCG supertagging keeps accuracy
-            preds, golds = word_tags(list(predictions), labels, encoded.labels)
-            scores["f1"] = tag_f1(preds, golds, entities=is_bio(encoded.labels))
+            predicted_tags, gold_tags = word_tags(list(predictions), labels, encoded.labels)
+            scores["f1"] = tag_f1(predicted_tags, gold_tags, entities=is_bio(encoded.labels))
         return scores
     windows: dict[int, list[Span]] = defaultdict(list)
     for example_index, span in zip(column("example_index"), predictions, strict=True):
