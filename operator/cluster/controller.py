@@ -16,9 +16,9 @@ the API said. A Job this process created is put into the watch cache at once, so
 reconcile counts it against maxParallel even before its watch event arrives.
 
 Failure handling: every request has a timeout and is retried at once a few times when it
-fails transiently (unreachable, timed out, 429, 5xx; kube.Kube). 409 AlreadyExists on create
+fails transiently (unreachable, timed out, 429, 5xx; kube_api.Kube). 409 AlreadyExists on create
 → an earlier attempt got there (perhaps one whose answer was lost), read it back; 404 on
-delete → already gone; 410 Gone on a watch → list again (kube.Reflector); 409 Conflict on the
+delete → already gone; 410 Gone on a watch → list again (kube_api.Reflector); 409 Conflict on the
 status → read the Experiment again, recompute the status from it, write it with update. Any
 other error → the key is retried with exponential backoff.
 
