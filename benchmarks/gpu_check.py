@@ -289,7 +289,7 @@ def _tail(log: Path, lines: int = 30) -> str:
 def trainer_run(root: Path, profile: Profile, zero_stage: int, interrupt: bool) -> dict[str, Any]:
     import torch
     from transformers import XLMRobertaModel
-    from xstilts.trainer.batch_plan import plan_schedule
+    from xstilts.trainer.batch_plan import plan_steps
     from xstilts.trainer.checkpoints import newest_checkpoint
     from xstilts.trainer.config import ExitCode, RunResult
     from xstilts.trainer.model import attention_kernel
@@ -300,7 +300,7 @@ def trainer_run(root: Path, profile: Profile, zero_stage: int, interrupt: bool) 
     config = run_config(root, f"zero{zero_stage}", steps, zero_stage)
     run_dir = RunDir.of(config)
     cuda = torch.cuda.is_available()
-    schedule = plan_schedule(config, 1, [max(profile.zero_steps, profile.zero3_steps) * BATCH * 2], 128,
+    schedule = plan_steps(config, 1, [max(profile.zero_steps, profile.zero3_steps) * BATCH * 2], 128,
                              **micro_batch_inputs(config))
     figures: dict[str, Any] = {
         "zero_stage": zero_stage, "steps": steps, "batch_size": BATCH,
