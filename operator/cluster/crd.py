@@ -138,8 +138,8 @@ def _structural(node: Any, definitions: dict[str, Any]) -> Any:
             out["type"] = "string"
         elif kinds <= {int}:
             out["type"] = "integer"
-        else:  # Literal[0, 1, 2, 3, "auto"]
-            return _int_or_string({k: v for k, v in out.items() if k != "enum"}, definitions)
+        else:  # Literal[0, 1, 2, 3, "auto"]: the enum stays, the API server checks it
+            return _int_or_string(out, definitions)
     return out
 
 
@@ -147,6 +147,7 @@ def _int_or_string(rest: dict[str, Any], definitions: dict[str, Any]) -> dict[st
     out = {k: _structural(v, definitions) for k, v in rest.items() if k not in ("title", "default", "type")}
     out["x-kubernetes-int-or-string"] = True
     out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    out.setdefault("description", "an integer or a string")
     return out
 
 

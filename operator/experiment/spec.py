@@ -16,9 +16,11 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -49,6 +51,20 @@ LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
 MAX_LABEL_VALUE = 63
 _NOT_LABEL_VALUE = re.compile(r"[^A-Za-z0-9._-]+")
+# The whole label key in one expression (so the CRD can state it): [DNS prefix '/'] name.
+LABEL_KEY = (r"^(?:[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+INT32_MAX = 2**31 - 1  # integers the API server, Jobs and the trainer all hold
+# A path in canonical form, written so Python, Rust (pydantic) and Go (the API server) read
+# the expression alike: segments joined by single '/', none of them '.' or '..', no control
+# characters, no trailing '/'. Two spellings of one directory would be two runs of one training.
+_SEGMENT = r"(?:[^/.\x00-\x1f\x7f]|\.[^/.\x00-\x1f\x7f]|\.\.[^/\x00-\x1f\x7f])[^/\x00-\x1f\x7f]*"
+PLAIN_PATH = rf"^/?{_SEGMENT}(?:/{_SEGMENT})*$"
+_S3_SEGMENT = r"(?:[A-Za-z0-9_-]|\.[A-Za-z0-9_-]|\.\.[A-Za-z0-9._-])[A-Za-z0-9._-]*"
+# An image reference as the container runtime parses it: [registry[:port]/]name[:tag][@digest].
+_IMAGE_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_REFERENCE = (r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
+                   rf"(?::[0-9]+)?/)?{_IMAGE_COMPONENT}(?:/{_IMAGE_COMPONENT})*"
+                   r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$")
 
 
 def _schema_name(max_length: int) -> Any:
@@ -58,7 +74,18 @@ def _schema_name(max_length: int) -> Any:
 
 
 def _schema_enum(values: tuple[str, ...]) -> Any:
-    return Field(json_schema_extra={"enum": list(values)})
+    return Field(json_schema_extra={"enum": list(values), "maxLength": max(map(len, values))})
+
+
+def _keyed_by(names: tuple[str, ...]) -> Any:
+    """A map whose keys are known names, written for the API server as an object with one
+    property per name: it then rejects an unknown key as an unknown field, `kubectl explain`
+    lists the names, and a CEL rule can reach each entry at a fixed cost."""
+    def update(schema: dict[str, Any]) -> None:
+        value = schema.pop("additionalProperties")
+        schema.pop("maxProperties", None)
+        schema["properties"] = {name: value for name in names}
+    return Field(json_schema_extra=update)
 
 
 def _intermediate_name(v: str) -> str:
@@ -107,10 +134,12 @@ def path_part(key: str) -> str:
 
 class FieldError(ValueError):
     """A cross-field problem found by a model validator, pinned to the field to fix (pydantic
-    would otherwise report it at the model's own path)."""
+    would otherwise report it at the model's own path); `more` holds every (path, message)
+    when a validator found several."""
 
-    def __init__(self, path: str, message: str):
+    def __init__(self, path: str, message: str, more: list[tuple[str, str]] | None = None):
         self.path = path
+        self.more = more or [(path, message)]
         super().__init__(message)
 
 
@@ -125,7 +154,9 @@ def dns_label(value: str, *, max_length: int = 63) -> str:
 
 class _Spec(BaseModel):
     model_config = ConfigDict(
-        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True
+        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True,
+        # No coercion: '8', 2.0 and true are not integers to the API server, so not to us either.
+        strict=True,
     )
 
 
@@ -141,6 +172,14 @@ KNOWN_PARAMETERS = {
 }
 
 
+def _int_or_string(v: Any) -> Any:
+    """What an int-or-string field of the API server takes: an integer or a string, no
+    bool, no float (which a Literal would otherwise compare equal to 1 or 3)."""
+    if type(v) not in (int, str):
+        raise ValueError(f"must be an integer or a string, not {type(v).__name__}")
+    return v
+
+
 class ModelResources(_Spec):
     """Per-model resources. `zeroStage: auto` picks the least partitioned ZeRO stage whose
     model states (16 bytes per parameter for mixed-precision Adam) fit the GPUs."""
@@ -150,7 +189,7 @@ class ModelResources(_Spec):
     nodes: Annotated[int, Field(ge=1, le=512, strict=True)] = 1
     processes_per_node: Annotated[int | None, Field(ge=1, le=64)] = None
     gpu_memory_gb: Annotated[float, Field(gt=0, le=1024)] = 80
-    zero_stage: Literal[0, 1, 2, 3, "auto"] = "auto"
+    zero_stage: Annotated[Literal[0, 1, 2, 3, "auto"], BeforeValidator(_int_or_string)] = "auto"
     offload: OffloadMode = "none"
     micro_batch_size: Annotated[int | None, Field(ge=1, le=4096)] = None
     cpu: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$")] = "8"
@@ -187,7 +226,7 @@ class ModelResources(_Spec):
 class ModelSpec(_Spec):
     name: Annotated[str, _schema_name(MAX_SHORT_NAME),
                     Field(description="short DNS-1123 name used in run names and labels")]
-    pretrained: Annotated[str, Field(min_length=1, max_length=512,
+    pretrained: Annotated[str, Field(min_length=1, max_length=512, pattern=PLAIN_PATH,
                                      description="hub id or local directory of the pretrained encoder")]
     display_name: str | None = None
     parameters: Annotated[int | None, Field(ge=1, le=10**13)] = None
@@ -251,7 +290,7 @@ class MultiTaskGroup(_Spec):
     """Several intermediate tasks trained at once: one encoder, one head per task."""
 
     name: Annotated[str, _schema_name(MAX_SHORT_NAME)]
-    tasks: Annotated[list[IntermediateTaskName], Field(min_length=2)]
+    tasks: Annotated[list[IntermediateTaskName], Field(min_length=2, max_length=len(INTERMEDIATE_TASKS)), _LIST_SET]
     sampling_temperature: Annotated[float | None, Field(ge=1, le=100)] = None
 
     @field_validator("name")
@@ -275,12 +314,12 @@ class HyperParameterOverrides(_Spec):
     learning_rate: Annotated[float | None, Field(gt=0, le=1)] = None
     batch_size: Annotated[int | None, Field(ge=1, le=65536)] = None
     epochs: Annotated[float | None, Field(gt=0, le=1000)] = None
-    max_steps: Annotated[int | None, Field(ge=1)] = None
+    max_steps: Annotated[int | None, Field(ge=1, le=INT32_MAX)] = None
     max_seq_length: Annotated[int | None, Field(ge=8, le=8192)] = None
     warmup_ratio: Annotated[float | None, Field(ge=0, lt=1)] = None
     weight_decay: Annotated[float | None, Field(ge=0, le=1)] = None
-    max_train_examples: Annotated[int | None, Field(ge=1)] = None
-    max_eval_examples: Annotated[int | None, Field(ge=1)] = None
+    max_train_examples: Annotated[int | None, Field(ge=1, le=INT32_MAX)] = None
+    max_eval_examples: Annotated[int | None, Field(ge=1, le=INT32_MAX)] = None
     sampling_temperature: Annotated[float | None, Field(ge=1, le=100)] = None
     retrieval_layer: Annotated[int | None, Field(ge=0, le=1000)] = None
 
@@ -303,14 +342,18 @@ class HyperParameterSpec(_Spec):
 
     intermediate: HyperParameterOverrides = HyperParameterOverrides()
     target: HyperParameterOverrides = HyperParameterOverrides()
-    per_model: dict[str, HyperParameterOverrides] = Field(default_factory=dict)
-    per_task: dict[str, HyperParameterOverrides] = Field(default_factory=dict)
+    per_model: Annotated[dict[str, HyperParameterOverrides], Field(max_length=64)] = Field(default_factory=dict)
+    per_task: Annotated[dict[str, HyperParameterOverrides], Field(max_length=len(TASKS)), _keyed_by(tuple(TASKS))] = (
+        Field(default_factory=dict))
 
     @field_validator("per_task")
     @classmethod
     def _known_tasks(cls, v: dict[str, HyperParameterOverrides]) -> dict[str, HyperParameterOverrides]:
         for t in v:
-            _task_name(t, tuple(TASKS), "task")
+            try:
+                _task_name(t, tuple(TASKS), "task")
+            except ValueError as e:
+                raise FieldError(path_part(t).removeprefix("."), str(e)) from None
         return v
 
 
@@ -318,9 +361,7 @@ class HyperParameterSpec(_Spec):
 
 
 def label_key(key: str) -> str:
-    prefix, _, name = key.rpartition("/")
-    if (prefix and (len(prefix) > 253 or not SECRET_NAME.fullmatch(prefix))) or len(name) > 63 \
-            or not LABEL_NAME.fullmatch(name):
+    if not re.fullmatch(LABEL_KEY, key):
         raise ValueError(f"{shown_value(key)} is not a label key: an optional DNS prefix and '/', then at most 63"
                          " letters, digits, '-', '_' or '.', e.g. 'nvidia.com/gpu.product'")
     return key
@@ -341,16 +382,17 @@ def clean_label_value(value: str) -> str:
     nothing is left)."""
     cleaned = _NOT_LABEL_VALUE.sub("-", value)[:MAX_LABEL_VALUE]
     return cleaned.strip("-._")
+_LABEL_VALUE_SCHEMA = Field(json_schema_extra={"pattern": f"^{LABEL_VALUE.pattern}$", "maxLength": 63})
 
 
 # A pod toleration, checked by the rules the API server applies to one, so that a spec the CLI
 # accepts never renders a Job the API server rejects.
 class Toleration(_Spec):
-    key: str | None = None
+    key: Annotated[str | None, Field(pattern=LABEL_KEY, max_length=317)] = None
     operator: Literal["Exists", "Equal"] = "Equal"
-    value: str | None = None
+    value: Annotated[str | None, _LABEL_VALUE_SCHEMA] = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    toleration_seconds: Annotated[int | None, Field(ge=0, le=INT32_MAX)] = None
 
     @field_validator("key")
     @classmethod
@@ -381,39 +423,42 @@ POD_SYSTEM_DIRS = ("bin", "boot", "dev", "etc", "lib", "lib64", "opt", "proc", "
                    "usr", "var")
 
 
+_SYSTEM_MOUNT = rf"^/({'|'.join(POD_SYSTEM_DIRS)})(/|$)"
+_SYSTEM_MOUNT_MESSAGE = ("would hide or clash with the pod's own files; mount the runs volume at a directory of its"
+                         " own, such as /data or /mnt/runs")
+_ONE_STORAGE: dict[str, Any] = {"rule": "!has(self.pvc) || !has(self.uri)",
+                               "message": "give either pvc or uri, not both"}
+
+
 class StorageSpec(_Spec):
     """Where checkpoints and results live in the cluster: a PersistentVolumeClaim mounted
     into every pod, or an object-store URI (s3://bucket/prefix)."""
 
-    pvc: str | None = None
-    mount_path: Annotated[str, Field(pattern=r"^/[A-Za-z0-9._/-]*$")] = "/data"
-    uri: Annotated[str | None, Field(pattern=r"^s3://[a-z0-9.-]{3,63}(/[A-Za-z0-9._/-]*)?$")] = None
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [_ONE_STORAGE]})
+
+    pvc: Annotated[str | None, _schema_name(253)] = None
+    mount_path: Annotated[str, Field(
+        pattern=rf"^(?:/{_S3_SEGMENT})+$", max_length=256,
+        json_schema_extra={"x-kubernetes-validations": [{"rule": f"!self.matches('{_SYSTEM_MOUNT}')",
+                                                          "message": _SYSTEM_MOUNT_MESSAGE}]})] = "/data"
+    uri: Annotated[str | None, Field(pattern=rf"^s3://[a-z0-9.-]{{3,63}}(?:/{_S3_SEGMENT})*$", max_length=1024)] = None
 
     @field_validator("pvc")
     @classmethod
     def _pvc(cls, v: str | None) -> str | None:
         return None if v is None else dns_label(v, max_length=253)
 
-    @field_validator("mount_path", "uri")
-    @classmethod
-    def _no_traversal(cls, v: str | None) -> str | None:
-        if v is not None and ".." in v.split("/"):
-            raise ValueError(f"{shown_value(v)} contains '..'; give a path without '..'")
-        return v
-
     @field_validator("mount_path")
     @classmethod
     def _own_directory(cls, v: str) -> str:
-        parts = PurePosixPath(v).parts
-        if len(parts) < 2 or parts[1] in POD_SYSTEM_DIRS:
-            raise ValueError(f"{shown_value(v)} would hide or clash with the pod's own files; mount the runs"
-                             " volume at a directory of its own, such as /data or /mnt/runs")
+        if re.search(_SYSTEM_MOUNT, v):
+            raise ValueError(f"{shown_value(v)}: {_SYSTEM_MOUNT_MESSAGE}")
         return v
 
     @model_validator(mode="after")
     def _one(self) -> StorageSpec:
-        if self.pvc and self.uri:
-            raise ValueError("give either pvc or uri, not both")
+        if self.pvc is not None and self.uri is not None:
+            raise ValueError(_ONE_STORAGE["message"])
         return self
 
 
@@ -450,18 +495,20 @@ class SecretRefs(_Spec):
 
 class ClusterSpec(_Spec):
     namespace: Annotated[str, _schema_name(63)] = "default"
-    image: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$", max_length=512)] = (
+    image: Annotated[str, Field(pattern=IMAGE_REFERENCE, max_length=512)] = (
         "ghcr.io/xstilts/trainer:0.1.0"
     )
-    queue: str | None = None  # Kueue LocalQueue name
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    queue: Annotated[str | None, _schema_name(63)] = None  # Kueue LocalQueue name
+    node_selector: Annotated[dict[str, Annotated[str, _LABEL_VALUE_SCHEMA]], Field(max_length=32, json_schema_extra={
+            "x-kubernetes-validations": [{"rule": f"self.all(k, k.matches('{LABEL_KEY}'))",
+                                          "message": "a key is not a label key"}]})] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     storage: StorageSpec = StorageSpec()
     secrets: SecretRefs = SecretRefs()
     max_parallel: Annotated[int, Field(ge=1, le=10000)] = 8
     backoff_limit: Annotated[int, Field(ge=0, le=100)] = 3
-    active_deadline_seconds: Annotated[int | None, Field(ge=60)] = None
-    ttl_seconds_after_finished: Annotated[int | None, Field(ge=0)] = 86400
+    active_deadline_seconds: Annotated[int | None, Field(ge=60, le=INT32_MAX)] = None
+    ttl_seconds_after_finished: Annotated[int | None, Field(ge=0, le=INT32_MAX)] = 86400
 
     @field_validator("namespace")
     @classmethod
@@ -556,19 +603,82 @@ class ReplicationSpec(_Spec):
 # --- the experiment ---------------------------------------------------------------------
 
 
+MAX_MODELS = 64
+MAX_GROUPS = 16
+# Lists the API server checks for repeated items itself: scalars as a set, objects keyed by name.
+_LIST_SET = Field(json_schema_extra={"x-kubernetes-list-type": "set"})
+_LIST_MAP = Field(json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]})
+
+
+def grid_rules() -> list[dict[str, str]]:
+    """grid_problems as CEL rules on the spec, for the API server. Optional fields are absent
+    (the CRD sets no defaults), hence the has() guards; maps keyed by task are objects there
+    (`_keyed_by`), so each task's entry is a field."""
+    # (No `has(x) ? x : []`: the cost estimate loses the list's maxItems through it.)
+    groups = "!has(self.multiTaskGroups) || self.multiTaskGroups"
+
+    def used(task: str) -> str:
+        return (f"((has(self.intermediateTasks) && '{task}' in self.intermediateTasks) || '{task}' in self.targets"
+                f" || (has(self.multiTaskGroups) && self.multiTaskGroups.exists(g, '{task}' in g.tasks)))")
+
+    per_model = "(has(self.hyperparameters) && has(self.hyperparameters.perModel))"
+    seeds = "(has(self.seeds) ? size(self.seeds) : 1)"
+    arms = ("((has(self.intermediateTasks) ? size(self.intermediateTasks) : 0)"
+            " + (has(self.multiTaskGroups) ? size(self.multiTaskGroups) : 0))")
+    runs = f"(size(self.models) * {arms} * {seeds} + size(self.models) * ({arms} + 1) * size(self.targets) * {seeds})"
+    max_runs = f"(has(self.planning) && has(self.planning.maxRuns) ? self.planning.maxRuns : {PlanningSpec().max_runs})"
+    rules = [
+        ("self.models.all(m, self.models.exists_one(n, n.pretrained == m.pretrained))",
+         "models: list each pretrained model once"),
+        (f"{groups}.all(g, self.multiTaskGroups.exists_one(h, size(h.tasks) == size(g.tasks)"
+         " && h.tasks.all(t, t in g.tasks)))",
+         "multiTaskGroups: two groups train the same tasks; keep one of them"),
+        (f"!has(self.intermediateTasks) || {groups}.all(g, !(g.name in self.intermediateTasks))",
+         "multiTaskGroups: a group name clashes with an intermediate task"),
+        (f"!{per_model} || self.models.filter(m, m.name in self.hyperparameters.perModel).size()"
+         " == size(self.hyperparameters.perModel)",
+         "hyperparameters.perModel: names a model that is not in models"),
+        (f"{runs} <= {max_runs}", "the grid has more runs than planning.maxRuns"),
+    ]
+    for task, info in TASKS.items():
+        rules.append((f"!has(self.data) || !has(self.data.{task}) || {used(task)}",
+                      f"data.{task}: task '{task}' is not in the grid"))
+        rules.append((f"!has(self.hyperparameters) || !has(self.hyperparameters.perTask) ||"
+                      f" !has(self.hyperparameters.perTask.{task}) || {used(task)}",
+                      f"hyperparameters.perTask.{task}: task '{task}' is not in the grid"))
+        if not info.hub:
+            rules.append((f"!{used(task)} || (has(self.data) && has(self.data.{task}))",
+                          f"data.{task}: task '{task}' has no hub source; give its local data directory"))
+    for target in TARGET_TASKS:
+        rules.append((f"!has(self.evalLanguages) || !has(self.evalLanguages.{target}) || ('{target}' in self.targets"
+                      f" && self.evalLanguages.{target}.all(l, l in {list(TASKS[target].languages)}))",
+                      f"evalLanguages.{target}: {target} must be in targets, and the languages its own"))
+    return [{"rule": rule, "message": message} for rule, message in rules]
+
+
 class ExperimentSpec(_Spec):
     """models × (baseline + intermediate tasks + multi-task groups) × targets × seeds."""
 
     name: Annotated[str, _schema_name(MAX_EXPERIMENT_NAME)]
-    models: Annotated[list[ModelSpec], Field(min_length=1)]
-    intermediate_tasks: list[IntermediateTaskName] = Field(default_factory=list)
-    multi_task_groups: list[MultiTaskGroup] = Field(default_factory=list)
-    targets: Annotated[list[TargetTaskName], Field(min_length=1)]
-    seeds: Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1)] = [1]
+    model_config = ConfigDict(json_schema_extra=lambda schema: schema.update(
+        {"x-kubernetes-validations": grid_rules()}))
+
+    models: Annotated[list[ModelSpec], Field(min_length=1, max_length=MAX_MODELS), _LIST_MAP]
+    intermediate_tasks: Annotated[list[IntermediateTaskName], Field(max_length=len(INTERMEDIATE_TASKS)),
+                                  _LIST_SET] = Field(default_factory=list)
+    multi_task_groups: Annotated[list[MultiTaskGroup], Field(max_length=MAX_GROUPS), _LIST_MAP] = Field(
+        default_factory=list)
+    targets: Annotated[list[TargetTaskName], Field(min_length=1, max_length=len(TARGET_TASKS)), _LIST_SET]
+    seeds: Annotated[list[Annotated[int, Field(ge=0, le=INT32_MAX)]], Field(min_length=1, max_length=MAX_RUNS),
+                     _LIST_SET] = [1]
     replication: ReplicationSpec | None = None  # instead of seeds: as many seeds as precision needs
     hyperparameters: HyperParameterSpec = HyperParameterSpec()
-    eval_languages: dict[str, list[str]] = Field(default_factory=dict)  # target -> subset
-    data: dict[str, str] = Field(default_factory=dict)  # task -> local data directory
+    eval_languages: Annotated[dict[str, Annotated[list[str], Field(min_length=1, max_length=64), _LIST_SET]],
+                              Field(max_length=len(TARGET_TASKS)), _keyed_by(TARGET_TASKS)] = Field(
+        default_factory=dict)  # target -> subset
+    data: Annotated[dict[str, Annotated[str, Field(pattern=PLAIN_PATH, max_length=1024)]],
+                    Field(max_length=len(TASKS)), _keyed_by(tuple(TASKS))] = Field(
+        default_factory=dict)  # task -> local data directory
     cluster: ClusterSpec = ClusterSpec()
     mlflow: MlflowSpec = MlflowSpec()
     planning: PlanningSpec = PlanningSpec()
@@ -599,55 +709,19 @@ class ExperimentSpec(_Spec):
     @field_validator("data")
     @classmethod
     def _data(cls, v: dict[str, str]) -> dict[str, str]:
-        for task, path in v.items():
-            _task_name(task, tuple(TASKS), "task")
-            if ".." in PurePosixPath(path).parts or not path or CONTROL_CHARACTERS & set(path):
-                raise ValueError(f"data[{task}] {shown_value(path)} must be a plain path without '..'")
+        for task in v:
+            try:
+                _task_name(task, tuple(TASKS), "task")
+            except ValueError as e:
+                raise FieldError(path_part(task).removeprefix("."), str(e)) from None
         return v
 
     @model_validator(mode="after")
-    def _grid(self) -> ExperimentSpec:
-        _no_duplicates([m.name for m in self.models], "model name", "models")
-        # Run ids hash what determines a result, so one checkpoint listed twice would be one run.
-        _no_duplicates([m.pretrained for m in self.models], "pretrained model", "models")
-        _no_duplicates([g.name for g in self.multi_task_groups], "multi-task group name", "multiTaskGroups")
-        clash = set(self.intermediate_tasks) & {g.name for g in self.multi_task_groups}
-        if clash:
-            raise FieldError("multiTaskGroups",
-                             f"group names {sorted(clash)} clash with intermediate task names; rename the groups")
-        for model in self.hyperparameters.per_model:
-            if model not in {m.name for m in self.models}:
-                raise FieldError(f"hyperparameters.perModel{path_part(model)}",
-                    f"names model {shown_value(model)}, which is not in models"
-                    f" ({', '.join(m.name for m in self.models)})"
-                )
-        # A task without a hub source (CCG: its corpus is licensed) reads only `data:`; without
-        # that entry it would fail in the pod, after the runs before it had been paid for.
-        used = [*self.intermediate_tasks, *(t for g in self.multi_task_groups for t in g.tasks), *self.targets]
-        for task in dict.fromkeys(used):
-            if not TASKS[task].hub and task not in self.data:
-                raise FieldError(f"data{path_part(task)}",
-                                 f"task {task!r} has no hub source; give its local data directory here")
-        for target, languages in self.eval_languages.items():
-            if target not in self.targets:
-                raise FieldError(f"evalLanguages{path_part(target)}",
-                                 f"{shown_value(target)} is not one of targets {self.targets}")
-            valid = TASKS[target].languages
-            bad = [lang for lang in languages if lang not in valid]
-            if bad or not languages:
-                raise FieldError(f"evalLanguages{path_part(target)}",
-                                 f"{shown_value(languages)} must be a non-empty subset of {', '.join(valid)}")
-        if self.replication is not None and "seeds" in self.model_fields_set:
-            raise FieldError("replication",
-                             "cannot be combined with seeds: replication picks the seeds itself (1, 2, ... up to"
-                             " maxSeeds); remove seeds, or remove replication to run a fixed list of seeds")
-        runs = self.run_count
-        if runs > self.planning.max_runs:
-            raise FieldError("planning.maxRuns",
-                f"the grid has {runs} runs, more than planning.maxRuns ({self.planning.max_runs});"
-                + (" shrink the grid or raise planning.maxRuns" if runs <= MAX_RUNS else
-                   f" an experiment may have at most {MAX_RUNS:,}: split the grid into several experiments")
-            )
+    def _grid(self, info: ValidationInfo) -> ExperimentSpec:
+        if not (info.context or {}).get("fields_only"):
+            problems = grid_problems(self)
+            if problems:
+                raise FieldError(problems[0][0], problems[0][1], [(path, message) for path, message, _ in problems])
         return self
 
     @property
@@ -686,6 +760,89 @@ def _no_duplicates(values: list[Any], what: str, path: str | None = None) -> Non
             message = f"duplicate {what} {shown_value(v)}; list each {what} once"
             raise FieldError(path, message) if path else ValueError(message)
         seen.add(v)
+
+
+def _duplicates(values: list[Any]) -> list[Any]:
+    # Linear: a list of a million seeds must be rejected in a second, not stall validation
+    # (the controller's reconcile loop included) in a quadratic scan.
+    seen: set[Any] = set()
+    repeated = []
+    for v in values:
+        if v in seen:
+            repeated.append(v)
+        seen.add(v)
+    return repeated
+
+
+Problem = tuple[str, str, frozenset[str]]  # field path, message, the top-level fields it reads
+
+
+def grid_problems(spec: ExperimentSpec) -> list[Problem]:
+    """Every cross-field problem of a spec, each with the top-level fields it depends on (so
+    that, when some of those fields are themselves invalid, it can be left out rather than
+    reported against a stand-in value). The CRD states the same rules in CEL (crd.py)."""
+    out: list[Problem] = []
+
+    def problem(path: str, message: str, *fields: str) -> None:
+        out.append((path, message, frozenset(fields)))
+
+    for name in _duplicates([m.name for m in spec.models]):
+        problem("models", f"duplicate model name {shown_value(name)}; list each model once", "models")
+    # Run ids hash what determines a result, so one checkpoint listed twice would be one run.
+    for pretrained in _duplicates([m.pretrained for m in spec.models]):
+        problem("models", f"duplicate pretrained model {shown_value(pretrained)}; list each model once", "models")
+    for name in _duplicates([g.name for g in spec.multi_task_groups]):
+        problem("multiTaskGroups", f"duplicate multi-task group name {shown_value(name)}; name each group once",
+                "multiTaskGroups")
+    # The tasks of a group are a set: [mnli, qqp] and [qqp, mnli] are one training.
+    for tasks in _duplicates([frozenset(g.tasks) for g in spec.multi_task_groups]):
+        problem("multiTaskGroups", f"two groups train the same tasks {sorted(tasks)}; keep one of them",
+                "multiTaskGroups")
+    clash = set(spec.intermediate_tasks) & {g.name for g in spec.multi_task_groups}
+    if clash:
+        problem("multiTaskGroups", f"group names {sorted(clash)} clash with intermediate task names; rename the groups",
+                "multiTaskGroups", "intermediateTasks")
+    models = [m.name for m in spec.models]
+    for model in spec.hyperparameters.per_model:
+        if model not in models:
+            problem(f"hyperparameters.perModel{path_part(model)}",
+                    f"names model {shown_value(model)}, which is not in models ({', '.join(models)})",
+                    "hyperparameters", "models")
+    used = list(dict.fromkeys([*spec.intermediate_tasks, *(t for g in spec.multi_task_groups for t in g.tasks),
+                               *spec.targets]))
+    grid = ("intermediateTasks", "multiTaskGroups", "targets")
+    for field, names in (("hyperparameters.perTask", spec.hyperparameters.per_task), ("data", spec.data)):
+        for task in names:
+            if task not in used:
+                problem(f"{field}{path_part(task)}", f"task {shown_value(task)} is not in the grid"
+                        " (intermediateTasks, multiTaskGroups, targets); remove it or add the task",
+                        field.split(".")[0], *grid)
+    # A task without a hub source (CCG: its corpus is licensed) reads only `data:`; without
+    # that entry it would fail in the pod, after the runs before it had been paid for.
+    for task in used:
+        if not TASKS[task].hub and task not in spec.data:
+            problem(f"data{path_part(task)}", f"task {task!r} has no hub source; give its local data directory here",
+                    "data", *grid)
+    for target, languages in spec.eval_languages.items():
+        if target not in spec.targets:
+            problem(f"evalLanguages{path_part(target)}", f"{shown_value(target)} is not one of targets {spec.targets}",
+                    "evalLanguages", "targets")
+            continue
+        valid = TASKS[target].languages
+        if any(lang not in valid for lang in languages):
+            problem(f"evalLanguages{path_part(target)}",
+                    f"{shown_value(languages)} must be a subset of {', '.join(valid)}", "evalLanguages")
+    if spec.replication is not None and "seeds" in spec.model_fields_set:
+        problem("replication", "cannot be combined with seeds: replication picks the seeds itself (1, 2, ... up to"
+                " maxSeeds); remove seeds, or remove replication to run a fixed list of seeds", "replication", "seeds")
+    runs = spec.run_count
+    if runs > spec.planning.max_runs:
+        problem("planning.maxRuns",
+                f"the grid has {runs} runs, more than planning.maxRuns ({spec.planning.max_runs});"
+                + (" shrink the grid or raise planning.maxRuns" if runs <= MAX_RUNS else
+                   f" an experiment may have at most {MAX_RUNS:,}: split the grid into several experiments"),
+                "planning", "models", "seeds", *grid)
+    return out
 
 
 # --- documents: bare spec or Kubernetes object --------------------------------------------
@@ -735,24 +892,49 @@ class SpecError(Exception):
         super().__init__(f"{source}: " + "; ".join(problems))
 
 
+# What a pattern means, for the error message (the pattern itself is for machines).
+PATTERN_HELP = {
+    PLAIN_PATH: "not a plain path: segments joined by single '/', none of them '.' or '..', no control characters,"
+                " no trailing '/'",
+    IMAGE_REFERENCE: "not an image reference: [registry[:port]/]lowercase/name[:tag][@sha256:digest],"
+                     " e.g. 'ghcr.io/xstilts/trainer:0.1.0'",
+    SECRET_NAME.pattern: "not a Secret name (lowercase DNS-1123 subdomain)",
+    LABEL_KEY: "not a label key: an optional DNS prefix and '/', then at most 63 letters, digits, '-', '_' or '.',"
+               " e.g. 'nvidia.com/gpu.product'",
+    DNS_LABEL.pattern: "not a valid name: lowercase letters, digits and '-', starting and ending with a letter or"
+                       " digit",
+}
+
+
+def _join(path: str, sub: str) -> str:
+    return f"{path}{'' if sub.startswith('[') else '.'}{sub}" if path else sub
+
+
 def format_errors(error: ValidationError, prefix: str = "") -> list[str]:
-    lines = []
+    lines: list[str] = []
     for e in error.errors():
         path = prefix
         for part in e["loc"]:
-            if isinstance(part, int):
+            if part == "[key]":  # pydantic's location of a bad map key, after the key
+                e = {**e, "msg": f"the key: {e['msg'].removeprefix('Value error, ')}"}
+            elif isinstance(part, int):
                 path += f"[{part}]"
             elif not str(part).startswith(("function-", "tagged-union")):
                 path += path_part(str(part))
         path = path.removeprefix(".")
         cause = e.get("ctx", {}).get("error")
+        if isinstance(cause, FieldError) and len(cause.more) > 1:
+            lines.extend(f"{_join(path, sub)}: {message}" for sub, message in cause.more)
+            continue
         if isinstance(cause, FieldError):
-            path = f"{path}.{cause.path}" if path else cause.path
+            path = _join(path, cause.path)
         message = e["msg"].removeprefix("Value error, ")
         bad = e.get("input")
         shown = "" if isinstance(bad, dict | list) or bad is None else f" (got {shown_value(bad)})"
         if isinstance(bad, str) and repr(bad) != shown_value(bad):
             message = message.replace(repr(bad), shown_value(bad))
+        if e["type"] == "string_pattern_mismatch":
+            message = PATTERN_HELP.get(e.get("ctx", {}).get("pattern", ""), message)
         if e["type"] == "extra_forbidden":
             message = "unknown field; check its spelling against `xstilts crd` or the README"
         if e["type"] == "missing" or "secrets" in e["loc"]:
@@ -765,8 +947,10 @@ def parse_document(document: Any, source: str = "<spec>") -> ExperimentSpec:
     """A bare spec or an Experiment object → the spec, or SpecError listing every problem."""
     if not isinstance(document, dict):
         raise SpecError(source, [f"<document>: expected a mapping (YAML object), got {type(document).__name__}"])
+    is_object = "apiVersion" in document or "kind" in document
     try:
-        if "apiVersion" in document or "kind" in document:
+        document = _whole_numbers(document)
+        if is_object:
             if document.get("kind") != KIND or document.get("apiVersion") != API_VERSION:
                 raise SpecError(source, [
                     f"apiVersion/kind: expected {API_VERSION} {KIND}, got"
@@ -774,8 +958,57 @@ def parse_document(document: Any, source: str = "<spec>") -> ExperimentSpec:
                 ])
             return ExperimentObject.model_validate(document).spec
         return ExperimentSpec.model_validate(document)
+    except RecursionError:
+        raise SpecError(source, ["<document>: nested too deeply to be a spec"]) from None
     except ValidationError as e:
-        raise SpecError(source, format_errors(e)) from None
+        spec_part = document.get("spec") if is_object else document
+        lines = format_errors(e)
+        if isinstance(spec_part, dict):
+            prefix = "spec." if is_object else ""
+            lines += [f"{prefix}{line}" for line in _cross_field_lines(spec_part, e, "spec" if is_object else None)]
+        raise SpecError(source, lines) from None
+
+
+def _whole_numbers(node: Any) -> Any:
+    """2.0 as 2: JSON has one number type, and the API server takes an integral number as an
+    integer; strict validation would otherwise refuse what `kubectl apply` accepted."""
+    if isinstance(node, float) and node.is_integer():
+        return int(node)
+    if isinstance(node, dict):
+        return {k: _whole_numbers(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_whole_numbers(v) for v in node]
+    return node
+
+
+# Valid values put in place of missing or invalid required fields, so that the cross-field
+# checks that do not read them can still run.
+_STAND_INS: dict[str, Any] = {
+    "name": "stand-in", "targets": [TARGET_TASKS[0]],
+    "models": [{"name": "stand-in", "pretrained": "stand-in", "parameters": 1, "resources": {"gpus": 0}}],
+}
+
+
+def _cross_field_lines(spec: dict[str, Any], error: ValidationError, under: str | None) -> list[str]:
+    """The cross-field problems of a spec that also has field errors (pydantic runs model
+    validators only on valid fields): checked on the valid fields, with stand-ins for the
+    invalid ones, and reported only where they read no invalid field."""
+    invalid = set()
+    for e in error.errors():
+        loc = e["loc"][1:] if under and e["loc"][:1] == (under,) else (() if under else e["loc"])
+        if loc:
+            invalid.add(str(loc[0]))
+    if not invalid:
+        return []
+    valid = {k: v for k, v in spec.items() if str(k) not in invalid}
+    for field, stand_in in _STAND_INS.items():
+        if field not in valid:
+            valid[field] = stand_in
+    try:
+        partial = ExperimentSpec.model_validate(valid, context={"fields_only": True})
+    except ValidationError:
+        return []
+    return [f"{path}: {message}" for path, message, reads in grid_problems(partial) if not reads & invalid]
 
 
 class _SpecLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
