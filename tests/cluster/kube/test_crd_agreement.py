@@ -1,0 +1,65 @@
+"""The CRD, checked by the real kube-apiserver, and pydantic agree on hostile specs: each
+mutation of a valid Experiment is accepted by both or refused by both."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kube_cluster import ApiError
+from xstilts.operator.cluster.crd import crd
+from xstilts.operator.experiment.spec import SpecError, load_spec_text, parse_document, to_object
+
+BASE = to_object(load_spec_text((Path(__file__).resolve().parents[3] / "examples" / "phang2020.yaml").read_text()),
+                 "default")
+MUTATIONS: list[tuple[tuple[Any, ...], Any]] = [
+    ((), None), (("models", 0, "resources", "zeroStage"), 4), (("models", 0, "resources", "zeroStage"), "3"),
+    (("models", 0, "resources", "zeroStage"), True), (("models", 0, "resources", "gpus"), 2.0),
+    (("models", 0, "resources", "gpus"), "1"), (("seeds",), [1, 1]), (("seeds",), [2**63]),
+    (("data",), {"mnli": "/a/../b"}), (("data",), {"squad_v2": "/a/b"}),
+    (("cluster", "storage"), {"pvc": "x", "mountPath": "/etc"}),
+    (("cluster", "storage"), {"pvc": "x", "mountPath": "/mnt/r"}),
+    (("cluster", "storage"), {"pvc": "x", "uri": "s3://bucket/x"}), (("hyperparameters", "perModel"), {"nope": {}}),
+    (("hyperparameters", "perTask"), {"nope": {}}), (("evalLanguages",), {"xnli": ["klingon"]}),
+    (("cluster", "ttlSecondsAfterFinished"), 99999999999), (("cluster", "queue"), "q\n"),
+    (("cluster", "nodeSelector"), {"k\n": "v"}), (("cluster", "image"), "a:b:c"),
+    (("mlflow", "trackingUri"), "https://tok@h"), (("mlflow", "trackingUri"), "https://h/?password=x"),
+    (("cluster", "secrets"), {"hfToken": "hf_ABC"}), (("models", 0, "pretrained"), "org/base/"),
+    (("multiTaskGroups",), [{"name": "g1", "tasks": ["mnli", "qqp"]}, {"name": "g2", "tasks": ["qqp", "mnli"]}]),
+    (("planning", "maxRuns"), 1),
+]
+
+
+def mutated(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(BASE)
+    if path:
+        node = doc["spec"]
+        for key in path[:-1]:
+            node = node.setdefault(key, {}) if isinstance(key, str) else node[key]
+        node[path[-1]] = value
+    return doc
+
+
+@pytest.mark.slow
+def test_the_crd_and_pydantic_agree_on_hostile_mutations(control_plane: Any) -> None:
+    control_plane.apply(crd())
+    control_plane.wait_for(lambda: control_plane.exists("/apis/xstilts.dev/v1alpha1/experiments"), timeout=60)
+    disagreements = []
+    for path, value in MUTATIONS:
+        doc = mutated(path, value)
+        try:
+            parse_document(copy.deepcopy(doc))
+            ours = True
+        except SpecError:
+            ours = False
+        try:
+            control_plane.api("POST", "/apis/xstilts.dev/v1alpha1/namespaces/default/experiments"
+                              "?dryRun=All&fieldValidation=Strict", doc)
+            theirs = True
+        except ApiError:
+            theirs = False
+        if ours != theirs:
+            disagreements.append((path, value, ours, theirs))
+    assert not disagreements
