@@ -158,3 +158,31 @@ def test_a_token_pasted_into_a_secret_reference_is_refused_without_echoing_it(fi
     lines = problems(spec(cluster={"secrets": {field: value}}))
     assert len(lines) == 1 and lines[0].startswith(f"cluster.secrets.{field}: "), lines
     assert value not in lines[0] and holds in lines[0]
+
+
+# --- messages and agreement ------------------------------------------------------------------
+
+
+def test_cross_field_problems_are_reported_alongside_field_errors() -> None:
+    lines = problems(spec(seeds="x", models=[{"name": "a", "pretrained": "x/a", "parameters": 1},
+                                             {"name": "b", "pretrained": "x/a", "parameters": 1}],
+                          evalLanguages={"pawsx": ["en"]}, hyperparameters={"perTask": {2: {}}}))
+    assert "seeds: Input should be a valid list (got 'x')" in lines
+    assert "hyperparameters.perTask[2]: the key: Input should be a valid string (got 2)" in lines
+    assert any(line.startswith("models: duplicate pretrained model 'x/a'") for line in lines)
+    assert any(line.startswith("evalLanguages.pawsx: ") for line in lines)
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    ({"data": {"mnli": "/a/../b"}}, "data.mnli"), ({"data": {"squad_v2": "/d"}}, "data.squad_v2"),
+    ({"models": [{"name": "a", "pretrained": "org/base/"}]}, "models[0].pretrained"),
+    ({"multiTaskGroups": [{"name": "g1", "tasks": ["mnli", "qqp"]}, {"name": "g2", "tasks": ["qqp", "mnli"]}]},
+     "multiTaskGroups"),
+    ({"cluster": {"ttlSecondsAfterFinished": 99999999999}}, "cluster.ttlSecondsAfterFinished"),
+    ({"cluster": {"image": "a:b:c"}}, "cluster.image"),
+    ({"cluster": {"storage": {"pvc": "x", "mountPath": "/etc"}}}, "cluster.storage.mountPath"),
+    ({"models": [{"name": "a", "pretrained": "x/a", "parameters": 1, "resources": {"zeroStage": True}}]},
+     "models[0].resources.zeroStage"),
+])
+def test_quiet_wrong_accepts_are_refused_naming_the_field(changes: dict[str, Any], field: str) -> None:
+    assert any(line.startswith(f"{field}:") for line in problems(spec(**changes))), problems(spec(**changes))
