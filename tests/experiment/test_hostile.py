@@ -40,10 +40,14 @@ def problems(doc: Any) -> list[str]:
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """The installed command in its own process: exit code, output and the memory it took."""
-    code = ("import resource, sys; from xstilts.operator.cli import main; sys.argv = ['xstilts', *sys.argv[1:]]\n"
+    """The installed command in its own process: exit code, output and the memory it took.
+
+    The peak is VmHWM, the high-water mark of this process's own address space: exec starts it
+    afresh, unlike ru_maxrss, which Linux carries over from the (large) pytest parent."""
+    code = ("import sys; from xstilts.operator.cli import main; sys.argv = ['xstilts', *sys.argv[1:]]\n"
             "try:\n    main()\nfinally:\n"
-            "    print(f'maxrss_kb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr)")
+            "    hwm = next(line for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
+            "    print(f'maxrss_kb={hwm.split()[1]}', file=sys.stderr)")
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
 
 
