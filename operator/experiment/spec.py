@@ -441,7 +441,8 @@ class StorageSpec(_Spec):
         pattern=rf"^(?:/{_S3_SEGMENT})+$", max_length=256,
         json_schema_extra={"x-kubernetes-validations": [{"rule": f"!self.matches('{_SYSTEM_MOUNT}')",
                                                           "message": _SYSTEM_MOUNT_MESSAGE}]})] = "/data"
-    uri: Annotated[str | None, Field(pattern=rf"^s3://[a-z0-9.-]{{3,63}}(?:/{_S3_SEGMENT})*/?$", max_length=1024)] = None
+    uri: Annotated[str | None, Field(pattern=rf"^s3://[a-z0-9.-]{{3,63}}(?:/{_S3_SEGMENT})*/?$",
+                                     max_length=1024)] = None
 
     @field_validator("pvc")
     @classmethod
