@@ -31,110 +31,22 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+self="${BASH_SOURCE[0]}"
+name=build-control-plane
 src="${here}/control-plane"
 cache_root="${XSTILTS_K8S_CACHE:-${HOME}/.cache/xstilts/control-plane}"
 binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
-
-mode=build
-case "${1:-}" in
-  "") ;;
-  --print-dir) mode=print ;;
-  --check) mode=check ;;
-  -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
-  *) echo "unknown argument: $1" >&2; exit 2 ;;
-esac
-
-command -v go >/dev/null || { echo "go is required (https://go.dev/dl/)" >&2; exit 1; }
-
-log() { printf '[build-control-plane] %s\n' "$*" >&2; }
-
-# Build flags. Kept in one place: they are part of the cache key.
-export CGO_ENABLED=0
-export GOFLAGS="-mod=readonly"
-default_jobs() {
-  local n mem_kb by_mem
-  n="$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)"
-  mem_kb="$(awk '/^MemAvailable:/ {print $2}' /proc/meminfo 2>/dev/null || true)"
-  if [[ -n "${mem_kb}" ]]; then
-    by_mem=$(( mem_kb / (2 * 1024 * 1024) ))
-    (( by_mem < 1 )) && by_mem=1
-    (( n > by_mem )) && n=${by_mem}
-  fi
-  echo "${n}"
-}
-jobs="${XSTILTS_K8S_JOBS:-$(default_jobs)}"
-build_flags=(-trimpath -p "${jobs}")
-
-mod_version() { # module path -> version from the build list of the module in $1
-  (cd "$1" && go list -m -f '{{if .Replace}}{{.Replace.Version}}{{else}}{{.Version}}{{end}}' "$2")
-}
-
-# ---- cache key -------------------------------------------------------------
-# Bump when changing how the binaries are built (flags below), so that caches
-# made by the old script are not reused.
-build_format=1
-key_inputs() {
-  go env GOVERSION GOOS GOARCH
-  echo "CGO_ENABLED=${CGO_ENABLED} -trimpath -ldflags=-s -w +version-stamps format=${build_format}"
-  (cd "${src}" && find . -name go.mod -o -name go.sum -o -name '*.go' | LC_ALL=C sort \
-     | while read -r f; do echo "${f}"; cat "${f}"; done)
-}
-hash="$(key_inputs | sha256sum | cut -c1-16)"
-dest="${cache_root}/${hash}"
-bin="${dest}/bin"
-
-have_all() {
-  local b
-  for b in "${binaries[@]}"; do [[ -x "${bin}/${b}" ]] || return 1; done
-}
-
-case "${mode}" in
-  print) echo "${bin}"; exit 0 ;;
-  check) echo "${bin}"; have_all; exit $? ;;
-esac
-
-if have_all; then
-  log "already built"
-  echo "${bin}"
-  exit 0
-fi
-
-mkdir -p "${dest}"
-# One build at a time per cache key (parallel test runs may race here).
-exec 9>"${dest}/.lock"
-if command -v flock >/dev/null; then
-  flock 9
-fi
-if have_all; then
-  log "already built (by a concurrent run)"
-  echo "${bin}"
-  exit 0
-fi
+# shellcheck source=lib/cached-go-build.sh
+source "${here}/lib/cached-go-build.sh"
+cached_build_begin "$@"
 
 k8s_version="$(mod_version "${src}" k8s.io/kubernetes)"
 etcd_version="$(mod_version "${src}" go.etcd.io/etcd/server/v3)"
 kwok_version="$(mod_version "${src}/kwok" sigs.k8s.io/kwok)"
-k8s_minor="$(echo "${k8s_version}" | sed -E 's/^v[0-9]+\.([0-9]+).*/\1/')"
-
-tmp="${dest}/bin.tmp.$$"
-rm -rf "${tmp}"
-mkdir -p "${tmp}"
-trap 'rm -rf "${tmp}"' EXIT
-
-start=$(date +%s)
 log "kubernetes ${k8s_version}, etcd ${etcd_version}, kwok ${kwok_version}; go build -p ${jobs}"
-log "output: ${bin}"
-
-vpkg=k8s.io/component-base/version
-cpkg=k8s.io/client-go/pkg/version
-k8s_ldflags="-s -w"
-for p in "${vpkg}" "${cpkg}"; do
-  k8s_ldflags+=" -X ${p}.gitVersion=${k8s_version} -X ${p}.gitMajor=1 -X ${p}.gitMinor=${k8s_minor}"
-  k8s_ldflags+=" -X ${p}.gitTreeState=clean"
-done
 
 log "building etcd, kube-apiserver, kube-controller-manager, kube-scheduler ..."
-(cd "${src}" && go build "${build_flags[@]}" -ldflags="${k8s_ldflags}" -o "${tmp}/" ./cmd/...)
+(cd "${src}" && go build "${build_flags[@]}" -ldflags="$(k8s_ldflags "${k8s_version}")" -o "${tmp}/" ./cmd/...)
 
 log "building kwok ..."
 kv="${kwok_version#v}"
@@ -142,19 +54,10 @@ kv="${kwok_version#v}"
    -ldflags="-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${kv}" \
    -o "${tmp}/kwok" sigs.k8s.io/kwok/cmd/kwok)
 
-for b in "${binaries[@]}"; do
-  [[ -x "${tmp}/${b}" ]] || { log "missing ${b} after build"; exit 1; }
-done
-
-cat > "${tmp}/VERSIONS" <<EOF
+cat > "${tmp}/VERSIONS" <<EOV
 kubernetes ${k8s_version}
 etcd ${etcd_version}
 kwok ${kwok_version}
 $(go env GOVERSION) $(go env GOOS)/$(go env GOARCH)
-EOF
-
-rm -rf "${bin}"
-mv "${tmp}" "${bin}"
-trap - EXIT
-log "built in $(( $(date +%s) - start ))s"
-echo "${bin}"
+EOV
+cached_build_finish
