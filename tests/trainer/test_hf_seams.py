@@ -3,14 +3,19 @@ fails here, naming it."""
 
 import io
 import itertools
+import logging
 import tokenize
 from pathlib import Path
 
 import pytest
 import xstilts.trainer
+from fixtures.tiny_hub import TinyHub, tiny_run_config
 from transformers import Trainer
+from xstilts.trainer.batch_plan import InvalidRun
 from xstilts.trainer.hf_seams import SEAMS, Seam, SeamTrainer, check_hf_seams, seam_problem
 from xstilts.trainer.loop import StiltsTrainer
+from xstilts.trainer.rundir import RunDir
+from xstilts.trainer.train import ALLOW_MISSING_SEAMS, run
 
 TRAINER_DIR = Path(xstilts.trainer.__file__).parent
 
@@ -65,3 +70,26 @@ def test_a_changed_transformers_is_reported_naming_the_seam() -> None:
     assert any("_run_epoch no longer exists" in p for p in problems)
     assert any("self._tr_loss" in p for p in problems)
     assert check_hf_seams() == []
+
+
+def test_a_missing_seam_refuses_the_run_and_degrades_only_when_allowed(
+        tiny_hub: TinyHub, tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The installed transformers holds every seam, so ask for one it lacks: the run's own gate
+    # (train.py) is what is under test, with a real training run behind it.
+    from xstilts.trainer import hf_seams
+
+    lacking = Seam("_a_method_this_transformers_lacks", "override")
+    monkeypatch.setattr(hf_seams, "SEAMS", (*SEAMS, lacking))
+    config = tiny_run_config(tiny_hub, tmp_path, ("mnli",), hyperparameters={"max_train_examples": 32})
+    monkeypatch.delenv(ALLOW_MISSING_SEAMS, raising=False)
+    with pytest.raises(InvalidRun, match=r"Trainer\._a_method_this_transformers_lacks no longer exists"):
+        run(config, cache_dir=tiny_cache)
+    assert not RunDir.of(config).result.exists()
+
+    monkeypatch.setenv(ALLOW_MISSING_SEAMS, "1")
+    with caplog.at_level(logging.WARNING, logger="xstilts"):
+        result = run(config, cache_dir=tiny_cache)
+    assert result.metrics and RunDir.of(config).result.exists()
+    assert any("degraded: Trainer._a_method_this_transformers_lacks no longer exists" in r.getMessage()
+               for r in caplog.records)
