@@ -19,8 +19,13 @@ Failure handling: every request has a timeout and is retried at once a few times
 fails transiently (unreachable, timed out, 429, 5xx; kube_api.Kube). 409 AlreadyExists on create
 → an earlier attempt got there (perhaps one whose answer was lost), read it back; 404 on
 delete → already gone; 410 Gone on a watch → list again (kube_api.Reflector); 409 Conflict on the
-status → read the Experiment again, recompute the status from it, write it with update. Any
-other error → the key is retried with exponential backoff.
+status → read the Experiment again, recompute the status from it, write it with update. A
+request the API server refuses as it is (400, 403, 413, 422: `KubeError.refused`): a run's
+objects → that run is failed ("refused by the API server: ..."), the others go on (phase
+Degraded), and it is created again only once the spec's generation changes; the status itself,
+or a planning error of any kind → phase Failed with a short message, the detail in an Event and
+the log, and that generation is not reconciled again. Any other error (unreachable, 5xx) → the
+key is retried with exponential backoff.
 
 Only one controller acts at a time (lease.LeaderElector): once it stops leading it creates
 and deletes nothing more, not even in the reconcile in progress. SIGTERM stops it the same
@@ -48,16 +53,21 @@ from xstilts.operator.cluster.reconcile import (
     BLOCKED,
     FAILED,
     FINISHING,
+    PHASE_DEGRADED,
     PHASE_FAILED,
     PHASE_PARTIALLY_FAILED,
     PHASE_SUCCEEDED,
+    REFUSED,
     CreateRun,
     Decision,
     DeleteJob,
     Observed,
     ObservedJob,
     ResultSummary,
+    capped,
     reconcile,
+    with_refused,
+    without_refusals,
 )
 from xstilts.operator.cluster.render import (
     EXPERIMENT_LABEL,
@@ -102,6 +112,8 @@ RESULT_POLL_SECONDS = 2.0
 # count of the first instead of creating another.
 EVENT_AGGREGATION = timedelta(minutes=10)
 EVENT_MESSAGE_LIMIT = 1024
+# What the log keeps of one failure's detail (the Event and the status hold less).
+LOG_DETAIL_LIMIT = 64 * 1024
 
 Key = tuple[str, str]  # (namespace, name) of an Experiment
 
@@ -194,7 +206,8 @@ def status_events(previous: Mapping[str, Any], current: Mapping[str, Any], plan_
     failures: Mapping[str, str] = current.get("failures") or {}
     events = []
     for rid, state in after.items():
-        if state == FAILED and before.get(rid) != FAILED:
+        # A refused run has its own Event (ObjectRefused), with the API server's whole answer.
+        if state == FAILED and before.get(rid) != FAILED and not failures.get(rid, "").startswith(REFUSED):
             events.append(EventSpec("Warning", "RunFailed",
                                     f"run {describe_run(plan_, rid)} failed: {failures.get(rid, 'Failed')}"))
     newly_blocked: dict[str, list[str]] = {}
@@ -212,23 +225,30 @@ def status_events(previous: Mapping[str, Any], current: Mapping[str, Any], plan_
         counts = current.get("counts") or {}
         if phase == PHASE_SUCCEEDED:
             events.append(EventSpec("Normal", "Succeeded", f"all {counts.get('total', 0)} runs succeeded"))
-        elif phase in (PHASE_FAILED, PHASE_PARTIALLY_FAILED):
+        elif phase in (PHASE_FAILED, PHASE_PARTIALLY_FAILED, PHASE_DEGRADED):
             events.append(EventSpec("Warning", phase, str(current.get("message") or phase)))
     return events
 
 
 def invalid_status(problems: list[str], generation: int | None, previous: Mapping[str, Any],
                    now: datetime) -> dict[str, Any]:
-    """The status of an Experiment whose spec cannot be used: phase Failed, every problem
-    in the message, Ready=False with reason InvalidSpec."""
-    message = "invalid spec: " + "; ".join(problems)
+    """The status of an Experiment whose spec cannot be used: phase Failed, the problems
+    in the message (cut to MESSAGE_LIMIT), Ready=False with reason InvalidSpec."""
+    return failed_status("InvalidSpec", "invalid spec: " + "; ".join(problems), generation, previous, now)
+
+
+def failed_status(reason: str, message: str, generation: int | None, previous: Mapping[str, Any],
+                  now: datetime) -> dict[str, Any]:
+    """Phase Failed with `message` (cut to MESSAGE_LIMIT) in the status and its conditions;
+    the other status fields (runs, counts) are dropped."""
+    message = capped(message)
     stamp = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     before = {c.get("type"): c for c in previous.get("conditions") or []}
     conditions = []
     for kind, value in (("Ready", "False"), ("Progressing", "False"), ("Degraded", "True")):
         old = before.get(kind) or {}
         since = old.get("lastTransitionTime") if old.get("status") == value and old.get("lastTransitionTime") else stamp
-        conditions.append({"type": kind, "status": value, "reason": "InvalidSpec", "message": message,
+        conditions.append({"type": kind, "status": value, "reason": reason, "message": message,
                            "lastTransitionTime": since})
     status: dict[str, Any] = {"phase": PHASE_FAILED, "message": message, "conditions": conditions}
     if generation is not None:
@@ -374,8 +394,7 @@ class EventRecorder:
     def emit(self, obj: Mapping[str, Any], event: EventSpec) -> None:
         meta = obj.get("metadata") or {}
         namespace, name, uid = str(meta.get("namespace") or ""), str(meta.get("name")), str(meta.get("uid"))
-        message = event.message if len(event.message) <= EVENT_MESSAGE_LIMIT else (
-            event.message[: EVENT_MESSAGE_LIMIT - 3] + "...")
+        message = capped(event.message, EVENT_MESSAGE_LIMIT)
         key = (uid, event.type, event.reason, message)
         now = datetime.now(UTC)
         stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -482,6 +501,9 @@ class Controller:
         self._written: dict[Key, str] = {}  # resourceVersion of this process's last status write
         self._deleted: set[Key] = set()
         self._attempts: dict[Key, int] = {}
+        # Experiments (uid → generation) whose status says Failed for a reason only a new spec
+        # can change: not reconciled again until their generation changes.
+        self._given_up: dict[str, int | None] = {}
         self._swept: set[tuple[str, int | None]] = set()
         self._reported: set[str] = set()  # unreadable result files already reported
         self._watch_stop = threading.Event()
@@ -613,8 +635,12 @@ class Controller:
             log.info("experiment %s/%s: stopping; what is left is for the next leader", *key)
             return
         except KubeError as e:
-            result = "error"
-            self._retry(key, f"{e}")
+            if e.refused:  # sending it again unchanged cannot help: say so on the status
+                result = "failed"
+                self._give_up(key, "Refused", f"the API server refused a request: {e}")
+            else:
+                result = "error"
+                self._retry(key, f"{e}")
         except Exception as e:  # a bug must not stop the other experiments' reconciles
             result = "error"
             log.exception("experiment %s/%s: reconcile failed", *key)
@@ -650,12 +676,21 @@ class Controller:
         if meta.get("deletionTimestamp"):
             return "ok"
         generation = meta.get("generation")
+        with self._lock:
+            if str(meta.get("uid")) in self._given_up and self._given_up[str(meta.get("uid"))] == generation:
+                return "failed"  # the status says why; only a new generation of the spec can change it
         now = datetime.now(UTC)
         try:
             planned = self._plan_for(obj)
         except SpecError as e:
             self._report_invalid(key, obj, e.problems, now)
+            self._remember_given_up(obj)
             return "invalid"
+        except Exception as e:  # a spec that passed validation and still cannot be planned is a bug
+            log.exception("experiment %s/%s: planning failed", *key)
+            self._give_up(key, "PlanFailed", f"the spec passed validation but cannot be planned:"
+                                             f" {type(e).__name__}: {e}", obj)
+            return "failed"
         spec, plan_ = planned.spec, planned.plan
         owner = OwnerRef.of(obj)
         results = self._results(obj, spec, plan_)
@@ -667,17 +702,23 @@ class Controller:
                     jobs.append(ObservedJob.from_k8s(job))
                 except ValueError as e:
                     log.warning("experiment %s/%s: ignoring Job: %s", *key, e)
+            if status is not None and status.get("observedGeneration") != generation:
+                status = without_refusals(status)  # a new spec: try the refused runs again
             return reconcile(spec, plan_, Observed(jobs, results, status), now, owner=owner)
 
         previous = obj.get("status") or {}
         decision = decide(previous)
         plan_ = decision.plan or plan_  # with the seeds replication added
-        self._apply(obj, plan_, decision)
+        refused = self._apply(obj, plan_, decision)
         self._sweep_orphans(obj, plan_, generation)
-        status = {**decision.status, "observedGeneration": generation} if generation is not None else decision.status
-        written = self._write_status(
-            key, obj, status,
-            lambda fresh: {**decide(fresh.get("status") or {}).status, "observedGeneration": generation})
+
+        def final(status: dict[str, Any]) -> dict[str, Any]:
+            if refused:
+                status = with_refused(plan_, status, refused, now)
+            return {**status, "observedGeneration": generation} if generation is not None else status
+
+        status = final(decision.status)
+        written = self._write_status(key, obj, status, lambda fresh: final(decide(fresh.get("status") or {}).status))
         for event in status_events(previous, written or status, plan_):
             self.recorder.emit(obj, event)
         if any(state == FINISHING for state in (status.get("runs") or {}).values()):
@@ -692,7 +733,34 @@ class Controller:
         self._write_status(key, obj, status,
                            lambda fresh: invalid_status(problems, generation, fresh.get("status") or {}, now))
         if (obj.get("status") or {}).get("message") != status["message"]:
-            self.recorder.emit(obj, EventSpec("Warning", "InvalidSpec", status["message"]))
+            detail = "invalid spec: " + "; ".join(problems)
+            log.warning("experiment %s/%s: %s", *key, detail[:LOG_DETAIL_LIMIT])
+            self.recorder.emit(obj, EventSpec("Warning", "InvalidSpec", detail))
+
+    def _give_up(self, key: Key, reason: str, detail: str, obj: Mapping[str, Any] | None = None) -> None:
+        """Phase Failed with `detail` cut short in the status, whole (up to the limits) in an
+        Event and the log; this generation of the spec is not reconciled again."""
+        obj = obj or self.experiments.get(key)
+        log.error("experiment %s/%s: %s: %s", *key, reason, detail[:LOG_DETAIL_LIMIT])
+        if obj is None:
+            return
+        self._remember_given_up(obj)
+        generation = (obj.get("metadata") or {}).get("generation")
+        now = datetime.now(UTC)
+        status = failed_status(reason, detail, generation, obj.get("status") or {}, now)
+        try:
+            self._write_status(key, obj, status,
+                               lambda fresh: failed_status(reason, detail, generation, fresh.get("status") or {}, now))
+        except KubeError as e:
+            self.metrics.inc("xstilts_errors_total", {"where": "status"})
+            log.error("experiment %s/%s: cannot write the Failed status either: %s", *key, e)
+        if (obj.get("status") or {}).get("message") != status["message"]:
+            self.recorder.emit(obj, EventSpec("Warning", reason, detail))
+
+    def _remember_given_up(self, obj: Mapping[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        with self._lock:
+            self._given_up[str(meta.get("uid"))] = meta.get("generation")
 
     def _plan_for(self, obj: Mapping[str, Any]) -> _Planned:
         meta = obj.get("metadata") or {}
@@ -731,34 +799,53 @@ class Controller:
                 self.recorder.emit(obj, EventSpec("Warning", "ResultUnreadable", problem))
         return results
 
-    def _apply(self, obj: Mapping[str, Any], plan_: Plan, decision: Decision) -> None:
+    def _apply(self, obj: Mapping[str, Any], plan_: Plan, decision: Decision) -> dict[str, str]:
+        """Carry out the decision's actions; returns the runs whose objects the API server
+        refused (run id → its answer)."""
         namespace, name = key_of(obj)
+        refused = {}
         for action in decision.actions:  # deletes first, then creates: reconcile's order
             if self._stop.is_set():
                 raise NotLeading
             if isinstance(action, DeleteJob):
                 self._delete_run(obj, action)
             else:
-                self._create_run(obj, plan_, action)
+                why = self._create_run(obj, plan_, action)
+                if why is not None:
+                    refused[action.run_id] = why
         if decision.actions:
             log.info("experiment %s/%s: %d Jobs created, %d deleted; %s", namespace, name, len(decision.creates),
                      len(decision.deletes), decision.status.get("message", ""))
+        return refused
 
-    def _create_run(self, obj: Mapping[str, Any], plan_: Plan, action: CreateRun) -> None:
+    def _create_run(self, obj: Mapping[str, Any], plan_: Plan, action: CreateRun) -> str | None:
+        """Create a run's objects; the API server's answer if it refused one, else None."""
         uid = str((obj.get("metadata") or {}).get("uid"))
-        job, created = create_run(self.kube, action, uid)
+        try:
+            job, created = create_run(self.kube, action, uid)
+        except KubeError as e:
+            if not e.refused:
+                raise
+            self.metrics.inc("xstilts_errors_total", {"where": "create"})
+            self.recorder.emit(obj, EventSpec("Warning", "ObjectRefused",
+                                              f"run {describe_run(plan_, action.run_id)} will not be created"
+                                              f" until the spec changes: {e}"))
+            log.warning("experiment %s/%s: run %s refused: %s", *key_of(obj), action.run_id,
+                        str(e)[:LOG_DETAIL_LIMIT])
+            return str(e)
         if job is None:
             # Left by a deleted Experiment of the same name, being garbage-collected: its
             # DELETED event brings this run back.
             log.info("experiment %s/%s: Job %s still belongs to a deleted Experiment; waiting for it to go",
                      *key_of(obj), action.job_name)
-            return
+            return None
         self._track_job(job)
         if created:
             self.metrics.inc("xstilts_jobs_created_total")
             self.recorder.emit(obj, EventSpec("Normal", "JobCreated",
                                               f"created Job {action.job_name} for run"
                                               f" {describe_run(plan_, action.run_id)}"))
+        return None
 
     def _track_job(self, job: dict[str, Any]) -> None:
         job.setdefault("apiVersion", JOBS.api_version)

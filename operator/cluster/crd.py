@@ -21,7 +21,8 @@ VERSION = "v1alpha1"
 STATUS_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "phase": {"type": "string", "enum": ["Pending", "Running", "Succeeded", "Failed", "PartiallyFailed"]},
+        "phase": {"type": "string", "enum": ["Pending", "Running", "Degraded", "Succeeded", "Failed",
+                                                       "PartiallyFailed"]},
         "observedGeneration": {"type": "integer"},
         "counts": {
             "type": "object",

@@ -88,6 +88,18 @@ PHASE_RUNNING = "Running"
 PHASE_SUCCEEDED = "Succeeded"
 PHASE_FAILED = "Failed"
 PHASE_PARTIALLY_FAILED = "PartiallyFailed"
+# Some runs' objects were refused by the API server (they count as failed, and are not
+# created again until the spec changes) while the other runs go on.
+PHASE_DEGRADED = "Degraded"
+PHASES = (PHASE_PENDING, PHASE_RUNNING, PHASE_DEGRADED, PHASE_SUCCEEDED, PHASE_FAILED, PHASE_PARTIALLY_FAILED)
+
+# A failure reason that starts with this is a refusal by the API server, not a failed Job: the
+# controller creates the run again only once the spec's generation changes.
+REFUSED = "refused by the API server: "
+# Bounds on what a status holds, so that it can always be written (etcd's limit on an object is
+# about 1.5 MiB): the message and each condition's message, and each run's failure reason.
+MESSAGE_LIMIT = 1024
+FAILURE_LIMIT = 256
 
 # How many failed runs the Degraded condition names before "and N more".
 FAILURES_NAMED = 5
@@ -436,7 +448,7 @@ def reconcile(spec: ExperimentSpec, plan: Plan, observed: Observed, now: datetim
         elif job is not None:
             state = {"pending": PENDING, "running": RUNNING, "succeeded": FINISHING, "failed": FAILED}[job.phase]
             if state == FAILED:
-                failures[rid] = job.failure_reason or "Failed"
+                failures[rid] = capped(job.failure_reason or "Failed", FAILURE_LIMIT)
         elif previous_runs.get(rid) == FAILED:
             state = FAILED
             failures[rid] = previous_failures.get(rid, "Failed")
@@ -463,6 +475,39 @@ def reconcile(spec: ExperimentSpec, plan: Plan, observed: Observed, now: datetim
     if spec.replication is not None:
         status["replication"] = _replication_status(replication_cells(spec, plan, results))
     return Decision(actions=[*deletes, *creates], status=status, plan=plan)
+
+
+def capped(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """`text` cut to at most `limit` characters, marked as cut."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def with_refused(plan: Plan, status: Mapping[str, Any], refused: Mapping[str, str], now: datetime) -> dict[str, Any]:
+    """The status after the API server refused the objects of the runs in `refused` (run id →
+    its message): those runs are failed (reason REFUSED + message), the runs that depend on
+    them blocked, and the counts, phase, message and conditions follow."""
+    states: dict[str, str] = dict(status.get("runs") or {})
+    failures: dict[str, str] = dict(status.get("failures") or {})
+    for rid, message in refused.items():
+        states[rid] = FAILED
+        failures[rid] = capped(REFUSED + message, FAILURE_LIMIT)
+    for run in plan.runs:  # dependencies come before dependants
+        if states.get(run.run_id) == WAITING and any(states.get(d) in (FAILED, BLOCKED) for d in run.depends_on):
+            states[run.run_id] = BLOCKED
+    counts = _counts(states)
+    phase = _phase(counts, states, failures)
+    return {**status, "phase": phase, "message": _message(counts, failures), "counts": counts, "runs": states,
+            "failures": failures, "conditions": _conditions(counts, states, failures, phase, now, status)}
+
+
+def without_refusals(status: Mapping[str, Any]) -> dict[str, Any]:
+    """`status` without the runs the API server refused: after the spec changed, they are tried again."""
+    failures: Mapping[str, str] = status.get("failures") or {}
+    refused = {rid for rid, why in failures.items() if why.startswith(REFUSED)}
+    if not refused:
+        return dict(status)
+    return {**status, "runs": {r: s for r, s in (status.get("runs") or {}).items() if r not in refused},
+            "failures": {r: why for r, why in failures.items() if r not in refused}}
 
 
 def start_order(plan: Plan, ready: Iterable[str]) -> list[str]:
@@ -507,15 +552,11 @@ def _assign_jobs(spec: ExperimentSpec, plan: Plan,
 def _status(spec: ExperimentSpec, plan: Plan, results: Mapping[str, ResultSummary], previous: Mapping[str, Any],
             now: datetime, states: dict[str, str], failures: dict[str, str],
             jobs: Mapping[str, ObservedJob]) -> dict[str, Any]:
-    counts = dict.fromkeys(COUNT_KEYS, 0)
-    counts["total"] = len(states)
-    for state in states.values():
-        counts[COUNTED_AS[state]] += 1
-    phase = _phase(counts, states)
+    counts = _counts(states)
+    phase = _phase(counts, states, failures)
     status: dict[str, Any] = {
         "phase": phase,
-        "message": (f"{counts['succeeded']}/{counts['total']} runs succeeded, {counts['running']} running,"
-                    f" {counts['pending']} pending, {counts['failed']} failed, {counts['blocked']} blocked"),
+        "message": _message(counts, failures),
         "conditions": _conditions(counts, states, failures, phase, now, previous),
         "counts": counts,
         "gpuHoursEstimated": round(plan.gpu_hours, 3),
@@ -533,11 +574,30 @@ def _status(spec: ExperimentSpec, plan: Plan, results: Mapping[str, ResultSummar
     return status
 
 
-def _phase(counts: dict[str, int], states: dict[str, str]) -> str:
+def _counts(states: Mapping[str, str]) -> dict[str, int]:
+    counts = dict.fromkeys(COUNT_KEYS, 0)
+    counts["total"] = len(states)
+    for state in states.values():
+        counts[COUNTED_AS[state]] += 1
+    return counts
+
+
+def _message(counts: Mapping[str, int], failures: Mapping[str, str]) -> str:
+    message = (f"{counts['succeeded']}/{counts['total']} runs succeeded, {counts['running']} running,"
+               f" {counts['pending']} pending, {counts['failed']} failed, {counts['blocked']} blocked")
+    refused = [why for why in failures.values() if why.startswith(REFUSED)]
+    if refused:
+        message += f"; the API server refused the objects of {len(refused)} runs, e.g. {refused[0][len(REFUSED):]}"
+    return capped(message)
+
+
+def _phase(counts: dict[str, int], states: dict[str, str], failures: Mapping[str, str]) -> str:
     if counts["succeeded"] == counts["total"]:
         return PHASE_SUCCEEDED
     if counts["pending"] == 0 and counts["running"] == 0:  # only succeeded, failed, blocked left
         return PHASE_FAILED if counts["succeeded"] == 0 else PHASE_PARTIALLY_FAILED
+    if any(why.startswith(REFUSED) for why in failures.values()):
+        return PHASE_DEGRADED
     started = any(s not in (WAITING, QUEUED, CREATING, PENDING) for s in states.values())
     return PHASE_RUNNING if started else PHASE_PENDING
 
@@ -558,11 +618,13 @@ def _conditions(counts: dict[str, int], states: dict[str, str], failures: dict[s
         named = [f"{rid} ({reason})" for rid, reason in list(failures.items())[:FAILURES_NAMED]]
         more = f" and {len(failures) - FAILURES_NAMED} more" if len(failures) > FAILURES_NAMED else ""
         blocked = f"; {counts['blocked']} dependant runs blocked" if counts["blocked"] else ""
-        degraded = ("True", "RunsFailed", f"{len(failures)} runs failed: {', '.join(named)}{more}{blocked}")
+        refused = any(why.startswith(REFUSED) for why in failures.values())
+        degraded = ("True", "ObjectsRefused" if refused else "RunsFailed",
+                    f"{len(failures)} runs failed: {', '.join(named)}{more}{blocked}")
     else:
         degraded = ("False", "NoFailures", "no run has failed")
     ready_reason = {PHASE_SUCCEEDED: "AllRunsSucceeded", PHASE_FAILED: "RunsFailed",
-                    PHASE_PARTIALLY_FAILED: "RunsFailed"}.get(phase, "RunsInProgress")
+                    PHASE_PARTIALLY_FAILED: "RunsFailed", PHASE_DEGRADED: "ObjectsRefused"}.get(phase, "RunsInProgress")
     ready = ("True" if phase == PHASE_SUCCEEDED else "False", ready_reason,
              f"{counts['succeeded']}/{counts['total']} runs succeeded")
     previous = {c.get("type"): c for c in previous_status.get("conditions") or []}
@@ -573,7 +635,7 @@ def _conditions(counts: dict[str, int], states: dict[str, str], failures: dict[s
         # lastTransitionTime moves only when the condition's status does.
         since = before["lastTransitionTime"] if before and before.get("status") == value and before.get(
             "lastTransitionTime") else stamp
-        conditions.append({"type": kind, "status": value, "reason": reason, "message": message,
+        conditions.append({"type": kind, "status": value, "reason": reason, "message": capped(message),
                            "lastTransitionTime": since})
     return conditions
 

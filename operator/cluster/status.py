@@ -204,7 +204,7 @@ def progress_bar(fraction: float, width: int = BAR_WIDTH) -> str:
 
 def print_status(view: StatusView, console: Console) -> None:
     c = view.counts
-    style = {"Succeeded": "green", "Failed": "red", "PartiallyFailed": "red",
+    style = {"Succeeded": "green", "Failed": "red", "PartiallyFailed": "red", "Degraded": "red",
              "Running": "cyan"}.get(view.phase, "yellow")
     console.print(f"[bold]{view.name}[/bold] in namespace {view.namespace}: [{style}]{view.phase}[/{style}]",
                   highlight=False)

@@ -176,6 +176,14 @@ def test_invalid_status_keeps_transition_times() -> None:
     assert later == first  # unchanged: no status write
 
 
+def test_a_failed_status_is_short_whatever_the_problems() -> None:
+    status = invalid_status([f"spec.data.t{i}: " + "x" * 10_000 for i in range(500)], 1, {},
+                            datetime(2026, 1, 1, tzinfo=UTC))
+    assert len(status["message"]) == 1024 and status["message"].endswith("...")
+    assert all(len(c["message"]) <= 1024 for c in status["conditions"])
+    assert len(json.dumps(status)) < 6000
+
+
 def test_owner_of_a_job() -> None:
     owned = {"metadata": {"namespace": "ns", "ownerReferences": [
         {"apiVersion": "xstilts.dev/v1alpha1", "kind": "Experiment", "name": "exp", "uid": "u"}]}}

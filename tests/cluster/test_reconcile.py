@@ -26,6 +26,8 @@ from xstilts.operator.cluster.reconcile import (
     gains,
     reconcile,
     start_order,
+    with_refused,
+    without_refusals,
 )
 from xstilts.operator.cluster.render import RUN_ID_LABEL, OwnerRef, job_name, render_run
 from xstilts.operator.experiment.plan import PlannedRun, plan
@@ -521,3 +523,33 @@ def test_undisturbed_run_creates_each_run_exactly_once() -> None:
     # Dependencies first: every phase-3 run was created after its phase-2 run had a result
     # (checked at each step by SimulatedCluster.check).
     assert {r.config.stage for r in PLAN.runs} == {Stage.INTERMEDIATE, Stage.TARGET}
+
+
+def test_runs_whose_objects_are_refused_fail_and_are_not_created_again_until_the_spec_changes() -> None:
+    first = decide(spec=with_max_parallel(100))
+    small = run("small", "mnli")  # a phase-2 run: its target runs depend on it
+    answer = "create Job x: Job.batch \"x\" is invalid: " + "spec: too much " * 200
+    status = with_refused(PLAN, first.status, {small.run_id: answer}, NOW)
+    assert status["runs"][small.run_id] == "failed"
+    assert status["failures"][small.run_id].startswith("refused by the API server: create Job x")
+    assert len(status["failures"][small.run_id]) <= 256
+    dependants = [r.run_id for r in PLAN.runs if small.run_id in r.depends_on]
+    assert dependants and all(status["runs"][rid] == "blocked" for rid in dependants)
+    assert status["phase"] == "Degraded"  # the other runs go on
+    assert len(status["message"]) <= 1024 and "refused the objects of 1 runs" in status["message"]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Degraded"]["reason"] == "ObjectsRefused" and len(conditions["Degraded"]["message"]) <= 1024
+    # The next reconcile keeps it failed and creates nothing for it...
+    again = decide(spec=with_max_parallel(100), previous=status)
+    assert small.run_id not in created(again) and again.status["runs"][small.run_id] == "failed"
+    assert again.status["phase"] == "Degraded"
+    # ...until the spec changes: then the refusal is forgotten and the run is created again.
+    fresh = decide(spec=with_max_parallel(100), previous=without_refusals(status))
+    assert small.run_id in created(fresh)
+
+
+def test_every_run_refused_is_failed() -> None:
+    first = decide(spec=with_max_parallel(100))
+    status = with_refused(PLAN, first.status, {rid: "no" for rid in created(first)}, NOW)
+    assert status["phase"] == "Failed"
+    assert status["counts"]["pending"] == status["counts"]["running"] == 0

@@ -151,6 +151,12 @@ class KubeError(Exception):
     def transient(self) -> bool:
         return self.status in TRANSIENT_STATUSES
 
+    @property
+    def refused(self) -> bool:
+        """The API server refused the request as it is (400 Bad Request, 403 Forbidden, 413 too
+        large, 422 Invalid, ...): sending it again unchanged cannot succeed."""
+        return 400 <= self.status < 500 and self.status not in (404, 408, 409, 410, 429)
+
 
 def _error_from_response(status: int, body: bytes, what: str, retry_after: str | None = None) -> KubeError:
     reason, message = "", ""

@@ -63,7 +63,10 @@ def install_crd(cp: ControlPlane) -> None:
     if str(cp.kubeconfig) in _crd_installed:
         return
     kubectl(cp, "apply", "-f", str(CRD_FILE))
-    kubectl(cp, "wait", "--for=condition=Established", "crd/experiments.xstilts.dev", "--timeout=60s")
+    # Polled rather than `kubectl wait`, which fails outright while the CRD has no conditions yet.
+    cp.wait_for(lambda: any(c.get("type") == "Established" and c.get("status") == "True" for c in (
+        cp.api("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/experiments.xstilts.dev")
+        .get("status") or {}).get("conditions") or []), timeout=60, what="the CRD Established")
     cp.restart_controller_manager()
     _crd_installed.add(str(cp.kubeconfig))
 

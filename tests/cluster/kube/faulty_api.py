@@ -27,7 +27,8 @@ Actions:
 For each request, one random draw picks at most one firing rule: a matching rule fires if the
 draw falls in its `rate` (rates of matching rules add up, they do not compound), and a rule
 with `count` fires at most that many times (per kind of call with `each_kind`). `injected`
-lists every fault with the kind of call it hit, e.g. ("jobs", "create").
+lists every fault with the kind of call it hit, e.g. ("jobs", "create"); `writes` every write
+request that reached the proxy, faulty or not, with the name of the object it sends.
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ class FaultyAPI:
         self.random = random.Random(seed)
         self.rules: list[Rule] = []
         self.injected: list[Injected] = []
+        self.writes: list[tuple[str, str, str | None]] = []  # (method, path, metadata.name in the body)
         self.requests = 0
         self.stopping = threading.Event()
         self._lock = threading.Lock()
@@ -169,6 +171,21 @@ class FaultyAPI:
     def _record(self, fault: Injected) -> None:
         with self._lock:
             self.injected.append(fault)
+
+    def _observe(self, method: str, path: str, body: bytes | None) -> None:
+        if method == "GET":
+            return
+        try:
+            name = str(json.loads(body or b"")["metadata"]["name"])
+        except (ValueError, KeyError, TypeError):
+            name = None
+        with self._lock:
+            self.writes.append((method, path, name))
+
+    def posted(self, path: str) -> list[str]:
+        """The names of the objects POSTed to paths matching `path` (a regex), repeats included."""
+        with self._lock:
+            return [name or "" for method, p, name in self.writes if method == "POST" and re.search(path, p)]
 
     def faults(self, action: str | None = None) -> list[Injected]:
         with self._lock:
@@ -271,6 +288,7 @@ class _Handler(BaseHTTPRequestHandler):
         kind = call_kind(self.command, split.path, query)
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
+        self.api._observe(self.command, split.path, body)
         rule = self.api._pick(self.command, split.path, kind)
 
         if rule is None or rule.action in ("cut", "drop_response", "expire_watch", "barrier"):

@@ -227,8 +227,9 @@ def test_api_server_rejects_invalid_objects_and_controller_reports_the_rest(env:
     message = rejected(lambda o: o["spec"].update(colour="blue"))
     assert 'unknown field "spec.colour"' in message
 
-    # What the schema cannot say (a seed listed twice) the controller reports.
-    obj = small_experiment("dupes", env.namespace, seeds=(1, 1))
+    # What only a cluster refuses (a tracking store on the pods' own filesystem) the controller reports.
+    obj = small_experiment("dupes", env.namespace)
+    obj["spec"]["mlflow"] = {"trackingUri": "sqlite:///runs/mlflow.db"}
     env.apply(obj)
     with env.controller() as controller:
         def failed() -> dict[str, Any] | None:
@@ -236,7 +237,7 @@ def test_api_server_rejects_invalid_objects_and_controller_reports_the_rest(env:
             return status if status.get("phase") == "Failed" else None
 
         status = env.cp.wait_for(failed, timeout=60, what="phase Failed")
-        assert status["message"] == "invalid spec: spec.seeds: duplicate seed 1; list each seed once"
+        assert status["message"].startswith("invalid spec: mlflow.trackingUri: sqlite: is a store on the pods'")
         assert {c["type"]: c["reason"] for c in status["conditions"]}["Ready"] == "InvalidSpec"
         warnings = events(env.cp, env.namespace, "InvalidSpec")
         assert [e["message"] for e in warnings] == [status["message"]]

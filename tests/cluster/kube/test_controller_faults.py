@@ -25,14 +25,16 @@ from controller_harness import (
     ResultWriter,
     converge,
     created_events,
+    events,
+    kubectl,
     list_jobs,
     make_env,
     planned,
     small_experiment,
 )
 from faulty_api import FaultyAPI, Rule, kubeconfig_via
-from kube_cluster import ControlPlane
-from xstilts.operator.cluster.render import job_name
+from kube_cluster import ApiError, ControlPlane
+from xstilts.operator.cluster.render import MODEL_LABEL, job_name
 from xstilts.operator.cluster.runtime.kube_api import JOBS, Kube, Reflector, connect
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
@@ -237,3 +239,92 @@ def test_a_quiet_watch_outlives_the_request_timeout(env: Env) -> None:
     events = list(kube.watch(JOBS, env.namespace, "0", timeout_seconds=2))
     assert {e["type"] for e in events} <= {"BOOKMARK"}
     assert time.monotonic() - started >= 1.9
+
+
+def refuse_jobs_of_model(cp: ControlPlane, namespace: str, model: str, message: str) -> str:
+    """A ValidatingAdmissionPolicy that makes the API server itself refuse (422 Invalid) every
+    Job of `model` in `namespace`, though the Experiment passed the CRD and pydantic; returns
+    its name. Waits until the API server enforces it."""
+    name = f"refuse-{namespace}"
+    cp.apply({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{"apiGroups": ["batch"], "apiVersions": ["v1"],
+                                                    "operations": ["CREATE"], "resources": ["jobs"]}]},
+            "validations": [{"expression": f"object.metadata.?labels[?'{MODEL_LABEL}'].orValue('') != '{model}'",
+                             "message": message, "reason": "Invalid"}],
+        },
+    })
+    cp.apply({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {"policyName": name, "validationActions": ["Deny"],
+                 "matchResources": {"namespaceSelector": {"matchLabels": {
+                     "kubernetes.io/metadata.name": namespace}}}},
+    })
+    probe = {"apiVersion": "batch/v1", "kind": "Job",
+             "metadata": {"name": "probe", "labels": {MODEL_LABEL: model}},
+             "spec": {"template": {"spec": {"restartPolicy": "Never",
+                                            "containers": [{"name": "c", "image": "registry.invalid/x"}]}}}}
+
+    def enforced() -> bool:
+        try:
+            cp.api("POST", f"/apis/batch/v1/namespaces/{namespace}/jobs?dryRun=All", probe)
+        except ApiError as e:
+            return e.status == 422
+        return False
+
+    cp.wait_for(enforced, timeout=60, what="the admission policy enforced")
+    return name
+
+
+def test_objects_the_api_server_refuses_fail_their_runs_on_the_status_and_are_not_sent_again(
+        env: Env, api: FaultyAPI) -> None:
+    """Issue 12's fault "a Job the API server refuses shows on the Experiment's status instead of
+    being retried silently", and issue 13's class 1: the API server refuses the Jobs of one model
+    (an admission policy), with a message longer than a status should hold."""
+    reason = "Jobs of model m1 are not admitted in this namespace: " + "the policy explains at length. " * 100
+    policy = refuse_jobs_of_model(env.cp, env.namespace, "m1", reason)
+    obj = small_experiment("refused", env.namespace, seeds=(1,), models=2, max_parallel=10)
+    obj["spec"]["models"][1]["pretrained"] = "FacebookAI/xlm-roberta-large"
+    env.apply(obj)
+    _, plan = planned(obj)
+    m1 = {job_name("refused", r.run_id) for r in plan.runs if r.labels.model == "m1"}
+    m1_free = {job_name("refused", r.run_id) for r in plan.runs if r.labels.model == "m1" and not r.depends_on}
+    with faulty_controller(env, api, "controller-a") as controller:
+        def degraded() -> dict[str, Any] | None:
+            status = (env.cp.api("GET", f"/apis/xstilts.dev/v1alpha1/namespaces/{env.namespace}/experiments/refused")
+                      .get("status") or {})
+            return status if status.get("phase") == "Degraded" else None
+
+        status = env.cp.wait_for(degraded, timeout=60, what="phase Degraded")
+        # The m0 runs go on; those of m1 are failed (no dependency: refused) or blocked.
+        refused = {rid for rid, why in status["failures"].items() if why.startswith("refused by the API server: ")}
+        assert {job_name("refused", rid) for rid in refused} == m1_free
+        assert all(len(why) <= 256 for why in status["failures"].values())
+        assert len(status["message"]) <= 1024 and "refused the objects of" in status["message"]
+        assert all(len(c["message"]) <= 1024 for c in status["conditions"])
+        assert {c["type"]: c["reason"] for c in status["conditions"]}["Degraded"] == "ObjectsRefused"
+        assert status["observedGeneration"] == 1
+        warnings = events(env.cp, env.namespace, "ObjectRefused")
+        assert len(warnings) == len(m1_free)
+        assert all(len(e["message"]) == 1024 and "Jobs of model m1 are not admitted" in e["message"]
+                   for e in warnings)
+        assert "Jobs of model m1 are not admitted" in controller.output()  # the log has the detail
+        # Two resyncs later: nothing of m1 was POSTed again, no Event repeated.
+        sent = Counter(api.posted(r"/jobs$"))
+        time.sleep(11)
+        assert Counter(api.posted(r"/jobs$")) == sent
+        assert {job: n for job, n in sent.items() if job in m1} == dict.fromkeys(m1_free, 1)
+        assert all(int(e.get("count") or 1) == 1 for e in events(env.cp, env.namespace, "ObjectRefused"))
+        assert controller.running
+
+        # The policy is lifted and the spec changes (a new generation): the runs are tried again.
+        kubectl(env.cp, "delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", policy)
+        obj["spec"]["cluster"]["maxParallel"] = 9
+        env.apply(obj)
+        env.cp.wait_for(lambda: m1_free <= {j["metadata"]["name"] for j in list_jobs(env.cp, env.namespace,
+                                                                                     "refused")},
+                        timeout=60, what="the refused runs created after the spec changed")
