@@ -66,6 +66,7 @@ from xstilts.operator.cluster.reconcile import (
     ResultSummary,
     capped,
     reconcile,
+    summarised,
     with_refused,
     without_refusals,
 )
@@ -715,13 +716,14 @@ class Controller:
         def final(status: dict[str, Any]) -> dict[str, Any]:
             if refused:
                 status = with_refused(plan_, status, refused, now)
+            status = summarised(status)
             return {**status, "observedGeneration": generation} if generation is not None else status
 
         status = final(decision.status)
         written = self._write_status(key, obj, status, lambda fresh: final(decide(fresh.get("status") or {}).status))
         for event in status_events(previous, written or status, plan_):
             self.recorder.emit(obj, event)
-        if any(state == FINISHING for state in (status.get("runs") or {}).values()):
+        if (status.get("runStates") or {}).get(FINISHING):
             self.queue.add(key, delay=RESULT_POLL_SECONDS)
         return "ok"
 

@@ -74,9 +74,16 @@ STATUS_SCHEMA: dict[str, Any] = {
         "runs": {
             "type": "object",
             "description": ("run id -> waiting, queued, creating, pending, running, finishing, succeeded,"
-                            " failed or blocked"),
+                            " failed or blocked; past 5,000 runs (runsSummarised) only the failed runs"),
             "additionalProperties": {"type": "string"},
         },
+        "runStates": {
+            "type": "object",
+            "description": "how many runs are in each state of `runs`",
+            "additionalProperties": {"type": "integer", "minimum": 0},
+        },
+        "runsSummarised": {"type": "boolean",
+                           "description": "true past 5,000 runs: `runs` lists only the failed runs"},
     },
 }
 

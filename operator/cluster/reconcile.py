@@ -100,6 +100,11 @@ REFUSED = "refused by the API server: "
 # about 1.5 MiB): the message and each condition's message, and each run's failure reason.
 MESSAGE_LIMIT = 1024
 FAILURE_LIMIT = 256
+# Past this many runs a stored status lists only the failed runs (what later reconciles need:
+# a failed run whose Job is gone stays failed), and the reasons of the first FAILURES_KEPT;
+# `runStates` counts runs per state. The per-run detail is in the Jobs and the result files.
+RUNS_IN_STATUS = 5000
+FAILURES_KEPT = 500
 
 # How many failed runs the Degraded condition names before "and N more".
 FAILURES_NAMED = 5
@@ -498,6 +503,26 @@ def with_refused(plan: Plan, status: Mapping[str, Any], refused: Mapping[str, st
     phase = _phase(counts, states, failures)
     return {**status, "phase": phase, "message": _message(counts, failures), "counts": counts, "runs": states,
             "failures": failures, "conditions": _conditions(counts, states, failures, phase, now, status)}
+
+
+def summarised(status: Mapping[str, Any]) -> dict[str, Any]:
+    """The status as stored: `runStates` (runs per state) always, and past RUNS_IN_STATUS runs
+    only the failed runs in `runs` (with the first FAILURES_KEPT reasons), so that the status of
+    the largest experiment allowed (MAX_RUNS) stays far below etcd's limit on an object."""
+    states: Mapping[str, str] = status.get("runs") or {}
+    per_state: dict[str, int] = defaultdict(int)
+    for state in states.values():
+        per_state[state] += 1
+    out = {**status, "runStates": dict(sorted(per_state.items()))}
+    if len(states) > RUNS_IN_STATUS:
+        failed = {rid: state for rid, state in states.items() if state == FAILED}
+        failures: Mapping[str, str] = status.get("failures") or {}
+        out["runs"] = failed
+        out["runsSummarised"] = True
+        out["failures"] = {rid: failures[rid] for rid in list(failed)[:FAILURES_KEPT] if rid in failures}
+        if not out["failures"]:
+            del out["failures"]
+    return out
 
 
 def without_refusals(status: Mapping[str, Any]) -> dict[str, Any]:

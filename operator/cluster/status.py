@@ -126,7 +126,9 @@ def build_view(name: str, namespace: str, experiment: Mapping[str, Any] | None, 
         job_seen = observed[run.run_id][0] if run.run_id in observed else None
         view.rows.append(RunRow(
             run_id=run.run_id, stage=run.config.stage.value, model=labels.model, intermediate=labels.intermediate,
-            target=labels.target, seed=run.config.seed, state=states.get(run.run_id, UNKNOWN),
+            target=labels.target, seed=run.config.seed,
+            # A summarised status (past 5,000 runs) lists failed runs only: the Job says the rest.
+            state=states.get(run.run_id) or (job_seen.phase if job_seen else UNKNOWN),
             job=job_seen.name if job_seen else None,
             gpu_hours=_job_hours(job_seen, now) if job_seen else None, failure=failures.get(run.run_id)))
     return view

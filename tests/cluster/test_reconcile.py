@@ -6,6 +6,7 @@ and blocking exactly the dependants of failed phase-2 runs."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from xstilts.operator.cluster.reconcile import (
+    FAILURES_KEPT,
+    RUNS_IN_STATUS,
     CreateRun,
     Decision,
     DeleteJob,
@@ -26,12 +29,13 @@ from xstilts.operator.cluster.reconcile import (
     gains,
     reconcile,
     start_order,
+    summarised,
     with_refused,
     without_refusals,
 )
 from xstilts.operator.cluster.render import RUN_ID_LABEL, OwnerRef, job_name, render_run
 from xstilts.operator.experiment.plan import PlannedRun, plan
-from xstilts.operator.experiment.spec import ExperimentSpec
+from xstilts.operator.experiment.spec import MAX_RUNS, ExperimentSpec
 from xstilts.trainer.config import RunResult, Stage
 
 SPEC = ExperimentSpec.model_validate({
@@ -553,3 +557,32 @@ def test_every_run_refused_is_failed() -> None:
     status = with_refused(PLAN, first.status, {rid: "no" for rid in created(first)}, NOW)
     assert status["phase"] == "Failed"
     assert status["counts"]["pending"] == status["counts"]["running"] == 0
+
+
+def test_a_status_past_the_threshold_lists_only_failed_runs_and_stays_small() -> None:
+    """20,000 runs (MAX_RUNS), every one failed with a long reason: the stored status holds the
+    failed runs, the first reasons and counts per state, well under etcd's 1.5 MiB."""
+    states = {f"{i:012x}": "failed" for i in range(MAX_RUNS)}
+    status = {"phase": "Failed", "runs": states, "failures": dict.fromkeys(states, "x" * 256)}
+    stored = summarised(status)
+    assert stored["runsSummarised"] is True and stored["runs"] == states
+    assert len(stored["failures"]) == FAILURES_KEPT and stored["runStates"] == {"failed": MAX_RUNS}
+    assert len(json.dumps(stored)) < 700_000
+    # Mixed states: only the failed ones are listed, the rest counted.
+    mixed = {f"{i:012x}": ("failed" if i % 10 == 0 else "succeeded") for i in range(RUNS_IN_STATUS + 1)}
+    stored = summarised({"runs": mixed})
+    assert set(stored["runs"].values()) == {"failed"} and len(stored["runs"]) == 501
+    assert stored["runStates"] == {"failed": 501, "succeeded": RUNS_IN_STATUS - 500}
+    # Below the threshold the status is whole.
+    small = decide(spec=with_max_parallel(100)).status
+    assert summarised(small)["runs"] == small["runs"] and "runsSummarised" not in summarised(small)
+
+
+def test_a_failed_run_stays_failed_when_the_status_was_summarised() -> None:
+    first = decide(spec=with_max_parallel(100))
+    rid = created(first)[0]
+    failed = decide(jobs=[job(r, "failed" if r == rid else "running") for r in created(first)],
+                    spec=with_max_parallel(100))
+    stored = {**failed.status, "runs": {rid: "failed"}, "runsSummarised": True}  # what summarised() keeps
+    later = decide(previous=stored, spec=with_max_parallel(100))  # the Jobs are gone (TTL)
+    assert later.status["runs"][rid] == "failed" and rid not in created(later)
