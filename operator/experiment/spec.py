@@ -623,7 +623,10 @@ def grid_rules() -> list[dict[str, str]]:
                 f" || (has(self.multiTaskGroups) && self.multiTaskGroups.exists(g, '{task}' in g.tasks)))")
 
     per_model = "(has(self.hyperparameters) && has(self.hyperparameters.perModel))"
-    seeds = "(has(self.seeds) ? size(self.seeds) : 1)"
+    # With replication every cell may reach maxSeeds: counted as run_count counts it.
+    default_max_seeds = ReplicationSpec.model_fields["max_seeds"].default
+    max_seeds = f"(has(self.replication.maxSeeds) ? self.replication.maxSeeds : {default_max_seeds})"
+    seeds = f"(has(self.replication) ? {max_seeds} : has(self.seeds) ? size(self.seeds) : 1)"
     arms = ("((has(self.intermediateTasks) ? size(self.intermediateTasks) : 0)"
             " + (has(self.multiTaskGroups) ? size(self.multiTaskGroups) : 0))")
     runs = f"(size(self.models) * {arms} * {seeds} + size(self.models) * ({arms} + 1) * size(self.targets) * {seeds})"
@@ -640,6 +643,8 @@ def grid_rules() -> list[dict[str, str]]:
          " == size(self.hyperparameters.perModel)",
          "hyperparameters.perModel: names a model that is not in models"),
         (f"{runs} <= {max_runs}", "the grid has more runs than planning.maxRuns"),
+        ("!has(self.replication) || !has(self.seeds)",
+         "replication: cannot be combined with seeds; remove one of them"),
     ]
     for task, info in TASKS.items():
         rules.append((f"!has(self.data) || !has(self.data.{task}) || {used(task)}",

@@ -30,6 +30,18 @@ MUTATIONS: list[tuple[tuple[Any, ...], Any]] = [
     (("multiTaskGroups",), [{"name": "g1", "tasks": ["mnli", "qqp"]}, {"name": "g2", "tasks": ["qqp", "mnli"]}]),
     (("planning", "maxRuns"), 1),
 ]
+REMOVE = object()
+# Edits of several top-level fields at once: replication (instead of seeds) counts every cell at
+# maxSeeds against planning.maxRuns. The example has 109 runs per seed.
+REPLICATE = {"seeds": REMOVE, "replication": {"targetHalfWidth": 1.0}}
+EDITS: list[dict[str, Any]] = [
+    {**REPLICATE, "planning": {"maxRuns": 1090}},  # default maxSeeds 10: 1,090 runs, at the limit
+    {**REPLICATE, "planning": {"maxRuns": 1089}},
+    {"seeds": REMOVE, "replication": {"targetHalfWidth": 1.0, "maxSeeds": 18}},  # 1,962 <= 2,000
+    {"seeds": REMOVE, "replication": {"targetHalfWidth": 1.0, "maxSeeds": 19}},  # 2,071 > 2,000
+    {"seeds": REMOVE, "replication": {"targetHalfWidth": 1.0, "minSeeds": 2, "maxSeeds": 2}},
+    {"replication": {"targetHalfWidth": 1.0}},  # together with seeds
+]
 
 
 def mutated(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
@@ -42,13 +54,24 @@ def mutated(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
     return doc
 
 
+def edited(edits: dict[str, Any]) -> dict[str, Any]:
+    doc = copy.deepcopy(BASE)
+    for key, value in edits.items():
+        if value is REMOVE:
+            doc["spec"].pop(key, None)
+        else:
+            doc["spec"][key] = value
+    return doc
+
+
 @pytest.mark.slow
 def test_the_crd_and_pydantic_agree_on_hostile_mutations(control_plane: Any) -> None:
     control_plane.apply(crd())
     control_plane.wait_for(lambda: control_plane.exists("/apis/xstilts.dev/v1alpha1/experiments"), timeout=60)
     disagreements = []
-    for path, value in MUTATIONS:
-        doc = mutated(path, value)
+    cases = [((path, value), mutated(path, value)) for path, value in MUTATIONS]
+    cases += [(edits, edited(edits)) for edits in EDITS]
+    for case, doc in cases:
         try:
             parse_document(copy.deepcopy(doc))
             ours = True
@@ -61,5 +84,5 @@ def test_the_crd_and_pydantic_agree_on_hostile_mutations(control_plane: Any) -> 
         except ApiError:
             theirs = False
         if ours != theirs:
-            disagreements.append((path, value, ours, theirs))
+            disagreements.append((case, ours, theirs))
     assert not disagreements
