@@ -116,7 +116,6 @@ def report_command(spec: ExperimentSpec, output_dir: Path | None, formats_text: 
     from xstilts.operator.report.storage import (
         REPORT_DIR,
         load_mlflow_results,
-        load_predictions,
         load_result_files,
         log_report,
         write_report,
@@ -138,7 +137,7 @@ def report_command(spec: ExperimentSpec, output_dir: Path | None, formats_text: 
         loaded = load_result_files(p)
     for problem in loaded.problems:
         err.print(f"[yellow]warning:[/yellow] {escape(problem)}", soft_wrap=True)
-    report = build_report(loaded.results, grid_of(spec), load_predictions(loaded.results))
+    report = build_report(loaded.results, grid_of(spec), loaded.predictions)
     figures = []
     if "png" in formats or "html" in formats:
         from xstilts.operator.report.plots import figures as make_figures

@@ -4,6 +4,7 @@ the report's files written to disk and logged to the experiment's MLflow parent 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -27,17 +28,28 @@ MLFLOW_REPORT_PATH = "report"
 class Loaded:
     results: list[RunResult] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # unreadable records, one line each
+    # run id -> per-example outcomes, from the predictions.parquet beside each result record
+    predictions: dict[str, Outcomes] = field(default_factory=dict)
 
 
 def _read(path: Path, loaded: Loaded, where: str | None = None) -> None:
-    """One result record into `loaded`, or a line saying why it is skipped (`where` names a
-    downloaded copy by its origin)."""
+    """One result record into `loaded`, with the predictions beside it, or a line saying why
+    it is skipped (`where` names a downloaded copy by its origin).
+
+    The predictions are read beside the record where it was found, not at the run directory
+    its config names: that is where the pod wrote it (e.g. /data/...), which this machine may
+    see under another path (the runs volume mounted elsewhere, or a copy from MLflow)."""
     try:
-        loaded.results.append(read_result(path))
+        result = read_result(path)
     except ResultMissing:
         return
     except ResultProblem as e:
         loaded.problems.append(f"{where or e.path}: {e.what}; skipped")
+        return
+    loaded.results.append(result)
+    outcomes = read_predictions(path.parent / RunDir.PREDICTIONS)
+    if outcomes is not None:
+        loaded.predictions[result.run_id] = outcomes
 
 
 def load_result_files(p: Plan) -> Loaded:
@@ -49,25 +61,21 @@ def load_result_files(p: Plan) -> Loaded:
     return loaded
 
 
-def load_predictions(results: Iterable[RunResult]) -> dict[str, Outcomes]:
-    """Each target run's predictions.parquet beside its result.json, where there is one
-    (and pyarrow, from the [train] extra, is installed)."""
+def read_predictions(path: Path) -> Outcomes | None:
+    """A target run's predictions.parquet (per language: example -> (score, weight)); None
+    where there is none (or pyarrow, from the [train] extra, is not installed)."""
+    if not path.is_file():
+        return None
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        return {}
-    out: dict[str, Outcomes] = {}
-    for r in results:
-        path = RunDir.of(r.config).predictions
-        if not path.is_file():
-            continue
-        by_language: dict[str, dict[int, tuple[float, float]]] = {}
-        columns = pq.read_table(path, columns=["language", "example", "score", "weight"]).to_pydict()
-        for lang, example, score, weight in zip(columns["language"], columns["example"], columns["score"],
-                                                columns["weight"], strict=True):
-            by_language.setdefault(lang, {})[example] = (score, weight)
-        out[r.run_id] = by_language
-    return out
+        return None
+    by_language: dict[str, dict[int, tuple[float, float]]] = {}
+    columns = pq.read_table(path, columns=["language", "example", "score", "weight"]).to_pydict()
+    for lang, example, score, weight in zip(columns["language"], columns["example"], columns["score"],
+                                            columns["weight"], strict=True):
+        by_language.setdefault(lang, {})[example] = (score, weight)
+    return by_language
 
 
 def load_mlflow_results(tracking_uri: str, experiment_name: str, run_ids: Iterable[str]) -> Loaded:
@@ -103,6 +111,8 @@ def load_mlflow_results(tracking_uri: str, experiment_name: str, run_ids: Iterab
                 loaded.problems.append(f"MLflow run {mlflow_run_id} (xstilts run {run_id}): no {RunDir.RESULT}"
                                        f" ({first_line(e, tracking_uri)})")
                 continue
+            with contextlib.suppress(MlflowException, OSError):  # a phase-2 run has none
+                client.download_artifacts(mlflow_run_id, RunDir.PREDICTIONS, os.path.join(tmp, run_id))
             _read(Path(local), loaded, f"MLflow run {mlflow_run_id}")
     return loaded
 

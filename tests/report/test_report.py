@@ -398,18 +398,23 @@ def test_example_level_paired_bootstrap_per_language() -> None:
     assert table.rows[1][3] == "de" and table.rows[1][6] == "excludes 0"
 
 
-def test_predictions_written_by_a_run_are_read_back_for_the_report(tmp_path: Path) -> None:
-    from xstilts.operator.report.storage import load_predictions
-    from xstilts.trainer.rundir import RunDir
+def test_predictions_written_by_a_run_are_read_back_beside_its_result_wherever_the_volume_is(
+        tmp_path: Path) -> None:
+    """The pods wrote the runs under their mount path (the configs name it); this machine sees
+    the volume elsewhere. The predictions are read beside each result.json that was read, and
+    a run without a predictions file simply has none."""
+    from xstilts.operator.report.storage import load_result_files
     from xstilts.trainer.train import write_predictions
 
     spec = the_spec()
-    result = hand_made_results(plan(spec, str(tmp_path)))[0]
-    path = RunDir.of(result.config).predictions
-    path.parent.mkdir(parents=True, exist_ok=True)
+    as_pods_saw_it = hand_made_results(plan(spec, "/data/somewhere"))
+    mounted = plan(spec, str(tmp_path / "mounted"))
+    write_results(mounted, as_pods_saw_it)
+    first = as_pods_saw_it[0]
     records = [[{"example": 0, "prediction": "1", "gold": "1", "score": 1.0, "weight": 1.0},
                 {"example": 1, "prediction": "0", "gold": "1", "score": 0.0, "weight": 1.0}],
                [{"example": 0, "prediction": "[1, 2]", "gold": "[1, 3]", "score": 1.0, "weight": 2.0}]]
-    write_predictions(path, ["en", "de"], records)
-    assert load_predictions([result]) == {result.run_id: {"en": {0: (1.0, 1.0), 1: (0.0, 1.0)}, "de": {0: (1.0, 2.0)}}}
-    assert load_predictions(hand_made_results(plan(spec, str(tmp_path / "elsewhere")))[:1]) == {}
+    write_predictions(RunDir.of(mounted.by_id[first.run_id].config).predictions, ["en", "de"], records)
+    loaded = load_result_files(mounted)
+    assert len(loaded.results) == len(as_pods_saw_it) and not loaded.problems
+    assert loaded.predictions == {first.run_id: {"en": {0: (1.0, 1.0), 1: (0.0, 1.0)}, "de": {0: (1.0, 2.0)}}}
