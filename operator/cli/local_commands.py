@@ -132,7 +132,16 @@ def report_command(spec: ExperimentSpec, output_dir: Path | None, formats_text: 
     uri = tracking_uri_for(spec, tracking_uri, root)
     experiment_name = spec.mlflow.experiment_name or spec.name
     if from_mlflow:
-        loaded = load_mlflow_results(uri, experiment_name, [r.run_id for r in p.runs])
+        from mlflow.exceptions import MlflowException
+        from xstilts.trainer.tracking.buffer import redact_uri
+        from xstilts.trainer.tracking.mlflow_client import first_line
+
+        try:
+            loaded = load_mlflow_results(uri, experiment_name, [r.run_id for r in p.runs])
+        except (MlflowException, OSError) as e:  # refused, unreachable: say so, not a traceback
+            err.print(f"[red]error:[/red] cannot read the results from MLflow at {escape(redact_uri(uri))}:"
+                      f" {escape(first_line(e, uri))}", soft_wrap=True)
+            return ExitCode.FAILED
     else:
         loaded = load_result_files(p)
     for problem in loaded.problems:

@@ -279,6 +279,39 @@ def test_report_rejects_an_unknown_format(tmp_path: Path) -> None:
     assert not (tmp_path / "report").exists()
 
 
+def test_report_from_an_mlflow_server_that_refuses_says_so_without_a_traceback(tmp_path: Path) -> None:
+    """An MLflow server that answers 403 (e.g. its allowed-hosts check, reached by an address
+    it does not list): one error line naming the server and its answer, exit 1."""
+    import http.server
+    import threading
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"Invalid Host header - possible DNS rebinding attack detected"
+            self.send_response(403)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        spec_path = tmp_path / "spec.yaml"
+        spec_path.write_text(SPEC, encoding="utf-8")
+        uri = f"http://user:secret@127.0.0.1:{server.server_address[1]}"
+        result = CliRunner().invoke(app, ["report", str(spec_path), "--output-dir", str(tmp_path), "--format", "json",
+                                          "--from-mlflow", "--tracking-uri", uri])
+    finally:
+        server.shutdown()
+    assert result.exit_code == 1, result.output
+    assert "cannot read the results from MLflow at http://" in result.output
+    assert "403" in result.output and "Traceback" not in result.output and "secret" not in result.output
+    assert not (tmp_path / "report").exists()
+
+
 def test_report_from_mlflow_equals_report_from_files(tmp_path: Path) -> None:
     """The trainer logs each result.json to its MLflow run (RunTracker, the real tracking code);
     --from-mlflow rebuilds the same report from MLflow alone."""
