@@ -785,15 +785,6 @@ class Controller:
     def _results(self, obj: Mapping[str, Any], spec: ExperimentSpec, plan_: Plan) -> dict[str, ResultSummary]:
         results: dict[str, ResultSummary]
         results, problems = self.results.read(spec, plan_)
-        if plan_.runs and self.results.path(spec, plan_.runs[0].run_id) is None:
-            uid = str((obj.get("metadata") or {}).get("uid"))
-            if uid not in self._reported:
-                self._reported.add(uid)
-                self.recorder.emit(obj, EventSpec(
-                    "Warning", "ResultsUnreachable",
-                    f"runs write their results to {spec.cluster.storage.uri}, which this controller cannot read:"
-                    " mount it and run the controller with --results-dir; until then no run that needs a"
-                    " phase-2 result starts, and finished runs stay 'finishing'"))
         for problem in problems:
             if problem not in self._reported:
                 self._reported.add(problem)

@@ -179,27 +179,19 @@ def experiment_selector(experiment: str) -> str:
 
 def pod_storage_root(spec: ExperimentSpec) -> str:
     """The experiment's storage root as a pod sees it: `<mountPath>/<experiment>` on the
-    runs PVC, or `<uri>/<experiment>` in the object store. Run directories are
-    `<root>/runs/<run id>/` (rundir.RunDir)."""
-    storage = spec.cluster.storage
-    if storage.uri:
-        return f"{storage.uri.rstrip('/')}/{spec.name}"
-    return f"{storage.mount_path.rstrip('/')}/{spec.name}"
+    runs PVC. Run directories are `<root>/runs/<run id>/` (rundir.RunDir)."""
+    return f"{spec.cluster.storage.mount_path.rstrip('/')}/{spec.name}"
 
 
 def result_file(spec: ExperimentSpec, run_id: str) -> str:
     """Where a run's result.json lands, as a pod (or the controller, which mounts the runs
-    volume at the same path) sees it; for an object store, its URI."""
+    volume at the same path) sees it."""
     return f"{run_dir(pod_storage_root(spec), run_id)}/{RunDir.RESULT}"
 
 
-def runs_pvc(spec: ExperimentSpec) -> str | None:
-    """The PVC mounted into run pods: the spec's, or DEFAULT_RUNS_PVC when the spec names
-    neither a PVC nor an object store."""
-    storage = spec.cluster.storage
-    if storage.uri:
-        return None
-    return storage.pvc or DEFAULT_RUNS_PVC
+def runs_pvc(spec: ExperimentSpec) -> str:
+    """The PVC mounted into run pods: the spec's, or DEFAULT_RUNS_PVC when the spec names none."""
+    return spec.cluster.storage.pvc or DEFAULT_RUNS_PVC
 
 
 # --- MLflow ------------------------------------------------------------------------------
@@ -268,7 +260,7 @@ class _Shared:
     spec: ExperimentSpec
     owner: OwnerRef | None
     namespace: str
-    pvc: str | None
+    pvc: str
     env_tail: list[dict[str, Any]]  # the spec's variables, after the per-run ones
     env_from: list[dict[str, Any]]
     tolerations: list[dict[str, Any]]
@@ -386,7 +378,7 @@ def literal_env_value(value: str) -> str:
 def _env(run: PlannedRun, shared: _Shared) -> list[dict[str, Any]]:
     config = run.config
     spec = shared.spec
-    hf_home = f"{spec.cluster.storage.mount_path.rstrip('/')}/.cache/huggingface" if shared.pvc else "/tmp/huggingface"
+    hf_home = f"{spec.cluster.storage.mount_path.rstrip('/')}/.cache/huggingface"
     env: list[dict[str, Any]] = [
         {"name": "XSTILTS_EXPERIMENT", "value": literal_env_value(spec.name)},
         {"name": "XSTILTS_RUN_ID", "value": run.run_id},
@@ -414,8 +406,6 @@ def _spec_env(spec: ExperimentSpec) -> list[dict[str, Any]]:
     """The variables that come from the spec alone, the same for every run."""
     secrets = spec.cluster.secrets
     env: list[dict[str, Any]] = []
-    if spec.cluster.storage.uri:
-        env.append({"name": "XSTILTS_STORAGE_URI", "value": literal_env_value(pod_storage_root(spec))})
     if spec.mlflow.tracking_uri:
         env.append({"name": "MLFLOW_TRACKING_URI", "value": literal_env_value(spec.mlflow.tracking_uri)})
     if secrets.hf_token:
@@ -455,15 +445,14 @@ def _volumes(run: PlannedRun, shared: _Shared, name: str) -> tuple[list[dict[str
         {"name": "run-config", "configMap": {"name": name}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shared.shm_size(run)}},
         {"name": "tmp", "emptyDir": {}},
+        {"name": "runs", "persistentVolumeClaim": {"claimName": shared.pvc}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "run-config", "mountPath": RUN_CONFIG_DIR, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
         {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "runs", "mountPath": shared.spec.cluster.storage.mount_path},
     ]
-    if shared.pvc:
-        volumes.append({"name": "runs", "persistentVolumeClaim": {"claimName": shared.pvc}})
-        mounts.append({"name": "runs", "mountPath": shared.spec.cluster.storage.mount_path})
     return volumes, mounts
 
 

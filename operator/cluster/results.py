@@ -17,10 +17,9 @@ from xstilts.trainer.rundir import ResultMissing, ResultProblem, RunDir, read_re
 @dataclass
 class ResultStore:
     """Reads runs' result.json. Pods write them under the experiment's in-pod storage root
-    (`render.pod_storage_root`: `<mountPath>/<experiment>` or `<uri>/<experiment>`); the
-    controller mounts the same volume, at the same path by default, or at `results_dir`,
-    which then stands for the mount path (or for the object-store URI, e.g. a bucket
-    mounted with a FUSE driver).
+    (`render.pod_storage_root`: `<mountPath>/<experiment>`); the controller mounts the same
+    volume, at the same path by default, or at `results_dir`, which then stands for the
+    mount path.
 
     A result file is written once, atomically, and never changes: parsed results are
     cached, and only files not seen yet are looked for at each reconcile."""
@@ -28,17 +27,12 @@ class ResultStore:
     results_dir: Path | None = None
     _found: dict[str, ResultSummary] = field(default_factory=dict)
 
-    def path(self, spec: ExperimentSpec, run_id: str) -> Path | None:
-        """Where the controller finds a run's result.json; None if it cannot see it (an
-        object store and no --results-dir)."""
-        storage = spec.cluster.storage
-        base = storage.uri.rstrip("/") if storage.uri else storage.mount_path.rstrip("/")
+    def path(self, spec: ExperimentSpec, run_id: str) -> Path:
+        """Where the controller finds a run's result.json."""
         root = pod_storage_root(spec)
         if self.results_dir is not None:
-            relative = root[len(base):].lstrip("/")
+            relative = root[len(spec.cluster.storage.mount_path.rstrip("/")):].lstrip("/")
             root = str(self.results_dir / relative)
-        elif storage.uri:
-            return None
         return RunDir.at(root, run_id).result
 
     def read(self, spec: ExperimentSpec, plan: Plan) -> tuple[dict[str, ResultSummary], list[str]]:
@@ -48,8 +42,6 @@ class ResultStore:
         problems: list[str] = []
         for run in (*plan.runs, *plan.reserve):
             path = self.path(spec, run.run_id)
-            if path is None:
-                continue
             key = str(path)
             summary = self._found.get(key)
             if summary is None:

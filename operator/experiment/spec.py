@@ -426,23 +426,27 @@ POD_SYSTEM_DIRS = ("bin", "boot", "dev", "etc", "lib", "lib64", "opt", "proc", "
 _SYSTEM_MOUNT = rf"^/({'|'.join(POD_SYSTEM_DIRS)})(/|$)"
 _SYSTEM_MOUNT_MESSAGE = ("would hide or clash with the pod's own files; mount the runs volume at a directory of its"
                          " own, such as /data or /mnt/runs")
-_ONE_STORAGE: dict[str, Any] = {"rule": "!has(self.pvc) || !has(self.uri)",
-                               "message": "give either pvc or uri, not both"}
+# Run directories live on a mounted volume only: the trainer and the controller read and write
+# them as local paths, so an object-store URI would land in a relative directory of the pod and
+# be lost (docs/decisions/no-object-storage-yet.md). Refused here and, the same words, by the CRD.
+OBJECT_STORAGE_REFUSED = ("object storage is not supported yet (results and checkpoints would not reach it);"
+                          " drop cluster.storage.uri and use cluster.storage.pvc with a ReadWriteMany"
+                          " PersistentVolumeClaim, e.g. storage: {pvc: xstilts-runs, mountPath: /data}")
+_NO_URI: dict[str, Any] = {"rule": "!has(self.uri)", "fieldPath": ".uri", "message": OBJECT_STORAGE_REFUSED}
 
 
 class StorageSpec(_Spec):
     """Where checkpoints and results live in the cluster: a PersistentVolumeClaim mounted
-    into every pod, or an object-store URI (s3://bucket/prefix)."""
+    into every pod. `uri` (object storage) is refused until run directories can live there."""
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [_ONE_STORAGE]})
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [_NO_URI]})
 
     pvc: Annotated[str | None, _schema_name(253)] = None
     mount_path: Annotated[str, Field(
         pattern=rf"^(?:/{_S3_SEGMENT})+$", max_length=256,
         json_schema_extra={"x-kubernetes-validations": [{"rule": f"!self.matches('{_SYSTEM_MOUNT}')",
                                                           "message": _SYSTEM_MOUNT_MESSAGE}]})] = "/data"
-    uri: Annotated[str | None, Field(pattern=rf"^s3://[a-z0-9.-]{{3,63}}(?:/{_S3_SEGMENT})*/?$",
-                                     max_length=1024)] = None
+    uri: Annotated[str | None, Field(max_length=1024)] = None
 
     @field_validator("pvc")
     @classmethod
@@ -456,11 +460,12 @@ class StorageSpec(_Spec):
             raise ValueError(f"{shown_value(v)}: {_SYSTEM_MOUNT_MESSAGE}")
         return v
 
-    @model_validator(mode="after")
-    def _one(self) -> StorageSpec:
-        if self.pvc is not None and self.uri is not None:
-            raise ValueError(_ONE_STORAGE["message"])
-        return self
+    @field_validator("uri")
+    @classmethod
+    def _no_object_storage(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise ValueError(OBJECT_STORAGE_REFUSED)
+        return v
 
 
 # What each Secret reference holds, for the message that sends a pasted value to the right field.

@@ -384,17 +384,17 @@ def test_result_paths_map_the_pods_storage_to_the_results_dir(tmp_path: Path) ->
     rid = p.runs[0].run_id
     assert ResultStore().path(spec, rid) == Path(f"/data/tiny/runs/{rid}/result.json")
     assert ResultStore(tmp_path).path(spec, rid) == tmp_path / "tiny" / "runs" / rid / "result.json"
-    s3 = spec.model_copy(update={"cluster": spec.cluster.model_copy(update={
-        "storage": spec.cluster.storage.model_copy(update={"uri": "s3://bucket/prefix"})})})
-    assert ResultStore().path(s3, rid) is None  # an object store the controller cannot see
-    assert ResultStore(tmp_path).path(s3, rid) == tmp_path / "tiny" / "runs" / rid / "result.json"
+    elsewhere = spec.model_copy(update={"cluster": spec.cluster.model_copy(update={
+        "storage": spec.cluster.storage.model_copy(update={"mount_path": "/mnt/runs"})})})
+    assert ResultStore().path(elsewhere, rid) == Path(f"/mnt/runs/tiny/runs/{rid}/result.json")
+    assert ResultStore(tmp_path).path(elsewhere, rid) == tmp_path / "tiny" / "runs" / rid / "result.json"
 
 
 def test_result_store_reads_caches_and_reports_bad_files(tmp_path: Path) -> None:
     spec, p = tiny()
     store = ResultStore(tmp_path)
     target = next(r for r in p.runs if r.labels.target is not None)
-    write_result(store.path(spec, target.run_id), target)  # type: ignore[arg-type]
+    write_result(store.path(spec, target.run_id), target)
     found, problems = store.read(spec, p)
     assert list(found) == [target.run_id] and problems == []
     assert found[target.run_id].scores == {"de": 0.6, "en": 0.8, "avg": pytest.approx(0.7)}
@@ -411,7 +411,7 @@ def test_result_store_reads_caches_and_reports_bad_files(tmp_path: Path) -> None
     write_result(bad, target)  # another run's record in this run's directory
     assert store.read(spec, p)[1] == [f"{bad}: holds the result of run {target.run_id}, not {other.run_id}"]
 
-    store.path(spec, target.run_id).unlink()  # type: ignore[union-attr]
+    store.path(spec, target.run_id).unlink()
     assert target.run_id not in store.read(spec, p)[0]
 
 

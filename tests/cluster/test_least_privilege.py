@@ -226,15 +226,16 @@ def test_every_rendered_run_pod_is_restricted_and_holds_no_api_token(example: st
 
 
 def test_multi_node_cpu_and_queued_runs_are_restricted_too() -> None:
-    """The shapes the examples may not cover: multi-node (ports, a subdomain), CPU-only, an
-    object store instead of a volume, a Kueue queue."""
+    """The shapes the examples may not cover: multi-node (ports, a subdomain), CPU-only, a
+    runs volume of its own with the s3 Secret, a Kueue queue."""
     spec = ExperimentSpec.model_validate({
         "name": "shapes",
         "models": [{"name": "cpu", "pretrained": "org/cpu", "resources": {"gpus": 0, "processesPerNode": 2}},
                    {"name": "big", "pretrained": "org/big", "parameters": 10**10,
                     "resources": {"gpus": 8, "nodes": 2, "zeroStage": 3}}],
         "targets": ["xnli"],
-        "cluster": {"queue": "gpu", "storage": {"uri": "s3://bucket/prefix"}, "secrets": {"s3": "s3-credentials"}},
+        "cluster": {"queue": "gpu", "storage": {"pvc": "team-runs", "mountPath": "/mnt/runs"},
+                    "secrets": {"s3": "s3-credentials"}},
     })
     jobs = [o for o in render_experiment(plan(spec), spec) if o["kind"] == "Job"]
     assert {j["spec"]["completions"] for j in jobs} == {1, 2}

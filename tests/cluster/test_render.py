@@ -217,14 +217,16 @@ def spec_with(**cluster: Any) -> tuple[ExperimentSpec, Plan]:
     return spec, plan(spec)
 
 
-def test_object_store_runs_get_the_uri_and_the_s3_secret_but_no_volume() -> None:
-    spec, p = spec_with(storage={"uri": "s3://xstilts-runs/study"}, secrets={"s3": "s3-creds"})
+def test_the_specs_own_volume_and_mount_path_reach_the_pod_and_the_s3_secret_is_loaded_whole() -> None:
+    spec, p = spec_with(storage={"pvc": "team-runs", "mountPath": "/mnt/runs"}, secrets={"s3": "s3-creds"})
     config_map, job = render_run(p.runs[0], spec)
     validate(job)
-    assert json.loads(config_map["data"]["run.json"])["storage_root"] == "s3://xstilts-runs/study/mini"
-    assert env_of(job)["XSTILTS_STORAGE_URI"]["value"] == "s3://xstilts-runs/study/mini"
+    assert json.loads(config_map["data"]["run.json"])["storage_root"] == "/mnt/runs/mini"
+    assert env_of(job)["HF_HOME"]["value"] == "/mnt/runs/.cache/huggingface"
     assert {"secretRef": {"name": "s3-creds"}} in container(job)["envFrom"]
-    assert all("persistentVolumeClaim" not in v for v in job["spec"]["template"]["spec"]["volumes"])
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["runs"]["persistentVolumeClaim"]["claimName"] == "team-runs"
+    assert {m["name"]: m for m in container(job)["volumeMounts"]}["runs"]["mountPath"] == "/mnt/runs"
 
 
 @pytest.mark.parametrize(("memory", "processes", "expected"), [
@@ -425,8 +427,8 @@ def test_user_strings_never_reach_a_shell_or_variable_expansion() -> None:
 # --- every byte pinned -----------------------------------------------------------------------
 
 
-def object_store_spec() -> tuple[ExperimentSpec, Plan]:
-    """What the examples do not cover: object-store storage with its secret, a CPU model and a
+def uncommon_spec() -> tuple[ExperimentSpec, Plan]:
+    """What the examples do not cover: a runs volume of its own with the s3 secret, a CPU model and a
     multi-node one, a name that needs a prefix, a deadline, no TTL and a URI the kubelet
     would expand."""
     spec = ExperimentSpec.model_validate({
@@ -437,7 +439,8 @@ def object_store_spec() -> tuple[ExperimentSpec, Plan]:
         "intermediateTasks": ["mnli", "squad_v2"],
         "targets": ["xnli", "pawsx"],
         "mlflow": {"trackingUri": "http://mlflow/$(HF_TOKEN)"},
-        "cluster": {"storage": {"uri": "s3://bucket/study/"}, "secrets": {"s3": "s3-creds", "mlflow": "ml"},
+        "cluster": {"storage": {"pvc": "team-runs", "mountPath": "/mnt/runs"},
+                    "secrets": {"s3": "s3-creds", "mlflow": "ml"},
                     "activeDeadlineSeconds": 600, "ttlSecondsAfterFinished": None},
     })
     return spec, plan(spec)
@@ -451,14 +454,14 @@ RENDER_DIGESTS = {
     "phang2020": "ac5a6902cb1bace1b2a156b0e0cd4f8585103a526ea7c872849f5234243dbaed",
     "scaling": "0bed3b28f846542bdac8bc7ba945e990d9e93ca660d6ddbc26e91d64a58fc8e7",
     "scaling-no-owner": "9a25a86cbf3e4a7d29408f70dd596f37d91633b506c5c15cf0f849ac1b5d8efe",
-    "object-store": "c0a1d0b65ac565c37a9490852f6c1d8bc336d3bce34a94c262c8e5f871ce8725",
+    "uncommon": "f996fa37c8f820d9938686130bbffb5fa11f98644f4306efdaded8bc4b7fabf1",
 }
 
 
 def rendered_digest(case: str) -> str:
     owner: OwnerRef | None = OWNER
-    if case == "object-store":
-        spec, p = object_store_spec()
+    if case == "uncommon":
+        spec, p = uncommon_spec()
         owner = OwnerRef(apiVersion="xstilts.dev/v1alpha1", kind="Experiment", name="x", uid="u", namespace="ns")
     else:
         spec, p = load(case.removesuffix("-no-owner"))

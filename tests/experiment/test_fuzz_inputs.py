@@ -94,7 +94,6 @@ SPEC: dict[str, Any] = {
     "mlflow": {"trackingUri": "http://mlflow:5000", "experimentName": "fuzz"},
     "planning": {"maxRuns": 100},
 }
-S3_SPEC: dict[str, Any] = {**SPEC, "cluster": {**SPEC["cluster"], "storage": {"uri": "s3://bucket/prefix"}}}
 # As the controller receives it from the API server: with the metadata the server adds.
 EXPERIMENT: dict[str, Any] = {
     "apiVersion": "xstilts.dev/v1alpha1", "kind": "Experiment",
@@ -106,7 +105,7 @@ EXPERIMENT: dict[str, Any] = {
     "spec": SPEC,
     "status": {"phase": "Running"},
 }
-STARTS = {"spec": SPEC, "s3 spec": S3_SPEC, "Experiment": EXPERIMENT}
+STARTS = {"spec": SPEC, "Experiment": EXPERIMENT}
 
 Path_ = tuple[str | int, ...]
 
@@ -256,8 +255,7 @@ def check_accepted(spec: ExperimentSpec) -> None:
     owner = OwnerRef(api_version="xstilts.dev/v1alpha1", kind="Experiment", name=spec.name, uid="u-1",
                      namespace="research")
     pod_root = pod_storage_root(spec)
-    storage = spec.cluster.storage
-    assert within(pod_root, storage.uri.rstrip("/") if storage.uri else storage.mount_path)
+    assert within(pod_root, spec.cluster.storage.mount_path)
     objects = render_experiment(p, spec, owner)
     for obj in objects:
         meta = obj["metadata"]
@@ -396,13 +394,16 @@ def test_path_traversal_is_rejected_or_stays_inside_the_storage_root(field: str,
                                                                                  ("tmp",), ())
 
 
-@pytest.mark.parametrize("value", [*TRAVERSAL, "s3://bucket", "s3://bucket/a/b", "s3://Bucket/x", "s3://b/x"])
-def test_object_store_uri_traversal(value: str) -> None:
-    doc = copy.deepcopy(S3_SPEC)
+@pytest.mark.parametrize("value", [*TRAVERSAL, "", "s3://bucket", "s3://bucket/a/b", "gs://b/x"])
+def test_any_object_store_uri_is_refused_naming_the_field_and_the_fix(value: str) -> None:
+    doc = copy.deepcopy(SPEC)
     replace(doc, ("cluster", "storage", "uri"), value)
-    spec = check_document(doc)
-    if spec is not None:
-        assert value.startswith("s3://") and ".." not in value and "%" not in value
+    with pytest.raises(SpecError) as refused:
+        parse_document(doc)
+    check_rejection(refused.value)
+    (problem,) = refused.value.problems
+    assert problem.startswith("cluster.storage.uri: object storage is not supported yet")
+    assert "cluster.storage.pvc" in problem and "ReadWriteMany" in problem
 
 
 # --- grid size ---------------------------------------------------------------------------------
@@ -491,6 +492,22 @@ def test_cli_validate_and_plan_reject_bad_documents_with_exit_2(tmp_path: Path, 
         assert code == 2 and isinstance(exception, SystemExit), (command, output, exception)
         assert "Traceback" not in output
         assert any(line.startswith("  - ") for line in output.splitlines()), output
+
+
+def test_cli_refuses_object_storage_with_exit_2_naming_the_field_and_the_fix(tmp_path: Path) -> None:
+    """Runs would write an s3:// storage root to a relative local path and lose it: refused, in
+    every command that reads a spec, before anything is planned or sent."""
+    doc = copy.deepcopy(SPEC)
+    doc["cluster"]["storage"] = {"uri": "s3://bucket/prefix"}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    for command in (["validate", str(path)], ["plan", str(path)], ["submit", "--dry-run", str(path)]):
+        code, output, exception = cli(command)
+        assert code == 2 and isinstance(exception, SystemExit), (command, output, exception)
+        assert "Traceback" not in output
+        (problem,) = [line for line in output.splitlines() if line.startswith("  - ")]
+        assert problem.startswith("  - cluster.storage.uri: object storage is not supported yet"), output
+        assert "use cluster.storage.pvc with a ReadWriteMany PersistentVolumeClaim" in problem
 
 
 # Documents that break the YAML reader itself rather than the spec.

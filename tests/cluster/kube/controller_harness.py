@@ -200,10 +200,11 @@ class ControllerProcess:
 def small_experiment(name: str, namespace: str, *, seeds: Iterable[int] = (1, 2),
                      intermediates: Iterable[str] = ("mnli",), targets: Iterable[str] = ("xnli",),
                      max_parallel: int = 3, models: int = 1, ttl: int | None = None) -> dict[str, Any]:
-    """An Experiment object: one-GPU runs, results in an object store (no PVC needed; the
-    controller reads them from --results-dir)."""
+    """An Experiment object: one-GPU runs, results on the runs volume (kwok runs no pods, so the
+    PVC need not exist; the controller reads results from --results-dir)."""
     cluster: dict[str, Any] = {"namespace": namespace, "maxParallel": max_parallel,
-                               "storage": {"uri": "s3://xstilts-test/runs"}, "image": "registry.invalid/trainer:test"}
+                               "storage": {"pvc": "xstilts-runs", "mountPath": "/data"},
+                               "image": "registry.invalid/trainer:test"}
     if ttl is not None:
         cluster["ttlSecondsAfterFinished"] = ttl
     return {
@@ -277,7 +278,6 @@ class ResultWriter:
                            parameter_count=run.labels.model_parameters or 1, tokens_seen=1000, train_steps=10,
                            wall_seconds=60.0, tokens_per_second=100.0, finished_at=datetime.now(UTC).isoformat())
         path = self.store.path(self.spec, run_id)
-        assert path is not None
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(result.model_dump_json())
@@ -304,13 +304,12 @@ class Env:
     results: Path
     tmp: Path
 
-    def controller(self, identity: str = "controller-a", *, sees_results: bool = True,
-                   kubeconfig: Path | None = None, **kwargs: Any) -> ControllerProcess:
+    def controller(self, identity: str = "controller-a", *, kubeconfig: Path | None = None,
+                   **kwargs: Any) -> ControllerProcess:
         """A controller as the ServiceAccount; `kubeconfig` to reach the API another way
         (through a faulty_api.FaultyAPI)."""
-        return ControllerProcess(kubeconfig or self.kubeconfig, self.namespace,
-                                 self.results if sees_results else None, self.tmp / f"{identity}.log",
-                                 identity=identity, **kwargs)
+        return ControllerProcess(kubeconfig or self.kubeconfig, self.namespace, self.results,
+                                 self.tmp / f"{identity}.log", identity=identity, **kwargs)
 
     def apply(self, obj: dict[str, Any]) -> str:
         path = self.tmp / f"{obj['metadata']['name']}.yaml"

@@ -189,8 +189,13 @@ def test_job_deleted_by_hand_is_recreated_unless_its_run_finished(env: Env) -> N
 def test_deleting_the_experiment_garbage_collects_its_jobs(env: Env) -> None:
     obj = small_experiment("gc", env.namespace, seeds=(1, 2), max_parallel=3)
     env.apply(obj)
-    with env.controller():
+    metrics_port = free_port()
+    with env.controller(extra=[f"--metrics-port={metrics_port}"]) as controller:
         env.cp.wait_for(lambda: len(list_jobs(env.cp, env.namespace, "gc")) >= 3, timeout=60, what="Jobs")
+        # /metrics on its own port when asked; health stays on the health port.
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+            assert "xstilts_leader 1" in resp.read().decode()
+        assert controller.get("/metrics")[0] == 404 and controller.get("/healthz")[0] == 200
         deleted = env.xstilts("delete", "gc", "-n", env.namespace)
         assert deleted.returncode == 0, deleted.stderr
         assert "experiment.xstilts.dev/gc deleted" in deleted.stdout
@@ -449,21 +454,3 @@ def test_a_failed_phase_2_run_blocks_its_dependants_until_retried(env: Env) -> N
                         timeout=30, what="the failed run's Job created again")
         controller.assert_calls_declared()
 
-
-def test_a_controller_that_cannot_see_the_results_says_so(env: Env) -> None:
-    obj = small_experiment("blind", env.namespace, seeds=(1,))  # results in s3://, no --results-dir
-    env.apply(obj)
-    metrics_port = free_port()
-    with env.controller(sees_results=False, extra=[f"--metrics-port={metrics_port}"]) as controller:
-        env.cp.wait_for(lambda: events(env.cp, env.namespace, "ResultsUnreachable"), timeout=60,
-                        what="a ResultsUnreachable Event")
-        # /metrics on its own port when asked; health stays on the health port.
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
-            assert "xstilts_leader 1" in resp.read().decode()
-        assert controller.get("/metrics")[0] == 404 and controller.get("/healthz")[0] == 200
-        time.sleep(6)  # past a resync: said once
-        (warning,) = events(env.cp, env.namespace, "ResultsUnreachable")
-        assert warning["type"] == "Warning" and int(warning.get("count") or 1) == 1
-        assert warning["message"].startswith("runs write their results to s3://xstilts-test/runs, which this"
-                                             " controller cannot read: mount it and run the controller with"
-                                             " --results-dir")

@@ -72,7 +72,7 @@ def test_510_runs_on_50_gpu_nodes_converge(env: Env, gpu_nodes: list[str], contr
             "targets": ["xnli", "pawsx"],
             "seeds": list(range(1, 16)),
             "cluster": {"namespace": env.namespace, "maxParallel": MAX_PARALLEL, "image": "registry.invalid/t:1",
-                        "storage": {"uri": "s3://xstilts-test/runs"}},
+                        "storage": {"pvc": "xstilts-runs", "mountPath": "/data"}},
         },
     }
     _, plan = planned(obj)

@@ -10,7 +10,13 @@ from typing import Any
 import pytest
 from kube_cluster import ApiError
 from xstilts.operator.cluster.crd import crd
-from xstilts.operator.experiment.spec import SpecError, load_spec_text, parse_document, to_object
+from xstilts.operator.experiment.spec import (
+    OBJECT_STORAGE_REFUSED,
+    SpecError,
+    load_spec_text,
+    parse_document,
+    to_object,
+)
 
 BASE = to_object(load_spec_text((Path(__file__).resolve().parents[3] / "examples" / "phang2020.yaml").read_text()),
                  "default")
@@ -21,7 +27,8 @@ MUTATIONS: list[tuple[tuple[Any, ...], Any]] = [
     (("data",), {"mnli": "/a/../b"}), (("data",), {"squad_v2": "/a/b"}),
     (("cluster", "storage"), {"pvc": "x", "mountPath": "/etc"}),
     (("cluster", "storage"), {"pvc": "x", "mountPath": "/mnt/r"}),
-    (("cluster", "storage"), {"pvc": "x", "uri": "s3://bucket/x"}), (("hyperparameters", "perModel"), {"nope": {}}),
+    (("cluster", "storage"), {"pvc": "x", "uri": "s3://bucket/x"}), (("cluster", "storage"), {"uri": "s3://b/x"}),
+    (("cluster", "storage"), {"pvc": "x", "uri": None}), (("hyperparameters", "perModel"), {"nope": {}}),
     (("hyperparameters", "perTask"), {"nope": {}}), (("evalLanguages",), {"xnli": ["klingon"]}),
     (("cluster", "ttlSecondsAfterFinished"), 99999999999), (("cluster", "queue"), "q\n"),
     (("cluster", "nodeSelector"), {"k\n": "v"}), (("cluster", "image"), "a:b:c"),
@@ -86,3 +93,15 @@ def test_the_crd_and_pydantic_agree_on_hostile_mutations(control_plane: Any) -> 
         if ours != theirs:
             disagreements.append((case, ours, theirs))
     assert not disagreements
+
+
+@pytest.mark.slow
+def test_the_api_server_refuses_object_storage_naming_the_field_and_the_fix(control_plane: Any) -> None:
+    control_plane.apply(crd())
+    control_plane.wait_for(lambda: control_plane.exists("/apis/xstilts.dev/v1alpha1/experiments"), timeout=60)
+    with pytest.raises(ApiError) as refused:
+        control_plane.api("POST", "/apis/xstilts.dev/v1alpha1/namespaces/default/experiments?dryRun=All",
+                          mutated(("cluster", "storage"), {"uri": "s3://bucket/prefix"}))
+    assert refused.value.status == 422
+    assert "spec.cluster.storage.uri: Invalid value" in refused.value.body
+    assert OBJECT_STORAGE_REFUSED in refused.value.body
