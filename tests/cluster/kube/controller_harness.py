@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 from kube_cluster import ControlPlane
 from xstilts.operator.cluster.controller import API_CALLS
-from xstilts.operator.cluster.render import RUN_ID_LABEL, experiment_selector, pod_storage_root
+from xstilts.operator.cluster.render import DEFAULT_RUNS_PVC, RUN_ID_LABEL, experiment_selector, pod_storage_root
 from xstilts.operator.cluster.results import ResultStore
 from xstilts.operator.cluster.runtime.prometheus import parse_exposition
 from xstilts.operator.experiment.plan import Plan, plan
@@ -200,10 +200,10 @@ class ControllerProcess:
 def small_experiment(name: str, namespace: str, *, seeds: Iterable[int] = (1, 2),
                      intermediates: Iterable[str] = ("mnli",), targets: Iterable[str] = ("xnli",),
                      max_parallel: int = 3, models: int = 1, ttl: int | None = None) -> dict[str, Any]:
-    """An Experiment object: one-GPU runs, results on the runs volume (kwok runs no pods, so the
-    PVC need not exist; the controller reads results from --results-dir)."""
+    """An Experiment object: one-GPU runs, results on the runs volume (`runs_volume`; the
+    controller reads them from --results-dir)."""
     cluster: dict[str, Any] = {"namespace": namespace, "maxParallel": max_parallel,
-                               "storage": {"pvc": "xstilts-runs", "mountPath": "/data"},
+                               "storage": {"pvc": DEFAULT_RUNS_PVC, "mountPath": "/data"},
                                "image": "registry.invalid/trainer:test"}
     if ttl is not None:
         cluster["ttlSecondsAfterFinished"] = ttl
@@ -321,10 +321,30 @@ class Env:
         return xstilts(*args, kubeconfig=self.cp.kubeconfig)
 
 
+def runs_volume(cp: ControlPlane, namespace: str) -> None:
+    """The PVC DEFAULT_RUNS_PVC in `namespace`, bound to a PersistentVolume of its own: the
+    scheduler places no pod whose claim is missing or unbound. kwok runs no container, so
+    the volume's hostPath is never used; results go to the Env's `results` directory."""
+    volume = f"runs-{namespace}"
+    cp.api("POST", "/api/v1/persistentvolumes", {
+        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": volume},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "",
+                 "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": f"/tmp/{volume}"},
+                 "claimRef": {"namespace": namespace, "name": DEFAULT_RUNS_PVC}}})
+    cp.api("POST", f"/api/v1/namespaces/{namespace}/persistentvolumeclaims", {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": DEFAULT_RUNS_PVC},
+        "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": volume,
+                 "resources": {"requests": {"storage": "1Gi"}}}})
+    cp.wait_for(lambda: (cp.api("GET", f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{DEFAULT_RUNS_PVC}")
+                         .get("status") or {}).get("phase") == "Bound", timeout=60, what="the runs PVC bound")
+
+
 def make_env(control_plane: ControlPlane, k8s_namespace: str, tmp_path: Path) -> Env:
-    """A test's namespace with the CRD installed, the controller's RBAC and kubeconfig."""
+    """A test's namespace with the CRD installed, the controller's RBAC and kubeconfig, and a
+    bound runs PVC."""
     install_crd(control_plane)
     kubeconfig = controller_kubeconfig(control_plane, k8s_namespace, tmp_path / "controller.kubeconfig")
+    runs_volume(control_plane, k8s_namespace)
     results = tmp_path / "results"
     results.mkdir()
     return Env(control_plane, k8s_namespace, kubeconfig, results, tmp_path)
