@@ -26,6 +26,7 @@ Checked against transformers 5.24.0:
 from __future__ import annotations
 
 import contextlib
+import dis
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,12 +72,25 @@ def seam_problem(trainer_class: type, seam: Seam) -> str | None:
         if missing:
             return f"Trainer.{seam.name} no longer takes {', '.join(missing)} (signature {inspect.signature(method)})"
         return None
-    # The attributes are set inside the training loop, not in __init__: look for them in the
-    # class's source, where the loop assigns them.
-    source = inspect.getsource(trainer_class)
-    if f"self.{seam.name} =" not in source:
+    # The attributes are set inside the training loop, not in __init__: look for the loop's
+    # assignment in the bytecode of the class's methods. (Reading the class's source with
+    # inspect.getsource costs about a second per run; the bytecode takes milliseconds.)
+    if not assigns_attribute(trainer_class, seam.name):
         return f"Trainer no longer assigns self.{seam.name}"
     return None
+
+
+def assigns_attribute(cls: type, name: str) -> bool:
+    """Whether a method of `cls` or of its bases stores the attribute `name` (`x.name = ...`)."""
+    codes = [f.__code__ for klass in cls.__mro__ for f in vars(klass).values() if inspect.isfunction(f)]
+    while codes:
+        code = codes.pop()
+        codes.extend(c for c in code.co_consts if inspect.iscode(c))  # nested functions, comprehensions
+        # co_names holds every attribute the code touches: disassemble only the few that touch it
+        if name in code.co_names and any(i.opname == "STORE_ATTR" and i.argval == name
+                                         for i in dis.get_instructions(code)):
+            return True
+    return False
 
 
 def check_hf_seams(trainer_class: type | None = None) -> list[str]:

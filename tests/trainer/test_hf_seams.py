@@ -12,7 +12,7 @@ import xstilts.trainer
 from fixtures.tiny_hub import TinyHub, tiny_run_config
 from transformers import Trainer
 from xstilts.trainer.batch_plan import InvalidRun
-from xstilts.trainer.hf_seams import SEAMS, Seam, SeamTrainer, check_hf_seams, seam_problem
+from xstilts.trainer.hf_seams import SEAMS, Seam, SeamTrainer, assigns_attribute, check_hf_seams, seam_problem
 from xstilts.trainer.loop import StiltsTrainer
 from xstilts.trainer.rundir import RunDir
 from xstilts.trainer.train import ALLOW_MISSING_SEAMS, run
@@ -93,3 +93,19 @@ def test_a_missing_seam_refuses_the_run_and_degrades_only_when_allowed(
     assert result.metrics and RunDir.of(config).result.exists()
     assert any("degraded: Trainer._a_method_this_transformers_lacks no longer exists" in r.getMessage()
                for r in caplog.records)
+
+
+def test_an_attribute_counts_as_assigned_only_where_a_method_stores_it() -> None:
+    class Loop:
+        def train(self) -> None:
+            def step() -> None:
+                self.stored_in_a_closure = 1
+            step()
+            print(self.only_read)
+
+    class Subclass(Loop):
+        pass
+
+    assert assigns_attribute(Subclass, "stored_in_a_closure")
+    assert not assigns_attribute(Subclass, "only_read")
+    assert assigns_attribute(Trainer, "_tr_loss")
