@@ -1029,7 +1029,9 @@ class _SpecLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignor
         seen: set[object] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
-            if isinstance(key, str | int) and key in seen:
+            if not isinstance(key, str | int):  # a list or mapping as a key: the reader refuses it below
+                continue
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {shown_value(str(key))}: keep one of them", key_node.start_mark)
             seen.add(key)

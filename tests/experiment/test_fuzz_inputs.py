@@ -523,6 +523,8 @@ UNREADABLE = {
     "a directory": None,
     "tabs": b"\t\t",
     "two documents": b"name: a\n---\nname: b\n",
+    "a list as a key": b"? [a]\n: 1\n",
+    "a mapping as a key": b"? name: x\n",
 }
 
 
