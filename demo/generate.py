@@ -232,7 +232,7 @@ class DataSizes:
 
     xnli_train: int = 1000
     pawsx_train: int = 1000
-    target_eval: int = 200  # per language, for validation and for test
+    target_eval: int = 100  # per language, for validation and for test (each evaluation scores both)
     mnli_train: int = 3000
     hellaswag_train: int = 1500
     intermediate_eval: int = 300
