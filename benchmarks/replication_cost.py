@@ -11,12 +11,23 @@ count whose worst cell is at least as precise as the worst cell under replicatio
 on the same simulated scores. It prints the runs, GPU-hours and their ratios.
 
 Per-cell seed variances: the paired (same seed, with and without the intermediate task)
-standard deviations of the gain, in points. Issue 14 reports those of the demo's cells as
-0.3 to 2 points; each cell here draws its standard deviation log-uniformly from that range
-(fixed RNG seed), since a cell's spread is a property of its model and task pair and the
-demo has no XLM-R-sized cells to measure. Per-seed gains are normal around +2 points.
+standard deviations of the gain, in points, as a dict per cell. With `--spreads-from DIR` (the
+output directory of a finished `xstilts run examples/demo.yaml`, e.g. xstilts-out/demo) they
+are measured from the demo's own results: each cell's paired differences of the language
+average, the quantity reconcile judges. Without it, each cell draws its standard deviation
+log-uniformly from 0.3 to 2 points (fixed RNG seed). Per-seed gains are normal around +2 points.
 
-    python benchmarks/replication_cost.py [--experiments 40] [--target 1.0] [--min-seeds 3] [--max-seeds 10]
+Two halves:
+- `--spec examples/scaling.yaml` (default): the scaling study by simulation; its 32 cells draw
+  their standard deviations from the demo's 18 measured ones (a fixed RNG seed picks which),
+  since the demo has no XLM-R-sized cells to measure.
+- `--spec examples/demo.yaml`: the demo world itself, each cell with its own measured standard
+  deviation, simulated as above; with `--spreads-from`, also the real run: the runs it took
+  against the fixed seed count whose every cell, at its measured spread, reaches the real run's
+  worst half-width.
+
+    python benchmarks/replication_cost.py [--spec examples/scaling.yaml] [--spreads-from xstilts-out/demo]
+        [--experiments 40] [--target 1.0] [--min-seeds 3] [--max-seeds 10]
 """
 
 from __future__ import annotations
@@ -24,24 +35,71 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import statistics
 from pathlib import Path
 
 import yaml
 from xstilts.operator.cluster.reconcile import ResultSummary, replicated, replication_cells
 from xstilts.operator.experiment.plan import Plan, plan
 from xstilts.operator.experiment.spec import BASELINE, ExperimentSpec
-from xstilts.operator.report.stats import gain_interval
+from xstilts.operator.report.build import AVG
+from xstilts.operator.report.stats import gain_interval, t_quantile
 from xstilts.trainer.config import Stage
+from xstilts.trainer.rundir import read_result
 
-SPREAD_POINTS = (0.3, 2.0)  # paired seed standard deviations of the demo's cells (issue 14)
+SPREAD_POINTS = (0.3, 2.0)  # without --spreads-from: the range issue 14 quoted for the demo's cells
 MEAN_GAIN_POINTS = 2.0
 
 
-def scaling_spec(target: float, min_seeds: int, max_seeds: int) -> ExperimentSpec:
-    raw = yaml.safe_load(Path("examples/scaling.yaml").read_text(encoding="utf-8"))["spec"]
+def load_spec(path: Path, target: float | None, min_seeds: int | None, max_seeds: int | None) -> ExperimentSpec:
+    """The spec (bare or a kind: Experiment) with `replication:` from the arguments; a bound
+    left out keeps the spec's own (examples/demo.yaml has one)."""
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    raw = raw.get("spec", raw)
     raw.pop("seeds", None)
-    raw["replication"] = {"targetHalfWidth": target, "minSeeds": min_seeds, "maxSeeds": max_seeds}
+    own = raw.get("replication") or {"targetHalfWidth": 1.0, "minSeeds": 3, "maxSeeds": 10}
+    raw["replication"] = {"targetHalfWidth": own["targetHalfWidth"] if target is None else target,
+                          "minSeeds": own.get("minSeeds", 3) if min_seeds is None else min_seeds,
+                          "maxSeeds": own.get("maxSeeds", 10) if max_seeds is None else max_seeds}
     return ExperimentSpec.model_validate(raw)
+
+
+Cell = tuple[str, str, str]  # model, intermediate arm, target
+
+
+def measured_differences(out_dir: Path) -> dict[Cell, dict[int, float]]:
+    """Per cell, seed -> paired difference (arm − baseline) of the language average, in points,
+    from the result.json files of a finished run under `out_dir`."""
+    scores: dict[tuple[str, str, str, int], float] = {}
+    for path in sorted(out_dir.glob("runs/*/result.json")):
+        result = read_result(path)
+        if result.config.stage is not Stage.TARGET:
+            continue
+        labels = result.config.labels
+        average = ResultSummary.from_result(result).scores.get(AVG)
+        if average is not None:
+            scores[(labels.model, labels.intermediate, labels.target or "", result.config.seed)] = 100 * average
+    diffs: dict[Cell, dict[int, float]] = {}
+    for (model, arm, target, seed), score in scores.items():
+        base = scores.get((model, BASELINE, target, seed))
+        if arm != BASELINE and base is not None:
+            diffs.setdefault((model, arm, target), {})[seed] = score - base
+    return diffs
+
+
+def measured_spreads(out_dir: Path) -> dict[Cell, float]:
+    found = {cell: statistics.stdev(d.values()) for cell, d in measured_differences(out_dir).items() if len(d) >= 2}
+    if not found:
+        raise SystemExit(f"{out_dir}: no cell with two paired seeds among its runs/*/result.json")
+    return found
+
+
+def fixed_seeds_for(spreads: dict[Cell, float], half_width: float, most: int = 50) -> int:
+    """The fewest seeds n with t(0.975, n−1)·sd/√n ≤ half_width in every cell."""
+    for n in range(2, most + 1):
+        if all(t_quantile(0.975, n - 1) * sd / math.sqrt(n) <= half_width for sd in spreads.values()):
+            return n
+    return most
 
 
 def simulate(spec: ExperimentSpec, p: Plan, spreads: dict[tuple[str, str, str], float],
@@ -79,19 +137,38 @@ def worst_half_width(diffs: dict[tuple[str, str, str], list[float]], n: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spec", type=Path, default=Path("examples/scaling.yaml"))
+    parser.add_argument("--spreads-from", type=Path, default=None,
+                        help="a finished demo run's output directory: per-cell seed spreads measured there")
     parser.add_argument("--experiments", type=int, default=40)
-    parser.add_argument("--target", type=float, default=1.0)
-    parser.add_argument("--min-seeds", type=int, default=3)
-    parser.add_argument("--max-seeds", type=int, default=10)
+    parser.add_argument("--target", type=float, default=None, help="default: the spec's, else 1.0")
+    parser.add_argument("--min-seeds", type=int, default=None, help="default: the spec's, else 3")
+    parser.add_argument("--max-seeds", type=int, default=None, help="default: the spec's, else 10")
     args = parser.parse_args()
-    spec = scaling_spec(args.target, args.min_seeds, args.max_seeds)
+    spec = load_spec(args.spec, args.target, args.min_seeds, args.max_seeds)
+    rep = spec.replication
+    assert rep is not None
     p = plan(spec)
     cells = [(m.name, arm, t) for m in spec.models for arm in spec.intermediates for t in spec.targets]
     per_seed_runs = len([r for r in (*p.runs, *p.reserve) if r.config.seed == 1])
     per_seed_gpu_h = sum(r.gpu_hours or 0.0 for r in (*p.runs, *p.reserve) if r.config.seed == 1)
     rng = random.Random(14)
-    lo, hi = SPREAD_POINTS
-    spreads = {c: math.exp(rng.uniform(math.log(lo), math.log(hi))) for c in cells}
+    if args.spreads_from is None:
+        lo, hi = SPREAD_POINTS
+        spreads = {c: math.exp(rng.uniform(math.log(lo), math.log(hi))) for c in cells}
+        source = f"per-cell paired seed SD {lo:g}-{hi:g} points (log-uniform)"
+    else:
+        demo = measured_spreads(args.spreads_from)
+        if all(c in demo for c in cells):  # the demo world: each cell its own
+            spreads = {c: demo[c] for c in cells}
+            source = f"per-cell paired seed SD measured in {args.spreads_from} (each cell its own)"
+        else:  # another grid: its cells draw from the demo's measured spreads
+            pool = [demo[c] for c in sorted(demo)]
+            spreads = {c: rng.choice(pool) for c in cells}
+            source = f"per-cell paired seed SD drawn from the {len(pool)} measured in {args.spreads_from}"
+        values = sorted(demo.values())
+        print(f"measured paired seed SD over {len(values)} demo cells: min {values[0]:.2f},"
+              f" median {statistics.median(values):.2f}, max {values[-1]:.2f} points")
 
     totals = {"adaptive_runs": 0.0, "adaptive_gpu_h": 0.0, "fixed_runs": 0.0, "fixed_gpu_h": 0.0}
     reached = at_max = 0
@@ -106,7 +183,7 @@ def main() -> None:
         totals["adaptive_runs"] += len(extended.runs)
         totals["adaptive_gpu_h"] += extended.gpu_hours
         # the fewest fixed seeds (up to 50) whose worst cell is as precise, on the same draws
-        n = args.min_seeds
+        n = rep.min_seeds
         more = {c: v + [rng.gauss(MEAN_GAIN_POINTS, spreads[c]) for _ in range(50 - len(v))] for c, v in diffs.items()}
         while n < 50 and worst_half_width(more, n) > worst:
             n += 1
@@ -114,16 +191,34 @@ def main() -> None:
         totals["fixed_runs"] += n * per_seed_runs
         totals["fixed_gpu_h"] += n * per_seed_gpu_h
     k = args.experiments
-    print(f"examples/scaling.yaml: {len(cells)} cells; replication to ±{args.target:g} points,"
-          f" seeds {args.min_seeds}..{args.max_seeds}; {k} simulated experiments;"
-          f" per-cell paired seed SD {lo:g}-{hi:g} points (log-uniform)")
+    print(f"{args.spec}: {len(cells)} cells; replication to ±{rep.target_half_width:g} points,"
+          f" seeds {rep.min_seeds}..{rep.max_seeds}; {k} simulated experiments; {source}")
     print(f"  cells that reached the target: {reached / k:.1f}, stopped at maxSeeds: {at_max / k:.1f}"
           " (mean per experiment)")
-    print(f"  precision-driven: {totals['adaptive_runs'] / k:.1f} runs, {totals['adaptive_gpu_h'] / k:,.0f} GPU-hours")
+    print(f"  precision-driven: {totals['adaptive_runs'] / k:.1f} runs, {totals['adaptive_gpu_h'] / k:,.3g} GPU-hours")
     print(f"  fixed seeds (same worst-case precision): {sum(fixed_seeds) / k:.1f} seeds on average,"
-          f" {totals['fixed_runs'] / k:.1f} runs, {totals['fixed_gpu_h'] / k:,.0f} GPU-hours")
+          f" {totals['fixed_runs'] / k:.1f} runs, {totals['fixed_gpu_h'] / k:,.3g} GPU-hours")
     print(f"  ratio runs: {totals['adaptive_runs'] / totals['fixed_runs']:.2f}x,"
           f" GPU-hours: {totals['adaptive_gpu_h'] / totals['fixed_gpu_h']:.2f}x")
+    if args.spreads_from is not None and all(c in spreads for c in measured_differences(args.spreads_from)):
+        real(spec, p, args.spreads_from, spreads, per_seed_runs)
+
+
+def real(spec: ExperimentSpec, p: Plan, out_dir: Path, spreads: dict[Cell, float], per_seed_runs: int) -> None:
+    """The finished run itself: the runs it took, against the fixed seed count whose every cell,
+    at its measured spread, is as precise as the run's worst cell."""
+    diffs = measured_differences(out_dir)
+    taken = {path.parent.name for path in out_dir.glob("runs/*/result.json")}
+    runs = len([r for r in (*p.runs, *p.reserve) if r.run_id in taken])
+    seeds = {cell: len(d) for cell, d in diffs.items()}
+    widths = [gain_interval(d, dict.fromkeys(d, 0.0)) for d in diffs.values()]
+    worst = max(math.inf if w is None or w.half_width is None else w.half_width for w in widths)
+    n = fixed_seeds_for(spreads, worst)
+    counts = ", ".join(f"{k} seeds: {sum(1 for v in seeds.values() if v == k)} cells"
+                       for k in sorted(set(seeds.values())))
+    print(f"  the real run in {out_dir}: {runs} runs ({counts}); worst cell ±{worst:.2f} points;"
+          f" a fixed seed count reaching that in every cell at its measured SD: {n} seeds, {n * per_seed_runs} runs;"
+          f" ratio runs {runs / (n * per_seed_runs):.2f}x")
 
 
 if __name__ == "__main__":
