@@ -24,6 +24,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster" / "kube"))  # the control plane
 
+from experiments import RUNS_HOST_DIR, WORLD, stage_world
 from kube_cluster import BinariesNotFound, find_kubectl
 from node_cluster import REPO_ROOT, NodeCluster, NodeUnavailable, find_image_dir
 
@@ -78,3 +79,13 @@ def xstilts_installed(node_cluster: NodeCluster) -> NodeCluster:
     node_cluster.timings["xstilts installed"] = round(time.monotonic() - t0, 1)
     print(f"\nxstilts installed in {node_cluster.timings['xstilts installed']}s", file=sys.stderr)
     return node_cluster
+
+
+@pytest.fixture(scope="session")
+def staged(xstilts_installed: NodeCluster) -> NodeCluster:
+    """xstilts installed, and the tiny demo world (``experiments.stage_world``) on its runs volume."""
+    t0 = time.monotonic()
+    stage_world(RUNS_HOST_DIR / WORLD)
+    xstilts_installed.timings["world staged"] = round(time.monotonic() - t0, 1)
+    print(f"\n  world staged on the runs volume in {xstilts_installed.timings['world staged']}s", file=sys.stderr)
+    return xstilts_installed
