@@ -15,7 +15,16 @@ from enum import IntEnum, StrEnum
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from xstilts.trainer.rundir import RunDir, run_dir
 
 RUN_ID_LENGTH = 12
@@ -144,6 +153,17 @@ class RunLabels(_Frozen):
     intermediate: str  # a task name, a multi-task group name, or "baseline"
     target: str | None = None  # None for an intermediate run
     model_parameters: int | None = None
+    # The learning rates searched at this run's stage (its own is hyperparameters.learning_rate).
+    # Empty without a search.
+    learning_rates: tuple[float, ...] = ()
+
+    @model_serializer(mode="wrap")
+    def _without_empty_search(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Left out while empty: RUN.json and the MLflow params of runs without a search stay as they were.
+        data: dict[str, Any] = handler(self)
+        if not data.get("learning_rates"):
+            data.pop("learning_rates", None)
+        return data
 
 
 ModelSource = Annotated[str, Field(min_length=1, max_length=512)]

@@ -34,7 +34,7 @@ from xstilts.trainer.scoring import (
     token_accuracy,
     word_tags,
 )
-from xstilts.trainer.tasks import Format, Task
+from xstilts.trainer.tasks import Format, Task, selection_metric
 
 Forward = Callable[[dict[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 
@@ -250,13 +250,6 @@ def evaluate_splits(predictor: Predictor, splits: Sequence[Encoded], task_index:
 
 
 # --- naming the numbers ------------------------------------------------------------------------
-
-
-def selection_metric(tasks: Sequence[Task]) -> str:
-    """The name of the dev number that selects the best checkpoint: the tasks' primary metric,
-    or "score" (the mean of each task's primary metric) when a multi-task run mixes metrics."""
-    names = {t.metric for t in tasks}
-    return names.pop() if len(names) == 1 else "score"
 
 
 def dev_metrics(tasks: Sequence[Task], per_task: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

@@ -17,7 +17,7 @@ targets, with the hub dataset's columns. Pure Python: no torch, no datasets impo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -288,3 +288,10 @@ TARGET_TASKS = tuple(n for n, t in TASKS.items() if t.is_target)
 
 def unknown_task_message(name: str) -> str:
     return f"unknown task {name!r}; known tasks: {', '.join(TASKS)}"
+
+
+def selection_metric(tasks: Sequence[Task]) -> str:
+    """The name of the dev number that selects the best checkpoint: the tasks' primary metric,
+    or "score" (the mean of each task's primary metric) when a multi-task run mixes metrics."""
+    names = {t.metric for t in tasks}
+    return names.pop() if len(names) == 1 else "score"

@@ -265,11 +265,12 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
     from transformers import AutoTokenizer, set_seed
     from xstilts.trainer.batch_plan import deepspeed_config, mixed_precision, plan_steps
     from xstilts.trainer.batching import Collator, MultiTaskBatchSampler, TrainSet
-    from xstilts.trainer.evaluate import dev_metrics, oracle_test_scores, selection_metric, test_metrics
+    from xstilts.trainer.evaluate import dev_metrics, oracle_test_scores, test_metrics
     from xstilts.trainer.hf_seams import check_hf_seams
     from xstilts.trainer.loop import RunCallback, StiltsTrainer
     from xstilts.trainer.model import HeadSpec, build_model, encoder_parameter_count, save_model
     from xstilts.trainer.rundir import ProgressFile, utc_now, versions, write_result
+    from xstilts.trainer.tasks import selection_metric
 
     missing = check_hf_seams()  # StiltsTrainer's overrides would silently not run
     if missing and os.environ.get(ALLOW_MISSING_SEAMS) != "1":

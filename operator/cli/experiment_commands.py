@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 from xstilts.operator.cli.common import SpecPath, console, fail, load_spec
 from xstilts.operator.cluster.crd import crd as make_crd
-from xstilts.operator.experiment.plan import Plan, PlannedRun, plan
+from xstilts.operator.experiment.plan import Plan, PlannedRun, plan, search_cost
 from xstilts.operator.experiment.spec import ExperimentSpec
 from xstilts.trainer.config import ExitCode
 
@@ -48,6 +48,7 @@ def plan_rows(p: Plan) -> list[dict[str, Any]]:
             "target": r.labels.target,
             "tasks": list(r.config.tasks),
             "seed": r.config.seed,
+            "learning_rate": r.config.hyperparameters.learning_rate,
             "depends_on": list(r.depends_on),
             "train_tokens": r.train_tokens,
             "gpu_hours": r.gpu_hours,
@@ -77,15 +78,17 @@ def plan_command(
         doc = {
             "experiment": spec.name,
             "runs": rows,
-            "totals": _totals(p),
+            "totals": _totals(p, spec),
         }
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
         return
     _print_plan_table(spec, p)
 
 
-def _totals(p: Plan) -> dict[str, Any]:
+def _totals(p: Plan, spec: ExperimentSpec) -> dict[str, Any]:
     from xstilts.trainer.config import Stage
+
+    cost = search_cost(spec, p)
 
     return {
         "runs": len(p.runs),
@@ -93,6 +96,9 @@ def _totals(p: Plan) -> dict[str, Any]:
         "target_runs": p.count(Stage.TARGET),
         "gpu_hours": p.gpu_hours,
         "unknown_gpu_hours": sum(1 for r in p.runs if r.gpu_hours is None),
+        "held_runs": len(p.held),
+        **({"search": {"runs": cost.runs, "gpu_hours": cost.gpu_hours, "runs_without": cost.runs_without,
+                       "gpu_hours_without": cost.gpu_hours_without}} if cost is not None else {}),
         # With spec.replication: every cell at maxSeeds (the runs above are the minSeeds ones).
         "max_runs": len(p.runs) + len(p.reserve),
         "max_gpu_hours": p.gpu_hours + sum(r.gpu_hours or 0.0 for r in p.reserve),
@@ -116,13 +122,24 @@ def _print_plan_table(spec: ExperimentSpec, p: Plan) -> None:
     for r in p.runs:
         table.add_row(*row(r))
     console.print(table)
-    t = _totals(p)
+    t = _totals(p, spec)
     unknown = f" ({t['unknown_gpu_hours']} runs of unknown size not counted)" if t["unknown_gpu_hours"] else ""
     console.print(
         f"[bold]{t['runs']}[/bold] runs: {t['intermediate_runs']} intermediate, {t['target_runs']} target;"
         f" estimated [bold]{_fmt_hours(t['gpu_hours'])}[/bold] GPU-hours at"
         f" {spec.planning.assumed_tflops_per_gpu:g} TFLOP/s per GPU{unknown}"
     )
+    cost = search_cost(spec, p)
+    if cost is not None:
+        hp = spec.hyperparameters
+        stages = "; ".join(f"{stage} {', '.join(f'{lr:g}' for lr in getattr(hp, stage).learning_rates)}"
+                           for stage in ("intermediate", "target") if getattr(hp, stage).search is not None)
+        held = (f" ({len(p.held)} target runs wait for the phase-2 selection; those of the selected rate run)"
+                if p.held else "")
+        console.print(
+            f"learning-rate search ({stages}): [bold]{cost.runs}[/bold] runs, [bold]{_fmt_hours(cost.gpu_hours)}"
+            f"[/bold] GPU-hours{held}; without the search {cost.runs_without} runs,"
+            f" {_fmt_hours(cost.gpu_hours_without)} GPU-hours")
     if spec.replication is not None:
         rep = spec.replication
         console.print(

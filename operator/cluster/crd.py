@@ -47,6 +47,19 @@ STATUS_SCHEMA: dict[str, Any] = {
                 },
             },
         },
+        "learningRateSearch": {
+            "type": "object",
+            "description": "with hyperparameters.intermediate.search: per model/intermediate arm, the phase-2"
+                           " learning rate selected on English dev, or state 'searching' until every candidate"
+                           " has its result",
+            "additionalProperties": {
+                "type": "object",
+                "properties": {
+                    "learningRate": {"type": "number"},
+                    "state": {"type": "string", "enum": ["searching"]},
+                },
+            },
+        },
         "mlflowExperiment": {"type": "string", "description": "the MLflow experiment name"},
         "mlflowTrackingUri": {"type": "string"},
         "message": {"type": "string"},

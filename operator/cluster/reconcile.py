@@ -55,6 +55,7 @@ from xstilts.operator.cluster.render import (
     render_run,
 )
 from xstilts.operator.experiment.plan import Plan
+from xstilts.operator.experiment.search import english_dev, select
 from xstilts.operator.experiment.spec import BASELINE, ExperimentSpec
 from xstilts.operator.report.build import AVG, POINTS, Cell, arm_gains
 from xstilts.operator.report.stats import Interval, gain_interval
@@ -194,6 +195,7 @@ class ResultSummary:
     scores: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
     gpu_seconds: float = 0.0
+    dev: float | None = None  # the English dev score: what a learning-rate search selects by
 
     @classmethod
     def from_result(cls, result: RunResult) -> ResultSummary:
@@ -207,7 +209,7 @@ class ResultSummary:
                 scores[AVG] = average
         res = result.config.resources
         return cls(run_id=result.run_id, scores=scores, wall_seconds=result.wall_seconds,
-                   gpu_seconds=result.wall_seconds * res.gpus_per_node * res.nodes)
+                   gpu_seconds=result.wall_seconds * res.gpus_per_node * res.nodes, dev=english_dev(result))
 
 
 @dataclass(frozen=True)
@@ -425,6 +427,51 @@ def _replication_status(cells: list[CellPrecision]) -> dict[str, Any]:
             for cell in cells}
 
 
+# --- the phase-2 learning-rate search ------------------------------------------------------
+
+
+def phase2_selections(spec: ExperimentSpec, plan: Plan,
+                      results: Mapping[str, ResultSummary]) -> dict[tuple[str, str], float | None]:
+    """Per (model, intermediate arm), the phase-2 learning rate selected on English dev
+    (search.select), None while a candidate's run lacks its result. Empty without
+    hyperparameters.intermediate.search."""
+    candidates = spec.hyperparameters.intermediate.learning_rates
+    if not candidates:
+        return {}
+    dev: dict[tuple[str, str], dict[float, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for run in plan.runs:
+        summary = results.get(run.run_id)
+        if run.config.stage is Stage.INTERMEDIATE and summary is not None and summary.dev is not None:
+            key = (run.labels.model, run.labels.intermediate)
+            dev[key][run.config.hyperparameters.learning_rate][run.config.seed] = summary.dev
+    return {(model.name, arm): select(dev.get((model.name, arm), {}), candidates, spec.all_seeds)
+            for model in spec.models for arm in spec.intermediates}
+
+
+def searched(spec: ExperimentSpec, plan: Plan, results: Mapping[str, ResultSummary]) -> Plan:
+    """The plan with the held target runs that start from each arm's selected phase-2 candidate
+    moved into its runs (the others stay held: they never run). Idempotent, like `replicated`;
+    the plan itself without a phase-2 search."""
+    if not plan.held:
+        return plan
+    chosen = {key: lr for key, lr in phase2_selections(spec, plan, results).items() if lr is not None}
+    if not chosen:
+        return plan
+    winners = {r.run_id for r in plan.runs if r.config.stage is Stage.INTERMEDIATE
+               and chosen.get((r.labels.model, r.labels.intermediate)) == r.config.hyperparameters.learning_rate}
+    added = [r for r in plan.held if set(r.depends_on) <= winners]
+    if not added:
+        return plan
+    moved = {r.run_id for r in added}
+    return Plan(plan.experiment, (*plan.runs, *added), {**plan.by_id, **{r.run_id: r for r in added}},
+                plan.reserve, tuple(r for r in plan.held if r.run_id not in moved))
+
+
+def _search_status(spec: ExperimentSpec, plan: Plan, results: Mapping[str, ResultSummary]) -> dict[str, Any]:
+    return {f"{model}/{arm}": {"learningRate": lr} if lr is not None else {"state": "searching"}
+            for (model, arm), lr in phase2_selections(spec, plan, results).items()}
+
+
 # --- reconcile ---------------------------------------------------------------------------
 
 
@@ -435,7 +482,7 @@ def reconcile(spec: ExperimentSpec, plan: Plan, observed: Observed, now: datetim
     (`start_order`). `render=False` leaves CreateRun.objects empty: the local executor
     (operator/local) starts processes, not Kubernetes objects."""
     results = observed.results
-    plan = replicated(spec, plan, results)
+    plan = searched(spec, replicated(spec, plan, results), results)
     seen = tuple(observed.jobs)
     jobs, deletes = _assign_jobs(spec, plan, seen)
     previous = observed.previous_status or {}
@@ -479,6 +526,8 @@ def reconcile(spec: ExperimentSpec, plan: Plan, observed: Observed, now: datetim
     status = _status(spec, plan, results, previous, now, states, failures, jobs)
     if spec.replication is not None:
         status["replication"] = _replication_status(replication_cells(spec, plan, results))
+    if spec.hyperparameters.intermediate.search is not None:
+        status["learningRateSearch"] = _search_status(spec, plan, results)
     return Decision(actions=[*deletes, *creates], status=status, plan=plan)
 
 

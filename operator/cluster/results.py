@@ -36,11 +36,11 @@ class ResultStore:
         return RunDir.at(root, run_id).result
 
     def read(self, spec: ExperimentSpec, plan: Plan) -> tuple[dict[str, ResultSummary], list[str]]:
-        """The results of the plan's runs that have one (its reserve's too: replication adds
+        """The results of the plan's runs that have one (its reserve and held runs too: reconcile adds
         seeds from there once it sees their first results), and a line per unreadable file."""
         found: dict[str, ResultSummary] = {}
         problems: list[str] = []
-        for run in (*plan.runs, *plan.reserve):
+        for run in (*plan.runs, *plan.later):
             path = self.path(spec, run.run_id)
             key = str(path)
             summary = self._found.get(key)

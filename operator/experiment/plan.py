@@ -52,6 +52,15 @@ class Plan:
     # Under spec.replication: the runs of the seeds above minSeeds, which reconcile adds to
     # `runs` cell by cell while a cell's gain interval is too wide (replication.replicated).
     reserve: tuple[PlannedRun, ...] = ()
+    # Under a phase-2 learning-rate search: the target runs of every intermediate arm, from each
+    # candidate phase-2 run; reconcile (search.selected) moves those that start from the
+    # candidate selected on English dev into `runs`, once every candidate has its result.
+    held: tuple[PlannedRun, ...] = ()
+
+    @property
+    def later(self) -> tuple[PlannedRun, ...]:
+        """The runs reconcile may still add: the replication reserve and the held search runs."""
+        return (*self.reserve, *self.held)
 
     @property
     def gpu_hours(self) -> float:
@@ -97,27 +106,66 @@ def _plan(spec: ExperimentSpec, storage_root: str | None) -> Plan:
         experiment_name=spec.mlflow.experiment_name or spec.name,
     )
     runs: list[PlannedRun] = []
+    held: list[PlannedRun] = []
+    # A stage's search: one run per value, in place of the one run with the stage's own value.
+    intermediate_lrs = spec.hyperparameters.intermediate.learning_rates
+    target_lrs = spec.hyperparameters.target.learning_rates
     for model in spec.models:
         shared = _ModelShared.of(spec, model)
         for seed in spec.all_seeds:
-            phase2: dict[str, str] = {}
+            phase2: dict[str, list[str | None]] = {BASELINE: [None]}
             for arm in spec.intermediates:
-                run = _intermediate_run(spec, model, shared, arm, seed, root, tracking)
-                runs.append(run)
-                phase2[arm] = run.run_id
+                phase2[arm] = []
+                for lr in intermediate_lrs or (None,):
+                    run = _intermediate_run(spec, model, shared, arm, seed, root, tracking, lr, intermediate_lrs)
+                    runs.append(run)
+                    phase2[arm].append(run.run_id)
             for arm in [BASELINE, *spec.intermediates]:
-                for target in spec.targets:
-                    runs.append(_target_run(spec, model, shared, arm, phase2.get(arm), target, seed, root, tracking))
+                # After a phase-2 search, an arm's target runs wait in `held` for its selection.
+                into = held if intermediate_lrs and arm != BASELINE else runs
+                for parent in phase2[arm]:
+                    for target in spec.targets:
+                        # Retrieval targets train nothing: a learning rate would not change their result.
+                        lrs = () if TASKS[target].format is Format.RETRIEVAL else target_lrs
+                        for lr in lrs or (None,):
+                            into.append(_target_run(spec, model, shared, arm, parent, target, seed, root, tracking,
+                                                    lr, lrs))
     by_id: dict[str, PlannedRun] = {}
-    for run in runs:
+    for run in (*runs, *held):
         if run.run_id in by_id:  # cannot happen unless the grid itself repeats: a bug
             raise AssertionError(f"run {run.run_id} planned twice: {run.labels} and {by_id[run.run_id].labels}")
         by_id[run.run_id] = run
     if spec.replication is None:
-        return Plan(spec.name, tuple(runs), by_id)
+        return Plan(spec.name, tuple(runs), {r.run_id: r for r in runs}, held=tuple(held))
     initial = set(spec.initial_seeds)
     first = tuple(r for r in runs if r.config.seed in initial)
     return Plan(spec.name, first, {r.run_id: r for r in first}, tuple(r for r in runs if r.config.seed not in initial))
+
+
+@dataclass(frozen=True)
+class SearchCost:
+    """What a learning-rate search costs: the runs and GPU-hours the plan will run (a phase-2
+    search's target runs counted for one candidate: only the selected one's run), against the
+    same grid without the search."""
+
+    runs: int
+    gpu_hours: float
+    runs_without: int
+    gpu_hours_without: float
+
+
+def search_cost(spec: ExperimentSpec, p: Plan) -> SearchCost | None:
+    """None without a search."""
+    hp = spec.hyperparameters
+    if hp.intermediate.search is None and hp.target.search is None:
+        return None
+    share = 1 / max(1, len(hp.intermediate.learning_rates))  # the held runs all candidates have alike
+    without = plan(spec.model_copy(update={"hyperparameters": hp.model_copy(update={
+        "intermediate": hp.intermediate.model_copy(update={"search": None}),
+        "target": hp.target.model_copy(update={"search": None})})}))
+    return SearchCost(len(p.runs) + round(len(p.held) * share),
+                      p.gpu_hours + share * sum(r.gpu_hours or 0.0 for r in p.held),
+                      len(without.runs), without.gpu_hours)
 
 
 @dataclass(frozen=True)
@@ -149,23 +197,30 @@ class _ModelShared:
         )
 
 
+def _searched(hp: HyperParameters, lr: float | None) -> HyperParameters:
+    return hp if lr is None else hp.model_copy(update={"learning_rate": lr})
+
+
 def _intermediate_run(spec: ExperimentSpec, model: ModelSpec, shared: _ModelShared, arm: str, seed: int,
-                      root: str, tracking: TrackingConfig) -> PlannedRun:
+                      root: str, tracking: TrackingConfig, lr: float | None = None,
+                      searched: tuple[float, ...] = ()) -> PlannedRun:
     group = spec.group(arm)
     tasks = tuple(group.tasks) if group else (arm,)
-    config = _config(spec, model, shared, Stage.INTERMEDIATE, tasks, seed, shared.intermediate_hp[arm], None, (),
+    config = _config(spec, model, shared, Stage.INTERMEDIATE, tasks, seed,
+                     _searched(shared.intermediate_hp[arm], lr), None, (),
                      root, tracking, RunLabels(experiment=spec.name, model=model.name, intermediate=arm,
-                                               model_parameters=model.parameter_count))
+                                               model_parameters=model.parameter_count, learning_rates=searched))
     return _planned(spec, model, config, ())
 
 
 def _target_run(spec: ExperimentSpec, model: ModelSpec, shared: _ModelShared, arm: str, parent: str | None,
-                target: str, seed: int, root: str, tracking: TrackingConfig) -> PlannedRun:
+                target: str, seed: int, root: str, tracking: TrackingConfig, lr: float | None = None,
+                searched: tuple[float, ...] = ()) -> PlannedRun:
     languages = tuple(spec.eval_languages.get(target, ()))
-    config = _config(spec, model, shared, Stage.TARGET, (target,), seed, shared.target_hp[target], parent,
-                     languages, root, tracking,
+    config = _config(spec, model, shared, Stage.TARGET, (target,), seed, _searched(shared.target_hp[target], lr),
+                     parent, languages, root, tracking,
                      RunLabels(experiment=spec.name, model=model.name, intermediate=arm, target=target,
-                               model_parameters=model.parameter_count))
+                               model_parameters=model.parameter_count, learning_rates=searched))
     return _planned(spec, model, config, (parent,) if parent else ())
 
 

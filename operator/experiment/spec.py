@@ -336,12 +336,47 @@ STAGE_DEFAULTS = {
 }
 
 
+MAX_SEARCH_VALUES = 16
+
+
+class SearchSpec(_Spec):
+    """Values to search for a stage: each becomes its own runs (its own run ids), and the one
+    whose runs score best on the English dev set, averaged over seeds, is selected per model
+    and intermediate arm (and per target at the target stage). A searched value replaces the
+    one the stage, model or task settings give."""
+
+    learning_rate: Annotated[list[Annotated[float, Field(gt=0, le=1)]],
+                             Field(min_length=2, max_length=MAX_SEARCH_VALUES,
+                                   json_schema_extra={"x-kubernetes-list-type": "set"})]
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _distinct(cls, v: list[float]) -> list[float]:
+        _no_duplicates(v, "learning rate")
+        return v
+
+
+class StageHyperParameters(HyperParameterOverrides):
+    """A stage's settings, and optionally the values to search for it."""
+
+    search: SearchSpec | None = None
+
+    def apply(self, base: HyperParameters) -> HyperParameters:
+        changes = self.model_dump(exclude_none=True, exclude={"search"}, by_alias=False)
+        return base.model_copy(update=changes) if changes else base
+
+    @property
+    def learning_rates(self) -> tuple[float, ...]:
+        """The searched learning rates; empty without a search."""
+        return () if self.search is None else tuple(self.search.learning_rate)
+
+
 class HyperParameterSpec(_Spec):
     """Built-in stage defaults, then these stage settings, then per model, then per task:
-    the most specific wins."""
+    the most specific wins. A stage's `search` values replace all of them."""
 
-    intermediate: HyperParameterOverrides = HyperParameterOverrides()
-    target: HyperParameterOverrides = HyperParameterOverrides()
+    intermediate: StageHyperParameters = StageHyperParameters()
+    target: StageHyperParameters = StageHyperParameters()
     per_model: Annotated[dict[str, HyperParameterOverrides], Field(max_length=64)] = Field(default_factory=dict)
     per_task: Annotated[dict[str, HyperParameterOverrides], Field(max_length=len(TASKS)), _keyed_by(tuple(TASKS))] = (
         Field(default_factory=dict))
@@ -754,8 +789,11 @@ class ExperimentSpec(_Spec):
     def run_count(self) -> int:
         """Runs at most (with replication: every cell at maxSeeds), for the planning.maxRuns guard."""
         n_models, n_seeds = len(self.models), len(self.all_seeds)
-        phase2 = n_models * len(self.intermediates) * n_seeds
-        phase3 = n_models * (len(self.intermediates) + 1) * len(self.targets) * n_seeds
+        # A phase-2 search trains every candidate; reconcile starts target runs from the selected one.
+        n_intermediate = max(1, len(self.hyperparameters.intermediate.learning_rates))
+        n_target = max(1, len(self.hyperparameters.target.learning_rates))
+        phase2 = n_models * len(self.intermediates) * n_seeds * n_intermediate
+        phase3 = n_models * (len(self.intermediates) + 1) * len(self.targets) * n_seeds * n_target
         return phase2 + phase3
 
     def group(self, name: str) -> MultiTaskGroup | None:
@@ -843,6 +881,12 @@ def grid_problems(spec: ExperimentSpec) -> list[Problem]:
         if any(lang not in valid for lang in languages):
             problem(f"evalLanguages{path_part(target)}",
                     f"{shown_value(languages)} must be a subset of {', '.join(valid)}", "evalLanguages")
+    searched = [stage for stage in ("intermediate", "target")
+                if getattr(spec.hyperparameters, stage).search is not None]
+    if spec.replication is not None and searched:
+        problem(f"hyperparameters.{searched[0]}.search", "cannot be combined with replication yet: replication adds"
+                " seeds per cell, the search selects among runs of the cell; remove one of them",
+                "hyperparameters", "replication")
     if spec.replication is not None and "seeds" in spec.model_fields_set:
         problem("replication", "cannot be combined with seeds: replication picks the seeds itself (1, 2, ... up to"
                 " maxSeeds); remove seeds, or remove replication to run a fixed list of seeds", "replication", "seeds")

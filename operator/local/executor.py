@@ -85,7 +85,8 @@ def with_tracking(p: Plan, tracking_uri: str, parent_run_id: str | None) -> Plan
         return PlannedRun(run.run_id, config, run.depends_on, run.train_tokens, run.gpu_hours)
 
     runs = tuple(tracked(r) for r in p.runs)
-    return Plan(p.experiment, runs, {r.run_id: r for r in runs}, tuple(tracked(r) for r in p.reserve))
+    return Plan(p.experiment, runs, {r.run_id: r for r in runs}, tuple(tracked(r) for r in p.reserve),
+                tuple(tracked(r) for r in p.held))
 
 
 def split_credentials(tracking_uri: str) -> tuple[str, dict[str, str]]:
@@ -346,9 +347,9 @@ class LocalExecutor:
         self.display = display
         self.free_gpus = list(machine_gpus)
         self.machine_gpus = len(machine_gpus)
-        self.placements = {r.run_id: place(r.config.resources, len(machine_gpus)) for r in (*p.runs, *p.reserve)}
+        self.placements = {r.run_id: place(r.config.resources, len(machine_gpus)) for r in (*p.runs, *p.later)}
         self.cpus = cpus or os.cpu_count() or 1
-        self.costs = {r.run_id: relative_cost(r) for r in (*p.runs, *p.reserve)}
+        self.costs = {r.run_id: relative_cost(r) for r in (*p.runs, *p.later)}
         self.processes: dict[str, _Process] = {}
         self.held: dict[str, None] = {}  # created by a decision, not started yet (ordered)
         self.results: dict[str, ResultSummary] = {}
@@ -371,7 +372,7 @@ class LocalExecutor:
     def _observe_run_dirs(self) -> None:
         """Results and failure files left by earlier invocations (of the replication reserve
         too: the seeds an earlier invocation added are added again at once)."""
-        for run in (*self.plan.runs, *self.plan.reserve):
+        for run in (*self.plan.runs, *self.plan.later):
             run_dir = RunDir.of(run.config)
             summary = load_result(run)
             if summary is not None:
@@ -392,7 +393,8 @@ class LocalExecutor:
         return decision
 
     def _adopt(self, extended: Plan) -> None:
-        """Take on the runs replication added (seeds for cells whose interval is still wide)."""
+        """Take on the runs reconcile added: seeds replication added for cells whose interval is
+        still wide, and the target runs of a phase-2 search's selected candidates."""
         known = self.plan.by_id
         added = [r for r in extended.runs if r.run_id not in known]
         for run in added:
@@ -401,11 +403,16 @@ class LocalExecutor:
             summary = load_result(run)  # done by an earlier invocation that had added it too
             if summary is not None:
                 self.results[run.run_id] = summary
+        held = {r.run_id for r in self.plan.held}
         self.plan = extended
         write_run_configs(Plan(extended.experiment, tuple(added), {r.run_id: r for r in added}))
         seeds = sorted({r.config.seed for r in added})
-        self.display.event(f"replication: {len(added)} runs added (seeds {', '.join(map(str, seeds))}) for cells"
-                           " whose gain interval is still wider than the target")
+        if all(r.run_id in held for r in added):
+            self.display.event(f"learning-rate search: {len(added)} target runs added from the phase-2 runs"
+                               " selected on English dev")
+        else:
+            self.display.event(f"replication: {len(added)} runs added (seeds {', '.join(map(str, seeds))}) for"
+                               " cells whose gain interval is still wider than the target")
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -687,7 +694,7 @@ def run_experiment(spec: ExperimentSpec, p: Plan, storage_root: Path, tracking_u
                    options: LocalOptions, display: Display) -> Outcome:
     """`xstilts run`: hold the storage root, link MLflow, write every RUN.json, execute."""
     machine_gpus = detect_gpus()
-    for run in (*p.runs, *p.reserve):  # refuse what cannot run here before touching anything
+    for run in (*p.runs, *p.later):  # refuse what cannot run here before touching anything
         place(run.config.resources, len(machine_gpus))
     with executor_lock(storage_root), display:
         if not machine_gpus and any(r.config.resources.gpus_per_node for r in p.runs):

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
+from xstilts.operator.experiment.search import dev_means, english_dev, select
 from xstilts.operator.experiment.spec import BASELINE, ExperimentSpec
 from xstilts.operator.report.stats import (
     BOOTSTRAP_REPLICATES,
@@ -37,7 +38,7 @@ from xstilts.operator.report.stats import (
     trend_of,
 )
 from xstilts.trainer.config import RunResult, Stage
-from xstilts.trainer.tasks import TASKS
+from xstilts.trainer.tasks import TASKS, Format
 
 AVG = "avg"  # every evaluated language, English included
 ZERO_SHOT = "zero-shot"  # every evaluated language but English: the headline
@@ -65,6 +66,9 @@ class Grid:
     languages: Mapping[str, tuple[str, ...]]  # target -> evaluated languages
     # spec.replication's (targetHalfWidth, maxSeeds), when seeds are added to reach a precision
     replication: tuple[float, int] | None = None
+    # The learning rates each stage searches (hyperparameters.<stage>.search); empty: no search.
+    intermediate_learning_rates: tuple[float, ...] = ()
+    target_learning_rates: tuple[float, ...] = ()
 
     def metric(self, target: str) -> str:
         metric: str = TASKS[target].metric
@@ -81,6 +85,8 @@ def grid_of(spec: ExperimentSpec) -> Grid:
         languages={t: tuple(spec.eval_languages.get(t) or TASKS[t].languages) for t in spec.targets},
         replication=None if spec.replication is None else (spec.replication.target_half_width,
                                                            spec.replication.max_seeds),
+        intermediate_learning_rates=spec.hyperparameters.intermediate.learning_rates,
+        target_learning_rates=spec.hyperparameters.target.learning_rates,
     )
 
 
@@ -117,6 +123,18 @@ class BestArm:
 
 
 @dataclass(frozen=True)
+class SearchChoice:
+    """A learning-rate search's outcome for one model × arm (× target at the target stage)."""
+
+    stage: Stage
+    model: str
+    arm: str
+    target: str | None  # None for the phase-2 search
+    selected: float | None  # None until every candidate has every seed
+    dev: Mapping[float, float]  # candidate -> mean English dev score (points) over its seeds so far
+
+
+@dataclass(frozen=True)
 class Report:
     grid: Grid
     parameters: Mapping[str, int | None]  # model -> parameter count (measured when known)
@@ -140,6 +158,8 @@ class Report:
     oracle_gains: Mapping[tuple[str, str, str], Interval] = field(default_factory=dict)
     # (model, arm, target, language) -> (gain, low, high) from the example-level paired bootstrap
     example_gains: Mapping[tuple[str, str, str, str], tuple[float, float, float]] = field(default_factory=dict)
+    # Each learning-rate search's selection and its alternatives (empty without a search)
+    search: tuple[SearchChoice, ...] = ()
 
     @property
     def models_by_size(self) -> list[ModelInfo]:
@@ -167,25 +187,87 @@ class Report:
 # --- from result records to gains -----------------------------------------------------------
 
 
-def target_scores(results: Iterable[RunResult], grid: Grid, oracle: bool = False) -> dict[RunKey, Scores]:
-    """Per-language scores (points) of every target run the grid contains. Should one cell have
-    several records (a rerun under another storage root), the latest one counts."""
-    latest: dict[RunKey, RunResult] = {}
+SearchKey = tuple[str, str, str, int, float]  # model, arm, target ("" for phase 2), seed, learning rate
+
+
+def _latest(results: Iterable[RunResult], grid: Grid, stage: Stage) -> dict[SearchKey, RunResult]:
+    """The runs of `stage` the grid contains, by (model, arm, target or "", seed, learning rate).
+    Should one have several records (a rerun under another storage root), the latest one counts."""
+    latest: dict[SearchKey, RunResult] = {}
     models = {m.name for m in grid.models}
     for r in results:
         labels = r.config.labels
-        if r.config.stage is not Stage.TARGET or labels is None or labels.target is None:
+        if r.config.stage is not stage or labels is None or labels.model not in models:
             continue
-        if labels.model not in models or labels.target not in grid.targets:
+        if stage is Stage.TARGET and (labels.target is None or labels.target not in grid.targets):
             continue
         if labels.intermediate not in (BASELINE, *grid.arms):
             continue
-        key = (labels.model, labels.intermediate, labels.target, r.config.seed)
+        key = (labels.model, labels.intermediate, labels.target or "", r.config.seed,
+               r.config.hyperparameters.learning_rate)
         if key not in latest or r.finished_at > latest[key].finished_at:
             latest[key] = r
+    return latest
+
+
+def search_choices(results: Iterable[RunResult], grid: Grid) -> list[SearchChoice]:
+    """Every search's selection (search.select: the best English dev mean over the grid's seeds,
+    once every candidate has them all), phase 2 first."""
+    results = list(results)
+    out: list[SearchChoice] = []
+    for stage, candidates in ((Stage.INTERMEDIATE, grid.intermediate_learning_rates),
+                              (Stage.TARGET, grid.target_learning_rates)):
+        if not candidates:
+            continue
+        dev: dict[tuple[str, str, str], dict[float, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+        for (model, arm, target, seed, lr), r in _latest(results, grid, stage).items():
+            value = english_dev(r)
+            if value is not None and lr in candidates:
+                dev[(model, arm, target)][lr][seed] = value * POINTS
+        arms = grid.arms if stage is Stage.INTERMEDIATE else (BASELINE, *grid.arms)
+        targets = ("",) if stage is Stage.INTERMEDIATE else tuple(
+            t for t in grid.targets if TASKS[t].format is not Format.RETRIEVAL)
+        for m in grid.models:
+            for arm in arms:
+                for target in targets:
+                    by_lr = dev.get((m.name, arm, target), {})
+                    out.append(SearchChoice(stage, m.name, arm, target or None,
+                                            select(by_lr, candidates, grid.seeds), dev_means(by_lr, candidates)))
+    return out
+
+
+def target_scores(results: Iterable[RunResult], grid: Grid, oracle: bool = False) -> dict[RunKey, Scores]:
+    """Per-language scores (points) of every target run the grid contains. Should one cell have
+    several records (a rerun under another storage root), the latest one counts. Under a
+    learning-rate search, only the runs of the selected rates count (`search_choices`): a
+    cell whose selection is not decided yet has no scores."""
+    results = list(results)
+    latest = _latest(results, grid, Stage.TARGET)
+    if grid.target_learning_rates or grid.intermediate_learning_rates:
+        choices = search_choices(results, grid)
+        phase2 = {(c.model, c.arm): c.selected for c in choices if c.stage is Stage.INTERMEDIATE}
+        by_target = {(c.model, c.arm, c.target): c.selected for c in choices if c.stage is Stage.TARGET}
+        phase2_lr = {r.run_id: r.config.hyperparameters.learning_rate for r in results
+                     if r.config.stage is Stage.INTERMEDIATE}
+        kept: dict[SearchKey, RunResult] = {}
+        for key, r in latest.items():
+            model, arm, name = key[0], key[1], key[2]
+            if grid.target_learning_rates and TASKS[name].format is not Format.RETRIEVAL \
+                    and by_target.get((model, arm, name)) != key[4]:
+                continue
+            if grid.intermediate_learning_rates and arm != BASELINE and (
+                    phase2.get((model, arm)) is None
+                    or phase2_lr.get(r.config.init_from_run or "") != phase2[(model, arm)]):
+                continue
+            kept[key] = r
+        latest = kept
+    per_cell: dict[RunKey, RunResult] = {}  # without a search, a rerun with another rate replaces the run
+    for (model, arm, name, seed, _), r in latest.items():
+        if (model, arm, name, seed) not in per_cell or r.finished_at > per_cell[(model, arm, name, seed)].finished_at:
+            per_cell[(model, arm, name, seed)] = r
     out: dict[RunKey, Scores] = {}
-    for key, r in latest.items():
-        target = key[2]
+    for cell, r in per_cell.items():
+        target = cell[2]
         scores: Scores = {}
         for lang in grid.languages[target]:
             # oracle: the test scores under target-dev model selection (RunResult.oracle_languages)
@@ -197,7 +279,7 @@ def target_scores(results: Iterable[RunResult], grid: Grid, oracle: bool = False
             scores[AVG] = statistics.fmean(scores.values())
             if foreign:
                 scores[ZERO_SHOT] = statistics.fmean(foreign)
-        out[key] = scores
+        out[cell] = scores
     return out
 
 
@@ -309,7 +391,7 @@ def build_report(results: Iterable[RunResult], grid: Grid, predictions: Mapping[
     return Report(grid, parameters, absolute, tuple(cells), averages, tuple(best),
                   tuple(missing_lines(scores, grid)), len(results), methods, averages_all,
                   trends(scores, grid, parameters), xtreme, xtreme_gains, oracle_gains(results, grid),
-                  example_gains(results, grid, predictions or {}))
+                  example_gains(results, grid, predictions or {}), tuple(search_choices(results, grid)))
 
 
 EXAMPLE_REPLICATES = 2000
@@ -571,6 +653,8 @@ def tables(report: Report) -> list[TableData]:
               for m in models for a in g.arms),
     ))
     out.append(selection_table(report))
+    if report.search:
+        out.append(search_table(report))
     out.append(example_table(report))
     targets = xtreme_targets(g)
     if targets:
@@ -637,6 +721,28 @@ def selection_table(report: Report) -> TableData:
         "English-dev: the checkpoint the English dev set scored best (XTREME's protocol). Target-dev: for each"
         " language, the checkpoint its own dev set scored best, an upper bound (Keung et al. 2020)."
         + ("" if report.oracle_gains else " No run recorded target-language dev scores yet."))
+
+
+def fmt_rate(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def search_table(report: Report) -> TableData:
+    """The learning-rate search: per stage, model and arm (and target), the selected rate and
+    every candidate's English dev score."""
+    labels = {m.name: m.label for m in report.grid.models}
+    rows = []
+    for c in report.search:
+        alternatives = ", ".join(f"{fmt_rate(lr)}: {v:.2f}" for lr, v in c.dev.items()) or "–"
+        rows.append((c.stage.value, labels.get(c.model, c.model), c.arm, c.target or "–",
+                     fmt_rate(c.selected) if c.selected is not None else "not yet", alternatives))
+    return TableData(
+        "Learning-rate search",
+        ("stage", "model", "intermediate", "target", "selected", "English dev per rate (mean over seeds)"),
+        tuple(rows),
+        "Each rate is its own runs; the rate whose runs score best on the English dev set, as a mean over"
+        " the seeds, is selected once every rate has every seed. Gains use only the selected runs; a phase-3"
+        " run of an intermediate arm starts from the phase-2 run of its selected rate.")
 
 
 def example_table(report: Report) -> TableData:

@@ -168,6 +168,11 @@ def report_record(report: Report) -> dict[str, object]:
             for (a, t), tr in report.trends.items()
         ],
         "missing": list(report.missing),
+        "learning_rate_search": [
+            {"stage": c.stage.value, "model": c.model, "intermediate": c.arm, "target": c.target,
+             "selected": c.selected, "english_dev": {f"{lr:g}": v for lr, v in c.dev.items()}}
+            for c in report.search
+        ],
     }
 
 
@@ -196,7 +201,8 @@ def _metric_key(*parts: str) -> str:
 
 
 def parent_metrics(report: Report) -> dict[str, float]:
-    """gain.<model>.<arm>.zero_shot / .all (and _low/_high), trend.<arm>.<target>.slope/_low/_high."""
+    """gain.<model>.<arm>.zero_shot / .all (and _low/_high), trend.<arm>.<target>.slope/_low/_high,
+    search.<stage>.<model>.<arm>[.<target>].learning_rate (the selected rate) and .dev.<rate>."""
     out: dict[str, float] = {}
     for (model, arm), g in report.model_averages.items():
         out[_metric_key("gain", model, arm, "zero_shot")] = g.mean
@@ -205,6 +211,12 @@ def parent_metrics(report: Report) -> dict[str, float]:
             out[_metric_key("gain", model, arm, "zero_shot_high")] = g.high
     for (model, arm), g in report.model_averages_all.items():
         out[_metric_key("gain", model, arm, "all")] = g.mean
+    for c in report.search:  # the selected rate, and each candidate's English dev score
+        cell = (c.stage.value, c.model, c.arm, *((c.target,) if c.target else ()))
+        if c.selected is not None:
+            out[_metric_key("search", *cell, "learning_rate")] = c.selected
+        for lr, v in c.dev.items():
+            out[_metric_key("search", *cell, "dev", f"{lr:g}")] = v
     for (arm, target), t in report.trends.items():
         out[_metric_key("trend", arm, target, "slope")] = t.slope
         out[_metric_key("trend", arm, target, "slope_low")] = t.low

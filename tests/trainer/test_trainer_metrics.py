@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from xstilts.trainer.evaluate import dev_metrics, selection_metric
+from xstilts.trainer.evaluate import dev_metrics
 from xstilts.trainer.evaluate import test_metrics as target_metrics
 from xstilts.trainer.scoring import (
     Span,
@@ -16,7 +16,7 @@ from xstilts.trainer.scoring import (
     squad_scores,
     token_accuracy,
 )
-from xstilts.trainer.tasks import TASKS
+from xstilts.trainer.tasks import TASKS, selection_metric
 
 
 def test_accuracy_and_token_accuracy() -> None:

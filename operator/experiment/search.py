@@ -1,0 +1,39 @@
+"""The learning-rate search's selection rule, one home for reconcile (which starts the target
+runs of the selected phase-2 candidate) and the report (which uses the selected target runs).
+
+A stage's `hyperparameters.<stage>.search` makes one run per value; the value selected is the
+one whose runs score best on the English dev set, as a mean over the seeds, per model and arm
+(and target). It is decided only once every candidate has a result for every seed, so that
+results arriving later can never change it (reconcile acts on it; level-triggered, it must be
+stable). On a tie the value listed first wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from statistics import fmean
+
+from xstilts.trainer.config import RunResult
+from xstilts.trainer.tasks import TASKS, selection_metric
+
+
+def english_dev(result: RunResult) -> float | None:
+    """The run's English dev score, the number that selected its checkpoint (its task's
+    primary metric; for a multi-task run the mean of its tasks')."""
+    return result.metrics.get(f"dev.{selection_metric([TASKS[t] for t in result.config.tasks])}")
+
+
+def select(dev: Mapping[float, Mapping[int, float]], candidates: Sequence[float],
+           seeds: Iterable[int]) -> float | None:
+    """The selected value among `candidates` given each one's English dev score per seed, or
+    None while some candidate lacks a seed."""
+    seeds = list(seeds)
+    if not seeds or any(seed not in dev.get(c, {}) for c in candidates for seed in seeds):
+        return None
+    means = [(fmean(dev[c][s] for s in seeds), -i, c) for i, c in enumerate(candidates)]
+    return max(means)[2]
+
+
+def dev_means(dev: Mapping[float, Mapping[int, float]], candidates: Sequence[float]) -> dict[float, float]:
+    """Each candidate's mean English dev score over the seeds it has, for the report."""
+    return {c: fmean(dev[c].values()) for c in candidates if dev.get(c)}
