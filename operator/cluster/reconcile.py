@@ -287,15 +287,35 @@ def gains(plan: Plan, results: Mapping[str, ResultSummary]) -> list[Gain]:
     """Every (model, intermediate, target) whose arm and baseline both have target results,
     in plan order: the report's arm_gains over each run's language average."""
     scores: dict[Cell, dict[int, float]] = defaultdict(dict)
+    selected = _target_selections(plan, results)
     for run in plan.runs:
         labels = run.labels
         if run.config.stage is not Stage.TARGET or labels.target is None:
             continue
+        if labels.learning_rates and selected.get(
+                (labels.model, labels.intermediate, labels.target)) != run.config.hyperparameters.learning_rate:
+            continue  # a target-stage search: only the selected rate's runs count, as in the report
         avg = _average(results.get(run.run_id))
         if avg is not None:
             scores[(labels.model, labels.intermediate, labels.target)][run.config.seed] = POINTS * avg
     return [Gain(model, arm, target, gain.mean, gain.n)
             for (model, arm, target), gain in arm_gains(scores, _cached_gain).items()]
+
+
+def _target_selections(plan: Plan, results: Mapping[str, ResultSummary]) -> dict[Cell, float | None]:
+    """Per (model, arm, target) under a target-stage search, the rate selected on English dev."""
+    dev: dict[Cell, dict[float, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    cells: dict[Cell, tuple[tuple[float, ...], set[int]]] = {}
+    for run in plan.runs:
+        labels = run.labels
+        if run.config.stage is not Stage.TARGET or labels.target is None or not labels.learning_rates:
+            continue
+        cell = (labels.model, labels.intermediate, labels.target)
+        cells.setdefault(cell, (labels.learning_rates, set()))[1].add(run.config.seed)
+        summary = results.get(run.run_id)
+        if summary is not None and summary.dev is not None:
+            dev[cell][run.config.hyperparameters.learning_rate][run.config.seed] = summary.dev
+    return {cell: select(dev.get(cell, {}), rates, sorted(seeds)) for cell, (rates, seeds) in cells.items()}
 
 
 def _cached_gain(treated: Mapping[int, float], baseline: Mapping[int, float]) -> Interval | None:

@@ -669,7 +669,15 @@ def grid_rules() -> list[dict[str, str]]:
     seeds = f"(has(self.replication) ? {max_seeds} : has(self.seeds) ? size(self.seeds) : 1)"
     arms = ("((has(self.intermediateTasks) ? size(self.intermediateTasks) : 0)"
             " + (has(self.multiTaskGroups) ? size(self.multiTaskGroups) : 0))")
-    runs = f"(size(self.models) * {arms} * {seeds} + size(self.models) * ({arms} + 1) * size(self.targets) * {seeds})"
+    def searched(stage: str) -> str:
+        return (f"(has(self.hyperparameters) && has(self.hyperparameters.{stage})"
+                f" && has(self.hyperparameters.{stage}.search))")
+
+    def rates(stage: str) -> str:  # a search's runs per cell: one per rate
+        return f"({searched(stage)} ? size(self.hyperparameters.{stage}.search.learningRate) : 1)"
+
+    runs = (f"(size(self.models) * {arms} * {seeds} * {rates('intermediate')}"
+            f" + size(self.models) * ({arms} + 1) * size(self.targets) * {seeds} * {rates('target')})")
     max_runs = f"(has(self.planning) && has(self.planning.maxRuns) ? self.planning.maxRuns : {PlanningSpec().max_runs})"
     rules = [
         ("self.models.all(m, self.models.exists_one(n, n.pretrained == m.pretrained))",
@@ -685,6 +693,8 @@ def grid_rules() -> list[dict[str, str]]:
         (f"{runs} <= {max_runs}", "the grid has more runs than planning.maxRuns"),
         ("!has(self.replication) || !has(self.seeds)",
          "replication: cannot be combined with seeds; remove one of them"),
+        (f"!has(self.replication) || !({searched('intermediate')} || {searched('target')})",
+         "hyperparameters: a learning-rate search cannot be combined with replication yet; remove one of them"),
     ]
     for task, info in TASKS.items():
         rules.append((f"!has(self.data) || !has(self.data.{task}) || {used(task)}",

@@ -451,7 +451,7 @@ def uncommon_spec() -> tuple[ExperimentSpec, Plan]:
 # check a rendered run by hand and put the new digest here.
 RENDER_DIGESTS = {
     "demo": "8f7911244961adc9992859e37e81c05f0110f1f39adca2b966bd77fe02b5b80c",
-    "phang2020": "ac5a6902cb1bace1b2a156b0e0cd4f8585103a526ea7c872849f5234243dbaed",
+    "phang2020": "a297b7b67f8817be97086e078135889889177c044f4a40e75bc147ee03484039",
     "scaling": "0bed3b28f846542bdac8bc7ba945e990d9e93ca660d6ddbc26e91d64a58fc8e7",
     "scaling-no-owner": "9a25a86cbf3e4a7d29408f70dd596f37d91633b506c5c15cf0f849ac1b5d8efe",
     "uncommon": "f996fa37c8f820d9938686130bbffb5fa11f98644f4306efdaded8bc4b7fabf1",

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from xstilts.operator.experiment.plan import plan
+from xstilts.operator.experiment.plan import Plan, plan
 from xstilts.operator.experiment.spec import ExperimentSpec, load_spec_text, parse_document
 from xstilts.trainer.config import Stage
 from xstilts.trainer.rundir import RunDir
@@ -21,7 +21,9 @@ def load(name: str) -> ExperimentSpec:
 # Counted by hand: phase 2 = models × intermediate arms × seeds;
 # phase 3 = models × (arms + baseline) × targets × seeds.
 @pytest.mark.parametrize(("example", "intermediate", "target"), [
-    ("phang2020.yaml", 1 * 10 * 3, 1 * 11 * 9 * 3),   # 9 tasks + all9 group, 9 XTREME targets; 30 + 297
+    # 9 tasks + all9 group, 9 XTREME targets, 3 phase-2 learning rates: 90 + the 27 baseline runs; the
+    # 270 arm target runs of the selected rates wait for the selection (810 held, 3 per run)
+    ("phang2020.yaml", 1 * 10 * 3 * 3, 1 * 1 * 9 * 3),
     ("scaling.yaml", 4 * 4 * 3, 4 * 5 * 2 * 3),       # mnli, squad_v1, hellaswag, all9; 48 + 120
     ("demo.yaml", 3 * 3 * 2, 3 * 4 * 2 * 2),          # mnli, hellaswag, mix; 18 + 48
 ])
@@ -29,7 +31,10 @@ def test_plan_sizes_are_exact(example: str, intermediate: int, target: int) -> N
     p = plan(load(example))
     assert p.count(Stage.INTERMEDIATE) == intermediate
     assert p.count(Stage.TARGET) == target
-    assert len(p.runs) == intermediate + target == load(example).run_count
+    assert len(p.runs) == intermediate + target
+    spec = load(example)
+    assert len(p.runs) + len(p.held) // max(1, len(spec.hyperparameters.intermediate.learning_rates)) == (
+        spec.run_count)
     assert len({r.run_id for r in p.runs}) == len(p.runs)
 
 
@@ -55,7 +60,8 @@ def test_each_checkpoint_is_shared_by_every_target() -> None:
     p = plan(load("phang2020.yaml"))
     for run in p.runs:
         if run.config.stage is Stage.INTERMEDIATE:
-            assert sorted(d.labels.target for d in p.dependants(run.run_id)) == sorted(
+            dependants = [d for d in p.held if run.run_id in d.depends_on]  # its phase-2 rate searched
+            assert sorted(d.labels.target for d in dependants) == sorted(
                 ["xnli", "pawsx", "udpos", "panx", "xquad", "mlqa", "tydiqa", "bucc2018", "tatoeba"])
 
 
@@ -90,13 +96,18 @@ def test_changing_a_hyperparameter_changes_only_the_affected_ids() -> None:
 
 def test_changing_an_intermediate_hyperparameter_propagates_to_its_dependants() -> None:
     spec = load("phang2020.yaml")
-    before = {(r.labels.intermediate, r.labels.target, r.config.seed): r.run_id for r in plan(spec).runs}
-    after_spec = _with(spec, perTask={"qqp": {"epochs": 1}})
-    after = {(r.labels.intermediate, r.labels.target, r.config.seed): r.run_id for r in plan(after_spec).runs}
+
+    def ids(p: Plan) -> dict[tuple[int, str, str | None, int], str]:  # by position: the learning rates repeat cells
+        return {(i, r.labels.intermediate, r.labels.target, r.config.seed): r.run_id
+                for i, r in enumerate((*p.runs, *p.held))}
+
+    before = ids(plan(spec))
+    after = ids(plan(_with(spec, perTask={"qqp": {"epochs": 1}})))
     changed = {key for key in before if before[key] != after[key]}
-    # The qqp checkpoint changes, so do the target runs that start from it; nothing else.
-    assert changed == {key for key in before if key[0] == "qqp"}
-    assert len(changed) == 3 * (1 + 9)
+    # The qqp checkpoints (one per searched rate) change, so do the target runs that start from
+    # them; nothing else.
+    assert changed == {key for key in before if key[1] == "qqp"}
+    assert len(changed) == 3 * 3 * (1 + 9)
 
 
 def test_overrides_resolve_most_specific_last() -> None:

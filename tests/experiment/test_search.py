@@ -197,3 +197,22 @@ def test_the_report_uses_the_selected_runs_and_shows_the_alternatives() -> None:
     assert {"stage": "intermediate", "model": "small", "intermediate": "mnli", "target": None,
             "selected": 3e-5, "english_dev": {"1e-05": pytest.approx(80), "3e-05": pytest.approx(85)}} in record[
         "learning_rate_search"]
+
+
+def test_the_status_best_gain_counts_the_selected_target_rate_only() -> None:
+    spec = spec_of(SPEC.replace(", search: {learningRate: [1.0e-5, 3.0e-5]}", "").replace("tatoeba]", "]")
+                   .replace(", tatoeba: [de]", ""))
+    p = plan(spec)
+    results: dict[str, ResultSummary] = {}
+    for run in p.runs:
+        if run.config.stage is Stage.INTERMEDIATE:
+            results[run.run_id] = ResultSummary(run.run_id, dev=0.5)
+            continue
+        lr = run.config.hyperparameters.learning_rate
+        arm = run.labels.intermediate == "mnli"
+        # 2e-5 is best on English dev and gains 5 points; 5e-5 would show a 40-point gain
+        dev = {1e-5: 0.6, 2e-5: 0.7, 5e-5: 0.65}[lr]
+        score = 0.5 + (0.05 if arm else 0) if lr != 5e-5 else (0.9 if arm else 0.5)
+        results[run.run_id] = ResultSummary(run.run_id, {AVG: score}, dev=dev)
+    best = reconcile(spec, p, Observed(results=results), NOW, render=False).status["bestGain"]
+    assert best == "+5.0 pawsx/mnli@small"

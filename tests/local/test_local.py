@@ -306,3 +306,24 @@ def attempts_any(run: PlannedRun) -> list[str]:
     log = RunDir.of(run.config).train_log
     text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
     return [line for line in text.splitlines() if line.startswith(ATTEMPT_MARK)]
+
+
+def test_a_phase2_learning_rate_search_trains_the_target_run_of_the_selected_rate_only(
+        tiny_hub: TinyHub, tiny_cache: Path, tmp_path: Path) -> None:
+    """Two phase-2 rates train; reconcile selects the one with the better English dev score
+    and the executor trains the mnli→pawsx run from it, and not from the other."""
+    text = spec_text(tiny_hub, name="search-test").replace(
+        "  intermediate: {learningRate: 1.0e-3,", "  intermediate: {search: {learningRate: [1.0e-3, 1.0e-6]},"
+        " learningRate: 1.0e-3,")
+    spec, p = write_spec(tmp_path, text)
+    assert len(p.runs) == 3 and len(p.held) == 2
+    done = xstilts_run(spec, tmp_path, "--parallel", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "learning-rate search: 1 target runs added" in done.stdout
+    phase2 = {r.run_id: RunResult.model_validate_json(result_path(p, r.run_id).read_text())
+              for r in p.runs if r.config.stage is Stage.INTERMEDIATE}
+    dev = {r.config.hyperparameters.learning_rate: r.metrics["dev.accuracy"] for r in phase2.values()}
+    best = max(dev, key=lambda lr: (dev[lr], lr == 1.0e-3))  # a tie: the rate listed first
+    trained = [r for r in p.held if RunDir.of(r.config).has_result()]
+    assert len(trained) == 1
+    assert phase2[trained[0].depends_on[0]].config.hyperparameters.learning_rate == best
