@@ -151,6 +151,8 @@ def _structural(node: Any, definitions: dict[str, Any]) -> Any:
             out[key] = True
         elif key == "properties":
             out[key] = {name: _structural(sub, definitions) for name, sub in value.items()}
+        elif key == "description" and isinstance(value, str):
+            out[key] = " ".join(value.split())  # a docstring's line breaks are not the reader's
         else:
             out[key] = _structural(value, definitions)
     if "enum" in out and "type" not in out:

@@ -84,7 +84,9 @@ def _keyed_by(names: tuple[str, ...]) -> Any:
     def update(schema: dict[str, Any]) -> None:
         value = schema.pop("additionalProperties")
         schema.pop("maxProperties", None)
-        schema["properties"] = {name: value for name in names}
+        described = "description" in schema  # each entry as the map, under its own name
+        schema["properties"] = {name: {**value, "description": f"{name}: {schema['description']}"} if described
+                                else value for name in names}
     return Field(json_schema_extra=update)
 
 
@@ -157,6 +159,8 @@ class _Spec(BaseModel):
         extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True,
         # No coercion: '8', 2.0 and true are not integers to the API server, so not to us either.
         strict=True,
+        # The string under a field is its description: in the CRD, so `kubectl explain` reads it.
+        use_attribute_docstrings=True,
     )
 
 
@@ -187,13 +191,22 @@ class ModelResources(_Spec):
     # strict: 2.0, '1' and true are typos, not GPU counts
     gpus: Annotated[int, Field(ge=0, le=16, strict=True, description="GPUs per node (0: CPU)")] = 1
     nodes: Annotated[int, Field(ge=1, le=512, strict=True)] = 1
+    """nodes per run; more than 1 needs gpus >= 1"""
     processes_per_node: Annotated[int | None, Field(ge=1, le=64)] = None
+    """training processes per node; on GPU nodes it must equal gpus (default: one per GPU)"""
     gpu_memory_gb: Annotated[float, Field(gt=0, le=1024)] = 80
+    """memory of one GPU in GB, for choosing the ZeRO stage (default 80)"""
     zero_stage: Annotated[Literal[0, 1, 2, 3, "auto"], BeforeValidator(_int_or_string)] = "auto"
+    """DeepSpeed ZeRO stage: 0, 1, 2, 3 or auto, an integer or a string (default auto: the least
+    partitioned stage whose model states fit the GPUs)"""
     offload: OffloadMode = "none"
+    """DeepSpeed offload to CPU memory: none, optimizer or all; needs a zeroStage other than auto"""
     micro_batch_size: Annotated[int | None, Field(ge=1, le=4096)] = None
+    """examples per GPU per step (default: the batch size spread over the GPUs)"""
     cpu: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$")] = "8"
+    """CPU request and limit of each pod, in Kubernetes units (8, 500m); above zero"""
     memory: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")] = "64Gi"
+    """memory request and limit of each pod, in Kubernetes units (64Gi); above zero"""
 
     @field_validator("cpu", "memory")
     @classmethod
@@ -229,8 +242,11 @@ class ModelSpec(_Spec):
     pretrained: Annotated[str, Field(min_length=1, max_length=512, pattern=PLAIN_PATH,
                                      description="hub id or local directory of the pretrained encoder")]
     display_name: str | None = None
+    """name shown in reports (default: name)"""
     parameters: Annotated[int | None, Field(ge=1, le=10**13)] = None
+    """parameter count, for GPU-hour estimates and zeroStage auto (default: known for the XLM-R family)"""
     resources: ModelResources = ModelResources()
+    """GPUs, nodes, ZeRO stage and pod resources of this model's runs"""
 
     @field_validator("name")
     @classmethod
@@ -290,8 +306,12 @@ class MultiTaskGroup(_Spec):
     """Several intermediate tasks trained at once: one encoder, one head per task."""
 
     name: Annotated[str, _schema_name(MAX_SHORT_NAME)]
+    """short DNS-1123 name of the group, its intermediate arm in run names; not 'baseline' nor an
+    intermediate task"""
     tasks: Annotated[list[IntermediateTaskName], Field(min_length=2, max_length=len(INTERMEDIATE_TASKS)), _LIST_SET]
+    """the intermediate tasks trained together, at least two, each once"""
     sampling_temperature: Annotated[float | None, Field(ge=1, le=100)] = None
+    """temperature of the size-proportional task sampling, 1 to 100 (1: proportional to size)"""
 
     @field_validator("name")
     @classmethod
@@ -312,16 +332,27 @@ class HyperParameterOverrides(_Spec):
     """A partial set of hyper-parameters: only the fields given replace the defaults."""
 
     learning_rate: Annotated[float | None, Field(gt=0, le=1)] = None
+    """peak learning rate of AdamW"""
     batch_size: Annotated[int | None, Field(ge=1, le=65536)] = None
+    """examples per optimiser step, over all GPUs"""
     epochs: Annotated[float | None, Field(gt=0, le=1000)] = None
+    """passes over the training data (may be fractional)"""
     max_steps: Annotated[int | None, Field(ge=1, le=INT32_MAX)] = None
+    """optimiser steps at most; ends training before epochs do"""
     max_seq_length: Annotated[int | None, Field(ge=8, le=8192)] = None
+    """tokens per example at most (default: the task's)"""
     warmup_ratio: Annotated[float | None, Field(ge=0, lt=1)] = None
+    """fraction of the steps with a linear learning-rate warm-up, 0 to below 1"""
     weight_decay: Annotated[float | None, Field(ge=0, le=1)] = None
+    """AdamW weight decay, 0 to 1"""
     max_train_examples: Annotated[int | None, Field(ge=1, le=INT32_MAX)] = None
+    """training examples used at most (a subsample, for quick runs)"""
     max_eval_examples: Annotated[int | None, Field(ge=1, le=INT32_MAX)] = None
+    """evaluation examples used at most"""
     sampling_temperature: Annotated[float | None, Field(ge=1, le=100)] = None
+    """temperature of multi-task sampling, 1 to 100"""
     retrieval_layer: Annotated[int | None, Field(ge=0, le=1000)] = None
+    """encoder layer whose representations retrieval tasks (bucc2018, tatoeba) compare"""
 
     def apply(self, base: HyperParameters) -> HyperParameters:
         changes = self.model_dump(exclude_none=True, by_alias=False)
@@ -348,6 +379,7 @@ class SearchSpec(_Spec):
     learning_rate: Annotated[list[Annotated[float, Field(gt=0, le=1)]],
                              Field(min_length=2, max_length=MAX_SEARCH_VALUES,
                                    json_schema_extra={"x-kubernetes-list-type": "set"})]
+    """learning rates to try, 2 to 16, each once; the best on English dev is selected"""
 
     @field_validator("learning_rate")
     @classmethod
@@ -360,6 +392,7 @@ class StageHyperParameters(HyperParameterOverrides):
     """A stage's settings, and optionally the values to search for it."""
 
     search: SearchSpec | None = None
+    """values to search for this stage, each run as its own runs"""
 
     def apply(self, base: HyperParameters) -> HyperParameters:
         changes = self.model_dump(exclude_none=True, exclude={"search"}, by_alias=False)
@@ -376,10 +409,14 @@ class HyperParameterSpec(_Spec):
     the most specific wins. A stage's `search` values replace all of them."""
 
     intermediate: StageHyperParameters = StageHyperParameters()
+    """settings of every phase-2 (intermediate-task) run"""
     target: StageHyperParameters = StageHyperParameters()
+    """settings of every phase-3 (target-task) run"""
     per_model: Annotated[dict[str, HyperParameterOverrides], Field(max_length=64)] = Field(default_factory=dict)
+    """settings of one model's runs, keyed by model name"""
     per_task: Annotated[dict[str, HyperParameterOverrides], Field(max_length=len(TASKS)), _keyed_by(tuple(TASKS))] = (
         Field(default_factory=dict))
+    """settings of one task's runs, keyed by task"""
 
     @field_validator("per_task")
     @classmethod
@@ -424,10 +461,15 @@ _LABEL_VALUE_SCHEMA = Field(json_schema_extra={"pattern": f"^{LABEL_VALUE.patter
 # accepts never renders a Job the API server rejects.
 class Toleration(_Spec):
     key: Annotated[str | None, Field(pattern=LABEL_KEY, max_length=317)] = None
+    """the taint key the toleration matches (empty with operator Exists: every taint)"""
     operator: Literal["Exists", "Equal"] = "Equal"
+    """Equal (key and value match) or Exists (the key matches)"""
     value: Annotated[str | None, _LABEL_VALUE_SCHEMA] = None
+    """the taint value, with operator Equal"""
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """the taint effect matched: NoSchedule, PreferNoSchedule or NoExecute (empty: all)"""
     toleration_seconds: Annotated[int | None, Field(ge=0, le=INT32_MAX)] = None
+    """how long a pod stays bound after a NoExecute taint appears"""
 
     @field_validator("key")
     @classmethod
@@ -477,11 +519,14 @@ class StorageSpec(_Spec):
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [_NO_URI]})
 
     pvc: Annotated[str | None, _schema_name(253)] = None
+    """name of a ReadWriteMany PersistentVolumeClaim in the namespace, mounted into every run's pod"""
     mount_path: Annotated[str, Field(
         pattern=rf"^(?:/{_S3_SEGMENT})+$", max_length=256,
         json_schema_extra={"x-kubernetes-validations": [{"rule": f"!self.matches('{_SYSTEM_MOUNT}')",
                                                           "message": _SYSTEM_MOUNT_MESSAGE}]})] = "/data"
+    """where the claim is mounted in the pod (default /data); not over the pod's system directories"""
     uri: Annotated[str | None, Field(max_length=1024)] = None
+    """object storage: not supported yet, refused; use pvc"""
 
     @field_validator("pvc")
     @classmethod
@@ -536,20 +581,31 @@ class SecretRefs(_Spec):
 
 class ClusterSpec(_Spec):
     namespace: Annotated[str, _schema_name(63)] = "default"
+    """the namespace the runs' Jobs are created in"""
     image: Annotated[str, Field(pattern=IMAGE_REFERENCE, max_length=512)] = (
         "ghcr.io/xstilts/trainer:0.1.0"
     )
+    """the trainer image every run's pod runs"""
     queue: Annotated[str | None, _schema_name(63)] = None  # Kueue LocalQueue name
+    """the Kueue LocalQueue the Jobs are submitted to (none: no Kueue)"""
     node_selector: Annotated[dict[str, Annotated[str, _LABEL_VALUE_SCHEMA]], Field(max_length=32, json_schema_extra={
             "x-kubernetes-validations": [{"rule": f"self.all(k, k.matches('{LABEL_KEY}'))",
                                           "message": "a key is not a label key"}]})] = Field(default_factory=dict)
+    """node labels every run's pod must match, e.g. nvidia.com/gpu.product: H100"""
     tolerations: list[Toleration] = Field(default_factory=list)
+    """taints every run's pod tolerates"""
     storage: StorageSpec = StorageSpec()
+    """where run directories (checkpoints, results) live"""
     secrets: SecretRefs = SecretRefs()
+    """Secrets the runs read credentials from, by name"""
     max_parallel: Annotated[int, Field(ge=1, le=10000)] = 8
+    """runs active at once at most, 1 to 10000 (default 8)"""
     backoff_limit: Annotated[int, Field(ge=0, le=100)] = 3
+    """pod retries of a run's Job before the run fails (default 3)"""
     active_deadline_seconds: Annotated[int | None, Field(ge=60, le=INT32_MAX)] = None
+    """a run's Job fails after this many seconds (none: no limit)"""
     ttl_seconds_after_finished: Annotated[int | None, Field(ge=0, le=INT32_MAX)] = 86400
+    """a finished Job is deleted after this many seconds (default one day; its results stay)"""
 
     @field_validator("namespace")
     @classmethod
@@ -600,6 +656,7 @@ class MlflowSpec(_Spec):
         description="MLflow tracking server; credentials go into the Secret cluster.secrets.mlflow, never here",
         json_schema_extra={"x-kubernetes-validations": _URI_RULES})] = None
     experiment_name: str | None = None  # default: the experiment's name
+    """the MLflow experiment the runs log to (default: the experiment's name)"""
 
     @field_validator("tracking_uri")
     @classmethod
@@ -621,7 +678,9 @@ class PlanningSpec(_Spec):
 
     # Sustained model FLOP/s per GPU (bf16), i.e. peak × utilisation.
     assumed_tflops_per_gpu: Annotated[float, Field(gt=0, le=10000)] = 300.0
+    """sustained bf16 TFLOP/s per GPU (peak x utilisation) for GPU-hour estimates (default 300)"""
     max_runs: Annotated[int, Field(ge=1, le=MAX_RUNS)] = 2000
+    """a grid with more runs is refused, 1 to 20000 (default 2000); with replication every cell counts at maxSeeds"""
 
 
 class ReplicationSpec(_Spec):
@@ -631,8 +690,11 @@ class ReplicationSpec(_Spec):
     and an intermediate-arm run with it), up to maxSeeds."""
 
     target_half_width: Annotated[float, Field(gt=0, le=100)]
+    """half-width of the 95% paired gain interval, in points, at which a cell stops adding seeds"""
     min_seeds: Annotated[int, Field(ge=2, le=1000)] = 3  # two paired seeds give the first interval
+    """seeds every cell starts with, at least 2 (default 3)"""
     max_seeds: Annotated[int, Field(ge=2, le=1000)] = 10
+    """seeds a cell runs at most (default 10)"""
 
     @model_validator(mode="after")
     def _bounds(self) -> ReplicationSpec:
@@ -716,28 +778,41 @@ class ExperimentSpec(_Spec):
     """models × (baseline + intermediate tasks + multi-task groups) × targets × seeds."""
 
     name: Annotated[str, _schema_name(MAX_EXPERIMENT_NAME)]
+    """DNS-1123 name of the experiment; equals metadata.name"""
     model_config = ConfigDict(json_schema_extra=lambda schema: schema.update(
         {"x-kubernetes-validations": grid_rules()}))
 
     models: Annotated[list[ModelSpec], Field(min_length=1, max_length=MAX_MODELS), _LIST_MAP]
+    """the pretrained encoders compared, each listed once"""
     intermediate_tasks: Annotated[list[IntermediateTaskName], Field(max_length=len(INTERMEDIATE_TASKS)),
                                   _LIST_SET] = Field(default_factory=list)
+    """phase-2 tasks, each trained on its own before the targets"""
     multi_task_groups: Annotated[list[MultiTaskGroup], Field(max_length=MAX_GROUPS), _LIST_MAP] = Field(
         default_factory=list)
+    """phase-2 arms that train several intermediate tasks at once"""
     targets: Annotated[list[TargetTaskName], Field(min_length=1, max_length=len(TARGET_TASKS)), _LIST_SET]
+    """phase-3 target tasks, evaluated zero-shot across languages"""
     seeds: Annotated[list[Annotated[int, Field(ge=0, le=INT32_MAX)]], Field(min_length=1, max_length=MAX_RUNS),
                      _LIST_SET] = [1]
+    """the seeds every cell runs (default [1]); not with replication"""
     replication: ReplicationSpec | None = None  # instead of seeds: as many seeds as precision needs
+    """instead of seeds: add seeds to each cell until its gain interval is narrow enough"""
     hyperparameters: HyperParameterSpec = HyperParameterSpec()
+    """hyper-parameters per stage, model and task; the most specific wins"""
     eval_languages: Annotated[dict[str, Annotated[list[str], Field(min_length=1, max_length=64), _LIST_SET]],
                               Field(max_length=len(TARGET_TASKS)), _keyed_by(TARGET_TASKS)] = Field(
         default_factory=dict)  # target -> subset
+    """per target task, the languages evaluated (default: all of the task's)"""
     data: Annotated[dict[str, Annotated[str, Field(pattern=PLAIN_PATH, max_length=1024)]],
                     Field(max_length=len(TASKS)), _keyed_by(tuple(TASKS))] = Field(
         default_factory=dict)  # task -> local data directory
+    """per task, a local data directory instead of the hub (required for tasks with no hub source, such as ccg)"""
     cluster: ClusterSpec = ClusterSpec()
+    """how and where the runs execute on Kubernetes"""
     mlflow: MlflowSpec = MlflowSpec()
+    """where the runs log metrics"""
     planning: PlanningSpec = PlanningSpec()
+    """GPU-hour estimate assumptions and the runs limit"""
 
     @field_validator("name")
     @classmethod

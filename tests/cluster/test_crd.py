@@ -103,3 +103,22 @@ def test_core_imports_no_torch() -> None:
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _properties(node: dict, path: str = "spec"):
+    for name, sub in (node.get("properties") or {}).items():
+        yield f"{path}.{name}", sub
+        yield from _properties(sub, f"{path}.{name}")
+        if isinstance(sub.get("items"), dict):
+            yield from _properties(sub["items"], f"{path}.{name}[]")
+
+
+def test_every_spec_field_has_a_description_for_kubectl_explain() -> None:
+    spec = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    fields = dict(_properties(spec))
+    assert len(fields) > 100
+    assert [path for path, node in fields.items() if not node.get("description")] == []
+    assert all("\n" not in node["description"] for node in fields.values())
+    zero = fields["spec.models[].resources.zeroStage"]  # int-or-string, and keeps its enum
+    assert zero["x-kubernetes-int-or-string"] and zero["enum"] == [0, 1, 2, 3, "auto"]
+    assert "an integer or a string" in zero["description"]

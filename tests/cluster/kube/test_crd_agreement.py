@@ -105,3 +105,19 @@ def test_the_api_server_refuses_object_storage_naming_the_field_and_the_fix(cont
     assert refused.value.status == 422
     assert "spec.cluster.storage.uri: Invalid value" in refused.value.body
     assert OBJECT_STORAGE_REFUSED in refused.value.body
+
+
+@pytest.mark.slow
+def test_kubectl_explain_describes_every_field(control_plane: Any) -> None:
+    control_plane.apply(crd())
+
+    def explained() -> str | None:
+        out = control_plane.kubectl("explain", "experiment.spec.models.resources", check=False)
+        return out.stdout if out.returncode == 0 and "zeroStage" in out.stdout else None
+
+    text = control_plane.wait_for(explained, timeout=60, what="kubectl explain")
+    assert "<no description>" not in text, text
+    assert "DeepSpeed ZeRO stage" in text and "GPUs per node" in text
+    whole = control_plane.kubectl("explain", "experiment.spec", "--recursive").stdout
+    assert "<no description>" not in control_plane.kubectl("explain", "experiment.spec.cluster").stdout
+    assert "maxParallel" in whole
