@@ -39,15 +39,16 @@ MUTATIONS: list[tuple[tuple[Any, ...], Any]] = [
 ]
 REMOVE = object()
 # Edits of several top-level fields at once: replication (instead of seeds) counts every cell at
-# maxSeeds against planning.maxRuns. The example has 109 runs per seed.
-REPLICATE = {"seeds": REMOVE, "replication": {"targetHalfWidth": 1.0}}
+# maxSeeds against planning.maxRuns. Without its learning-rate search (which replication refuses)
+# the example has 109 runs per seed.
+REPLICATE = {"seeds": REMOVE, "hyperparameters": REMOVE, "replication": {"targetHalfWidth": 1.0}}
 EDITS: list[dict[str, Any]] = [
     {**REPLICATE, "planning": {"maxRuns": 1090}},  # default maxSeeds 10: 1,090 runs, at the limit
     {**REPLICATE, "planning": {"maxRuns": 1089}},
-    {"seeds": REMOVE, "replication": {"targetHalfWidth": 1.0, "maxSeeds": 18}},  # 1,962 <= 2,000
-    {"seeds": REMOVE, "replication": {"targetHalfWidth": 1.0, "maxSeeds": 19}},  # 2,071 > 2,000
-    {"seeds": REMOVE, "replication": {"targetHalfWidth": 1.0, "minSeeds": 2, "maxSeeds": 2}},
-    {"replication": {"targetHalfWidth": 1.0}},  # together with seeds
+    {**REPLICATE, "replication": {"targetHalfWidth": 1.0, "maxSeeds": 18}},  # 1,962 <= 2,000
+    {**REPLICATE, "replication": {"targetHalfWidth": 1.0, "maxSeeds": 19}},  # 2,071 > 2,000
+    {**REPLICATE, "replication": {"targetHalfWidth": 1.0, "minSeeds": 2, "maxSeeds": 2}},
+    {"hyperparameters": REMOVE, "replication": {"targetHalfWidth": 1.0}},  # together with seeds
 ]
 
 
