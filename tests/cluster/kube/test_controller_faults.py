@@ -328,3 +328,56 @@ def test_objects_the_api_server_refuses_fail_their_runs_on_the_status_and_are_no
         env.cp.wait_for(lambda: m1_free <= {j["metadata"]["name"] for j in list_jobs(env.cp, env.namespace,
                                                                                      "refused")},
                         timeout=60, what="the refused runs created after the spec changed")
+
+
+def test_a_spec_that_cannot_be_planned_fails_once_and_waits_for_a_new_generation(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planning that raises, whatever the exception (here an AssertionError, as two colliding
+    groups once raised): phase Failed with a short message, an Event, and no further attempt
+    until the spec's generation changes. The controller runs in this process so that the
+    planner can be made to fail; the API server is the real one."""
+    from xstilts.operator.cluster import controller as controller_module
+    from xstilts.operator.cluster.controller import Controller, ControllerOptions, declare_metrics
+    from xstilts.operator.cluster.runtime.prometheus import Health, Metrics
+
+    calls: list[int] = []
+
+    def broken_plan(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        raise AssertionError("two runs have the same id " + "x" * 5000)
+
+    monkeypatch.setattr(controller_module, "plan", broken_plan)
+    obj = small_experiment("unplannable", env.namespace)
+    env.apply(obj)
+    metrics = Metrics()
+    declare_metrics(metrics)
+    controller = Controller(Kube(connect(str(env.kubeconfig))), ControllerOptions(env.namespace), metrics, Health())
+    stop = threading.Event()
+    controller.start_watches()
+    try:
+        assert controller.wait_synced(stop)
+        key = (env.namespace, "unplannable")
+        env.cp.wait_for(lambda: controller.experiments.get(key), timeout=30, what="the Experiment in the cache")
+        assert controller.reconcile_key(key) == "failed"
+        status = env.cp.wait_for(lambda: (env.cp.api(
+            "GET", f"/apis/xstilts.dev/v1alpha1/namespaces/{env.namespace}/experiments/unplannable")
+            .get("status") or {}) or None, timeout=30, what="a status")
+        assert status["phase"] == "Failed" and status["observedGeneration"] == 1
+        assert status["message"].startswith("the spec passed validation but cannot be planned: AssertionError:")
+        assert len(status["message"]) == 1024
+        assert {c["type"]: c["reason"] for c in status["conditions"]}["Ready"] == "PlanFailed"
+        [event] = events(env.cp, env.namespace, "PlanFailed")
+        assert len(event["message"]) == 1024
+        # Resyncs: no planning again, no Job, no second Event.
+        for _ in range(3):
+            assert controller.reconcile_key(key) == "failed"
+        assert calls == [1] and list_jobs(env.cp, env.namespace, "unplannable") == []
+        assert [e.get("count", 1) for e in events(env.cp, env.namespace, "PlanFailed")] == [1]
+        # A new generation is planned again.
+        obj["spec"]["cluster"]["maxParallel"] = 2
+        env.apply(obj)
+        env.cp.wait_for(lambda: (controller.experiments.get(key) or {}).get("metadata", {}).get("generation") == 2,
+                        timeout=30, what="generation 2 in the cache")
+        assert controller.reconcile_key(key) == "failed" and calls == [1, 1]
+    finally:
+        controller._watch_stop.set()
