@@ -137,7 +137,7 @@ def report_command(spec: ExperimentSpec, output_dir: Path | None, formats_text: 
         from xstilts.trainer.tracking.mlflow_client import first_line
 
         try:
-            loaded = load_mlflow_results(uri, experiment_name, [r.run_id for r in p.runs])
+            loaded = load_mlflow_results(uri, experiment_name, [r.run_id for r in (*p.runs, *p.reserve)])
         except (MlflowException, OSError) as e:  # refused, unreachable: say so, not a traceback
             err.print(f"[red]error:[/red] cannot read the results from MLflow at {escape(redact_uri(uri))}:"
                       f" {escape(first_line(e, uri))}", soft_wrap=True)

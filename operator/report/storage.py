@@ -54,9 +54,10 @@ def _read(path: Path, loaded: Loaded, where: str | None = None) -> None:
 
 def load_result_files(p: Plan) -> Loaded:
     """The result.json of every planned run that has one. Results of runs the spec no longer
-    plans (an edited spec) are left out: the report is about this spec."""
+    plans (an edited spec) are left out: the report is about this spec. The reserve's runs
+    count too: under spec.replication, the seeds reconcile added live there."""
     loaded = Loaded()
-    for run in p.runs:
+    for run in (*p.runs, *p.reserve):
         _read(RunDir.of(run.config).result, loaded)
     return loaded
 

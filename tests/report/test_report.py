@@ -451,3 +451,18 @@ def test_predictions_written_by_a_run_are_read_back_beside_its_result_wherever_t
     loaded = load_result_files(mounted)
     assert len(loaded.results) == len(as_pods_saw_it) and not loaded.problems
     assert loaded.predictions == {first.run_id: {"en": {0: (1.0, 1.0), 1: (0.0, 1.0)}, "de": {0: (1.0, 2.0)}}}
+
+
+def test_results_of_seeds_added_under_replication_are_read(tmp_path: Path) -> None:
+    """Seeds reconcile added live in the plan's reserve; their results count in the report."""
+    from xstilts.operator.report.storage import load_result_files
+
+    text = SPEC.replace("seeds: [1, 2, 3]", "replication: {targetHalfWidth: 5.0, minSeeds: 2, maxSeeds: 3}")
+    p = plan(load_spec_text(text, "report-test.yaml"), str(tmp_path))
+    assert all(r.config.seed == 3 for r in p.reserve) and p.reserve
+    full = Plan(p.experiment, (*p.runs, *p.reserve), {r.run_id: r for r in (*p.runs, *p.reserve)})
+    results = hand_made_results(full)
+    write_results(full, results)
+    loaded = load_result_files(p)
+    assert {r.config.seed for r in loaded.results} == {1, 2, 3}
+    assert len(loaded.results) == len(results) and not loaded.problems
