@@ -13,7 +13,7 @@ $(BIN)/xstilts: pyproject.toml
 
 install: $(BIN)/xstilts
 
-# The demo world (task files, pretrained tiny models; cached under xstilts-demo/), the 66 runs
+# The demo world (task files, pretrained tiny models; cached under xstilts-demo/), the runs
 # of examples/demo.yaml (resumable), then the report under xstilts-out/demo/report/.
 demo: install
 	$(BIN)/python -m xstilts.demo
