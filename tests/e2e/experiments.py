@@ -125,6 +125,19 @@ class Scenario:
         return wait(lambda: (p if (p := self.phase(name)) in wanted else None), timeout,
                     f"experiment {name or self.name} to reach {wanted}", self.diagnostics)
 
+    def wait_jobs_complete(self, timeout: float = 60) -> list[dict[str, Any]]:
+        """The Experiment's Jobs once all are Complete. The controller sees a run's result.json
+        as soon as it is written, so an Experiment can be Succeeded a little before the Job
+        controller marks the last Jobs Complete (their pods have yet to exit)."""
+        def complete(j: dict[str, Any]) -> bool:
+            return any(c["type"] == "Complete" and c["status"] == "True" for c in j["status"].get("conditions") or [])
+
+        def all_complete() -> list[dict[str, Any]] | None:
+            jobs = self.jobs()
+            return jobs if jobs and all(complete(j) for j in jobs) else None
+
+        return wait(all_complete, timeout, f"every Job of {self.name} to complete", self.diagnostics, interval=1)
+
     @contextlib.contextmanager
     def mlflow_port_forward(self) -> Iterator[str]:
         """The in-cluster MLflow server as k8s/README.md tells users to reach it: `kubectl

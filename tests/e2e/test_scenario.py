@@ -15,7 +15,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -50,16 +49,7 @@ def test_experiment_succeeds_with_phase_3_after_phase_2(scenario: Scenario) -> N
     labels = [j["metadata"]["labels"] for j in jobs]
     assert len(jobs) == 6, labels  # 2 mnli runs + (baseline, mnli) x 2 seeds on xnli
 
-    def complete(j: dict[str, Any]) -> bool:
-        return any(c["type"] == "Complete" and c["status"] == "True" for c in j["status"].get("conditions") or [])
-
-    # The controller sees a run's result.json as soon as it is written, a little before the
-    # Job controller marks the Job Complete (its pod has yet to exit).
-    def all_complete() -> list[dict[str, Any]] | None:
-        js = scenario.jobs()
-        return js if all(complete(j) for j in js) else None
-
-    jobs = wait(all_complete, 60, "every Job to complete", scenario.diagnostics, interval=1)
+    jobs = scenario.wait_jobs_complete()
     # Phase 3 after phase 2: every run that fine-tunes from an mnli checkpoint was created
     # after that checkpoint's Job completed (RFC 3339 timestamps sort as text).
     intermediate = [j for j in jobs if j["metadata"]["labels"]["xstilts.dev/stage"] == "intermediate"]

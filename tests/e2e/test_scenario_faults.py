@@ -1,7 +1,8 @@
 """Faults on real pods, in the one-node cluster of the scenario (``staged``): a trainer pod
 deleted mid-training resumes from its checkpoint to the same end; a run that exits as invalid
 fails its Job at once through podFailurePolicy; the leader controller killed, the other
-replica takes the Lease and no Job is created twice."""
+replica takes the Lease and no Job is created twice; kube-apiserver restarted while Jobs are
+created, the Experiment converges with no duplicate."""
 
 from __future__ import annotations
 
@@ -134,7 +135,7 @@ def test_the_leader_killed_the_other_replica_takes_over_without_duplicate_jobs(s
     s.wait_phase({"Succeeded", "Failed"}, 900)
     s.step("experiment finished", t0)
     assert s.phase() == "Succeeded", s.diagnostics()
-    jobs = s.jobs()
+    jobs = s.wait_jobs_complete()
     run_ids = [j["metadata"]["labels"]["xstilts.dev/run-id"] for j in jobs]
     assert len(run_ids) == len(set(run_ids)) == 3, run_ids
     for j in jobs:  # the Jobs created before the kill are the same objects
@@ -142,3 +143,28 @@ def test_the_leader_killed_the_other_replica_takes_over_without_duplicate_jobs(s
         # Never recreated: each Job ran its pods once, none failed.
         assert j["status"].get("succeeded") == 1 and not j["status"].get("failed"), j["status"]
     print(f"\n  leader: {s.timings}", file=sys.stderr)
+
+
+def test_the_api_server_restarted_while_jobs_are_created_the_experiment_converges(staged: NodeCluster) -> None:
+    """kube-apiserver stopped and started (etcd stays) right after the controller created an
+    Experiment's first Jobs: the controller, kubelet and Job controller reconnect, the
+    Experiment succeeds, and each run has exactly one Job that never failed."""
+    t0 = time.monotonic()
+    cp = staged.control_plane
+    assert cp is not None
+    s = Scenario(staged, "restart", Path("-"))
+    apply(staged, experiment_object("restart", [1]))
+    wait(lambda: s.jobs(), 60, "the first Jobs", s.diagnostics, interval=0.2)
+    uids = {j["metadata"]["name"]: j["metadata"]["uid"] for j in s.jobs()}
+    cp.restart("kube-apiserver", timeout=120)
+    s.step("kube-apiserver restarted", t0)
+    s.wait_phase({"Succeeded", "Failed"}, 900)
+    s.step("experiment finished", t0)
+    assert s.phase() == "Succeeded", s.diagnostics()
+    jobs = s.wait_jobs_complete()
+    run_ids = [j["metadata"]["labels"]["xstilts.dev/run-id"] for j in jobs]
+    assert len(run_ids) == len(set(run_ids)) == 3, run_ids
+    for j in jobs:
+        assert uids.get(j["metadata"]["name"], j["metadata"]["uid"]) == j["metadata"]["uid"]
+        assert j["status"].get("succeeded") == 1 and not j["status"].get("failed"), j["status"]
+    print(f"\n  apiserver restart: {s.timings}", file=sys.stderr)

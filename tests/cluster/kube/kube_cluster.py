@@ -961,19 +961,20 @@ class ControlPlane:
         self._procs.clear()
 
     def restart(self, component: str, timeout: float = 60.0) -> None:
-        """Stop and start one component (``kube-controller-manager``,
-        ``kube-scheduler`` or ``kwok``) with the same flags, and wait until it
-        is healthy again."""
-        if component not in ("kube-controller-manager", "kube-scheduler", "kwok"):
+        """Stop and start one component (``kube-apiserver``,
+        ``kube-controller-manager``, ``kube-scheduler`` or ``kwok``) with the same
+        flags, and wait until it is healthy again (etcd, and so the cluster's
+        state, stays)."""
+        if component not in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"):
             raise ValueError(f"cannot restart {component}")
         (old,) = [p for p in self._procs if p.name == component]
         self._terminate(old)
         self._procs.remove(old)
         self._spawn(component, old.args, old.env)
-        url = self._health.get(component)
+        url = f"{self.server}/readyz" if component == "kube-apiserver" else self._health.get(component)
         if url:
             deadline = time.monotonic() + timeout
-            self._wait(component, deadline, lambda: self._http_ok(url, insecure=True))
+            self._wait(component, deadline, lambda: self._http_ok(url, insecure=component != "kube-apiserver"))
 
     def restart_controller_manager(self) -> None:
         """Restart kube-controller-manager, so that its garbage collector (and
