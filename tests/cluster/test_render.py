@@ -450,7 +450,7 @@ def uncommon_spec() -> tuple[ExperimentSpec, Plan]:
 # too). Any change to what render produces changes these: when the change is intended,
 # check a rendered run by hand and put the new digest here.
 RENDER_DIGESTS = {
-    "demo": "8f7911244961adc9992859e37e81c05f0110f1f39adca2b966bd77fe02b5b80c",
+    "demo": "52d01be7d6a55f5e755f2923ba22556e9f30b27d49611a6e8020b4d8157e3bd7",
     "phang2020": "a297b7b67f8817be97086e078135889889177c044f4a40e75bc147ee03484039",
     "scaling": "0bed3b28f846542bdac8bc7ba945e990d9e93ca660d6ddbc26e91d64a58fc8e7",
     "scaling-no-owner": "9a25a86cbf3e4a7d29408f70dd596f37d91633b506c5c15cf0f849ac1b5d8efe",

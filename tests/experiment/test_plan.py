@@ -25,7 +25,7 @@ def load(name: str) -> ExperimentSpec:
     # 270 arm target runs of the selected rates wait for the selection (810 held, 3 per run)
     ("phang2020.yaml", 1 * 10 * 3 * 3, 1 * 1 * 9 * 3),
     ("scaling.yaml", 4 * 4 * 3, 4 * 5 * 2 * 3),       # mnli, squad_v1, hellaswag, all9; 48 + 120
-    ("demo.yaml", 3 * 3 * 2, 3 * 4 * 2 * 2),          # mnli, hellaswag, mix; 18 + 48
+    ("demo.yaml", 3 * 3 * 3, 3 * 4 * 2 * 3),          # mnli, hellaswag, mix at minSeeds 3; 27 + 72
 ])
 def test_plan_sizes_are_exact(example: str, intermediate: int, target: int) -> None:
     p = plan(load(example))
@@ -33,8 +33,10 @@ def test_plan_sizes_are_exact(example: str, intermediate: int, target: int) -> N
     assert p.count(Stage.TARGET) == target
     assert len(p.runs) == intermediate + target
     spec = load(example)
-    assert len(p.runs) + len(p.held) // max(1, len(spec.hyperparameters.intermediate.learning_rates)) == (
-        spec.run_count)
+    # run_count is the most the grid can cost: the replication reserve up to maxSeeds included,
+    # and one target run per arm of a searched phase-2 rate
+    assert len(p.runs) + len(p.reserve) + len(p.held) // max(
+        1, len(spec.hyperparameters.intermediate.learning_rates)) == spec.run_count
     assert len({r.run_id for r in p.runs}) == len(p.runs)
 
 
