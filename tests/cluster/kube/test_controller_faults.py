@@ -327,7 +327,7 @@ def test_objects_the_api_server_refuses_fail_their_runs_on_the_status_and_are_no
         env.apply(obj)
         env.cp.wait_for(lambda: m1_free <= {j["metadata"]["name"] for j in list_jobs(env.cp, env.namespace,
                                                                                      "refused")},
-                        timeout=60, what="the refused runs created after the spec changed")
+                        timeout=180, what="the refused runs created after the spec changed")
 
 
 def test_a_spec_that_cannot_be_planned_fails_once_and_waits_for_a_new_generation(
