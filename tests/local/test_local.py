@@ -256,9 +256,8 @@ def test_a_failing_run_blocks_its_dependants_only_and_is_retried_on_request(
 
 def test_a_run_asking_for_several_processes_runs_under_torchrun(
         tiny_hub: TinyHub, tiny_cache: Path, tmp_path: Path) -> None:
-    text = spec_text(tiny_hub, name="ddp-test").replace("resources: {gpus: 0}",
-                                                        "resources: {gpus: 0, processesPerNode: 2}")
-    text = text.replace("intermediateTasks: [mnli]", "intermediateTasks: []")
+    text = spec_text(tiny_hub, name="ddp-test", intermediates=()).replace(
+        "resources: {gpus: 0}", "resources: {gpus: 0, processesPerNode: 2}")
     spec, p = write_spec(tmp_path, text)
     (only,) = p.runs
     done = xstilts_run(spec, tmp_path)
