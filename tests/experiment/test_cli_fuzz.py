@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
-from experiment.test_fuzz_inputs import PROBLEM, delete, get, hostile, nodes, rename, replace, wrong_type
+from experiment.test_fuzz_inputs import PROBLEM, mutate, nodes, replace, wrong_type
 from experiment.test_spec_properties import valid_specs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -92,18 +92,7 @@ def mutated_valid_specs(draw: st.DrawFn) -> Any:
     """A valid spec with exactly one thing changed."""
     doc = copy.deepcopy(draw(valid_specs))
     path = draw(st.sampled_from(list(nodes(doc))))
-    how = draw(st.sampled_from(["hostile", "wrong type", "delete", "rename", "unknown field"]))
-    if how == "hostile":
-        replace(doc, path, draw(hostile))
-    elif how == "wrong type":
-        replace(doc, path, draw(wrong_type))
-    elif how == "delete":
-        delete(doc, path)
-    elif how == "rename" and isinstance(get(doc, path[:-1]), dict):
-        rename(doc, path, draw(hostile))
-    elif isinstance(get(doc, path[:-1]), dict):
-        get(doc, path[:-1])[draw(hostile)] = draw(wrong_type)
-    else:
+    if not mutate(draw, doc, path):
         replace(doc, path, draw(wrong_type))
     return doc
 

@@ -163,19 +163,27 @@ def damaged_documents(draw: st.DrawFn) -> Any:
         candidates = list(nodes(doc))
         if not candidates:
             break
-        path = draw(st.sampled_from(candidates))
-        how = draw(st.sampled_from(["hostile", "wrong type", "delete", "rename", "unknown field"]))
-        if how == "hostile":
-            replace(doc, path, draw(hostile))
-        elif how == "wrong type":
-            replace(doc, path, draw(wrong_type))
-        elif how == "delete":
-            delete(doc, path)
-        elif how == "rename" and isinstance(get(doc, path[:-1]), dict):
-            rename(doc, path, draw(hostile))
-        elif isinstance(get(doc, path[:-1]), dict):
-            get(doc, path[:-1])[draw(hostile)] = draw(wrong_type)
+        mutate(draw, doc, draw(st.sampled_from(candidates)))
     return doc
+
+
+def mutate(draw: st.DrawFn, doc: Any, path: Path_) -> bool:
+    """Change `doc` at `path` in one drawn way; False when the way drawn does not apply there
+    (a rename or an added field under a list)."""
+    how = draw(st.sampled_from(["hostile", "wrong type", "delete", "rename", "unknown field"]))
+    if how == "hostile":
+        replace(doc, path, draw(hostile))
+    elif how == "wrong type":
+        replace(doc, path, draw(wrong_type))
+    elif how == "delete":
+        delete(doc, path)
+    elif how == "rename" and isinstance(get(doc, path[:-1]), dict):
+        rename(doc, path, draw(hostile))
+    elif isinstance(get(doc, path[:-1]), dict):
+        get(doc, path[:-1])[draw(hostile)] = draw(wrong_type)
+    else:
+        return False
+    return True
 
 
 # --- the properties ----------------------------------------------------------------------------
