@@ -135,13 +135,7 @@ def test_the_leader_killed_the_other_replica_takes_over_without_duplicate_jobs(s
     s.wait_phase({"Succeeded", "Failed"}, 900)
     s.step("experiment finished", t0)
     assert s.phase() == "Succeeded", s.diagnostics()
-    jobs = s.wait_jobs_complete()
-    run_ids = [j["metadata"]["labels"]["xstilts.dev/run-id"] for j in jobs]
-    assert len(run_ids) == len(set(run_ids)) == 3, run_ids
-    for j in jobs:  # the Jobs created before the kill are the same objects
-        assert uids.get(j["metadata"]["name"], j["metadata"]["uid"]) == j["metadata"]["uid"]
-        # Never recreated: each Job ran its pods once, none failed.
-        assert j["status"].get("succeeded") == 1 and not j["status"].get("failed"), j["status"]
+    assert_one_job_per_run(s.wait_jobs_complete(), uids, runs=3)
     print(f"\n  leader: {s.timings}", file=sys.stderr)
 
 
@@ -161,10 +155,15 @@ def test_the_api_server_restarted_while_jobs_are_created_the_experiment_converge
     s.wait_phase({"Succeeded", "Failed"}, 900)
     s.step("experiment finished", t0)
     assert s.phase() == "Succeeded", s.diagnostics()
-    jobs = s.wait_jobs_complete()
-    run_ids = [j["metadata"]["labels"]["xstilts.dev/run-id"] for j in jobs]
-    assert len(run_ids) == len(set(run_ids)) == 3, run_ids
-    for j in jobs:
-        assert uids.get(j["metadata"]["name"], j["metadata"]["uid"]) == j["metadata"]["uid"]
-        assert j["status"].get("succeeded") == 1 and not j["status"].get("failed"), j["status"]
+    assert_one_job_per_run(s.wait_jobs_complete(), uids, runs=3)
     print(f"\n  apiserver restart: {s.timings}", file=sys.stderr)
+
+
+def assert_one_job_per_run(jobs: list[dict[str, Any]], uids_before: dict[str, str], runs: int) -> None:
+    """Each run has one Job; the Jobs that existed before the fault are the same objects (same
+    uid), and none was recreated: each ran its pod once, and none failed."""
+    run_ids = [j["metadata"]["labels"]["xstilts.dev/run-id"] for j in jobs]
+    assert len(run_ids) == len(set(run_ids)) == runs, run_ids
+    for j in jobs:
+        assert uids_before.get(j["metadata"]["name"], j["metadata"]["uid"]) == j["metadata"]["uid"]
+        assert j["status"].get("succeeded") == 1 and not j["status"].get("failed"), j["status"]
