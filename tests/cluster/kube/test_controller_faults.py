@@ -264,20 +264,33 @@ def refuse_jobs_of_model(cp: ControlPlane, namespace: str, model: str, message: 
                  "matchResources": {"namespaceSelector": {"matchLabels": {
                      "kubernetes.io/metadata.name": namespace}}}},
     })
+    cp.wait_for(lambda: refused_by_admission(cp, namespace, model), timeout=60,
+                what="the admission policy enforced")
+    return name
+
+
+def lift_refusal(cp: ControlPlane, namespace: str, model: str, policy: str) -> None:
+    """Deletes the policy of `refuse_jobs_of_model` and waits until the API server admits the
+    model's Jobs again: its admission plugin learns of the deletion from a watch, and a Job sent
+    before that is still refused."""
+    kubectl(cp, "delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", policy)
+    cp.wait_for(lambda: not refused_by_admission(cp, namespace, model), timeout=60,
+                what="the admission policy lifted")
+
+
+def refused_by_admission(cp: ControlPlane, namespace: str, model: str) -> bool:
+    """Whether the API server refuses (422) a dry-run Job labelled with `model`."""
     probe = {"apiVersion": "batch/v1", "kind": "Job",
              "metadata": {"name": "probe", "labels": {MODEL_LABEL: model}},
              "spec": {"template": {"spec": {"restartPolicy": "Never",
                                             "containers": [{"name": "c", "image": "registry.invalid/x"}]}}}}
-
-    def enforced() -> bool:
-        try:
-            cp.api("POST", f"/apis/batch/v1/namespaces/{namespace}/jobs?dryRun=All", probe)
-        except ApiError as e:
-            return e.status == 422
-        return False
-
-    cp.wait_for(enforced, timeout=60, what="the admission policy enforced")
-    return name
+    try:
+        cp.api("POST", f"/apis/batch/v1/namespaces/{namespace}/jobs?dryRun=All", probe)
+    except ApiError as e:
+        if e.status == 422:
+            return True
+        raise
+    return False
 
 
 def test_objects_the_api_server_refuses_fail_their_runs_on_the_status_and_are_not_sent_again(
@@ -322,7 +335,7 @@ def test_objects_the_api_server_refuses_fail_their_runs_on_the_status_and_are_no
         assert controller.running
 
         # The policy is lifted and the spec changes (a new generation): the runs are tried again.
-        kubectl(env.cp, "delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", policy)
+        lift_refusal(env.cp, env.namespace, "m1", policy)
         obj["spec"]["cluster"]["maxParallel"] = 9
         env.apply(obj)
         env.cp.wait_for(lambda: m1_free <= {j["metadata"]["name"] for j in list_jobs(env.cp, env.namespace,
