@@ -305,3 +305,27 @@ def write_task_data(world: World, root: Path, sizes: DataSizes = DataSizes()) ->
                              task_rows(world, task, split, sizes.target_eval, lang))
         out[task] = root / task
     return out
+
+
+# --- the paper's two variants: a multilingual corpus and translated intermediate data ----------
+
+
+def write_mlm_corpus(world: World, path: Path, n: int = 2000, seed: int = 0) -> Path:
+    """A multilingual plain-text corpus for continued MLM (`mlm.corpus`): `n` sentences of the
+    pretraining distribution, one per line, in all the world's languages."""
+    _write_lines(path, [text for text, _ in pretraining_corpus(world, n, seed)])
+    return path
+
+
+def _write_lines(path: Path, lines: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_translations(world: World, task_dir: Path, task: str, languages: Sequence[str], n: int) -> None:
+    """Translate-train data: the task's English training split said in each of `languages`
+    (the same items, row by row), as `<task_dir>/<language>/train.jsonl`."""
+    for lang in languages:
+        _write_jsonl(task_dir / lang / "train.jsonl", task_rows(world, task, "train", n, lang))

@@ -84,6 +84,8 @@ def plan_steps(config: RunConfig, world_size: int, train_sizes: Sequence[int], r
     micro = micro or default_micro_batch(per_rank, row_tokens)
     check_batch_layout(config, world_size)
     steps_per_epoch = max(1, math.ceil(sum(train_sizes) / hp.batch_size))
+    if config.mlm is not None:  # the tasks keep their epochs: MLM steps come on top, a ratio share of all
+        steps_per_epoch = max(1, math.ceil(steps_per_epoch / (1 - config.mlm.ratio)))
     total = hp.max_steps or max(1, math.ceil(hp.epochs * steps_per_epoch))
     evaluations = min(MAX_EVALUATIONS, max(1, math.ceil(total / steps_per_epoch)))
     return StepPlan(

@@ -62,7 +62,9 @@ class MultiTaskBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __init__(self, task_lengths: Sequence[Sequence[int]], batch_size: int, micro_batch_size: int,
                  steps_per_epoch: int, temperature: float = 1.0, seed: int = 0,
-                 megabatch_factor: int = MEGABATCH_FACTOR) -> None:
+                 megabatch_factor: int = MEGABATCH_FACTOR, last_share: float | None = None) -> None:
+        """`last_share`: the last part (continued MLM's corpus) is drawn with this probability
+        whatever its size, the tasks before it share the rest by `task_probabilities`."""
         if batch_size % micro_batch_size:
             raise ValueError(f"batch_size {batch_size} is not a multiple of micro_batch_size {micro_batch_size}")
         self.task_lengths = [list(lengths) for lengths in task_lengths]
@@ -72,7 +74,11 @@ class MultiTaskBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.global_batch_size = batch_size
         self.micro_batch_size = micro_batch_size
         self.steps_per_epoch = steps_per_epoch
-        self.probabilities = task_probabilities([len(t) for t in self.task_lengths], temperature)
+        if last_share is None:
+            self.probabilities = task_probabilities([len(t) for t in self.task_lengths], temperature)
+        else:
+            tasks = task_probabilities([len(t) for t in self.task_lengths[:-1]], temperature)
+            self.probabilities = [p * (1 - last_share) for p in tasks] + [last_share]
         self.seed = seed
         self.megabatch_factor = megabatch_factor  # 1: random batches, no length grouping
         self.epoch = 0
@@ -163,9 +169,15 @@ class Collator:
 
     LABEL_KEYS = ("label", "labels", "start_positions", "end_positions")
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1) -> None:
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, mlm_task_index: int | None = None,
+                 masker: Any = None, special_ids: frozenset[int] = frozenset()) -> None:
+        """`mlm_task_index`: batches of that part are MLM batches, masked by `masker`
+        (trainer/mlm.py) except at `special_ids`."""
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.mlm_task_index = mlm_task_index
+        self.masker = masker
+        self.special_ids = special_ids
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         first = rows[0]
@@ -178,6 +190,12 @@ class Collator:
             input_ids = input_ids.view(len(rows), -1, width)
             attention_mask = attention_mask.view(len(rows), -1, width)
         batch: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.mlm_task_index is not None and first.get("task_index") == self.mlm_task_index:
+            from xstilts.trainer.mlm import mask_batch
+
+            batch["input_ids"], batch["labels"] = mask_batch(self.masker, input_ids, attention_mask, self.special_ids)
+            batch["task_index"] = torch.full((len(rows),), self.mlm_task_index, dtype=torch.long)
+            return batch
         if "task_index" in first:
             batch["task_index"] = torch.tensor([r["task_index"] for r in rows], dtype=torch.long)
         if "label" in first:

@@ -84,6 +84,10 @@ class HyperParameters(_Frozen):
 
 
 UNSET_NOT_IN_IDENTITY = ("retrieval_layer",)
+# RunConfig fields added later: left out of RUN.json and the run identity while unset, so that the
+# runs planned before them keep their ids and renders.
+UNSET_NOT_IN_RUN = ("train_languages", "mlm")
+LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})?")
 
 OffloadMode = Literal["none", "optimizer", "all"]
 
@@ -144,6 +148,20 @@ class TrackingConfig(_Frozen):
     parent_run_id: str | None = None  # the experiment's MLflow parent run, when known
 
 
+class MlmSettings(_Frozen):
+    """Continued masked-language modelling mixed into an intermediate run: a `ratio` share of the
+    optimiser steps trains the MLM objective on the `corpus` text (trainer/mlm.py)."""
+
+    ratio: Annotated[float, Field(gt=0, lt=1)]
+    corpus: Annotated[str, Field(min_length=1)]  # a .txt / .jsonl file or a directory of them
+    mask_probability: Annotated[float, Field(gt=0, lt=1)] = 0.15  # BERT's and XLM-R's
+
+    @field_validator("corpus")
+    @classmethod
+    def _plain_corpus(cls, corpus: str) -> str:
+        return _plain_path("mlm.corpus", corpus)
+
+
 class RunLabels(_Frozen):
     """Where this run sits in the experiment grid; names for humans, reports and labels.
     Not part of the run's identity."""
@@ -156,13 +174,19 @@ class RunLabels(_Frozen):
     # The learning rates searched at this run's stage (its own is hyperparameters.learning_rate).
     # Empty without a search.
     learning_rates: tuple[float, ...] = ()
+    # The arm's variant ("mlm", "translate-train"), on its intermediate and its target runs; None
+    # for a plain arm.
+    variant: str | None = None
 
     @model_serializer(mode="wrap")
     def _without_empty_search(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # Left out while empty: RUN.json and the MLflow params of runs without a search stay as they were.
+        # Left out while empty: RUN.json and the MLflow params of runs without a search or a
+        # variant stay as they were.
         data: dict[str, Any] = handler(self)
         if not data.get("learning_rates"):
             data.pop("learning_rates", None)
+        if data.get("variant") is None:
+            data.pop("variant", None)
         return data
 
 
@@ -203,6 +227,30 @@ class RunConfig(_Frozen):
     task_data: dict[str, str] = Field(default_factory=dict)  # task -> local data directory
     tracking: TrackingConfig = TrackingConfig()
     labels: RunLabels | None = None
+    # Translate-train: languages besides English whose translation of each task's training data
+    # (task_data/<language>/train.jsonl) is trained on too. Intermediate runs only.
+    train_languages: tuple[str, ...] = ()
+    # Continued multilingual MLM mixed into an intermediate run's steps.
+    mlm: MlmSettings | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset_additions(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for name in UNSET_NOT_IN_RUN:
+            if not data.get(name):
+                data.pop(name, None)
+        return data
+
+    @field_validator("train_languages")
+    @classmethod
+    def _languages(cls, languages: tuple[str, ...]) -> tuple[str, ...]:
+        for lang in languages:
+            if not LANGUAGE_CODE.fullmatch(lang) or lang == "en":
+                raise ValueError(f"train_languages: {lang!r} is not a language code other than 'en' (e.g. 'de',"
+                                 " 'pt-BR'); English is always trained on")
+        if len(set(languages)) != len(languages):
+            raise ValueError(f"train_languages {list(languages)} repeat a language; list each once")
+        return languages
 
     @field_validator("tasks")
     @classmethod
@@ -262,7 +310,13 @@ class RunConfig(_Frozen):
                     f"eval_languages {bad} are not languages of {task.name}; it has"
                     f" {', '.join(task.languages)}"
                 )
+            if self.train_languages or self.mlm is not None:
+                raise ValueError("train_languages and mlm are for intermediate runs only")
         else:
+            missing = [t for t in self.tasks if t not in self.task_data]
+            if self.train_languages and missing:
+                raise ValueError(f"train_languages {list(self.train_languages)} need task_data for {missing}: the"
+                                 " translations are read from <task_data>/<language>/train.jsonl")
             if self.init_from_run is not None:
                 raise ValueError("an intermediate run starts from the pretrained model: drop init_from_run")
             if self.eval_languages:
@@ -280,7 +334,7 @@ class RunConfig(_Frozen):
         identity = self.model_dump(
             mode="json",
             include={"model", "stage", "tasks", "seed", "hyperparameters", "precision",
-                     "init_from_run", "eval_languages"},
+                     "init_from_run", "eval_languages", *UNSET_NOT_IN_RUN},
         )
         # Settings added later count only when set, so that the runs planned before keep their ids.
         for name in UNSET_NOT_IN_IDENTITY:

@@ -40,7 +40,8 @@ class SplitRef:
 
     @property
     def name(self) -> str:
-        return f"{self.task}/{self.split}" + (f"/{self.language}" if TASKS[self.task].is_multilingual else "")
+        per_language = TASKS[self.task].is_multilingual or self.language != ENGLISH
+        return f"{self.task}/{self.split}" + (f"/{self.language}" if per_language else "")
 
 
 def is_retrieval(config: RunConfig) -> bool:
@@ -49,7 +50,10 @@ def is_retrieval(config: RunConfig) -> bool:
 
 
 def training_splits(config: RunConfig) -> list[SplitRef]:
-    return [] if is_retrieval(config) else [SplitRef(t, TRAIN) for t in config.tasks]
+    """Each task's English training split, then (translate-train) each translation of it."""
+    if is_retrieval(config):
+        return []
+    return [SplitRef(t, TRAIN, lang) for t in config.tasks for lang in (ENGLISH, *config.train_languages)]
 
 
 def dev_splits(config: RunConfig) -> list[SplitRef]:
@@ -105,8 +109,10 @@ def required_splits(config: RunConfig) -> list[SplitRef]:
 
 
 def local_path(data_dir: str | Path, ref: SplitRef) -> Path:
+    """`<dir>/<split>.jsonl`; `<dir>/<language>/<split>.jsonl` for a multilingual target, and for
+    a translation of an English task's split (translate-train)."""
     base = Path(data_dir)
-    if TASKS[ref.task].is_multilingual:
+    if TASKS[ref.task].is_multilingual or ref.language != ENGLISH:
         base = base / ref.language
     return base / f"{ref.split}.jsonl"
 
@@ -124,10 +130,17 @@ def check_local_files(config: RunConfig) -> None:
             continue
         path = local_path(data_dir, ref)
         if not path.is_file():
-            layout = "<dir>/<language>/<split>.jsonl" if TASKS[ref.task].is_multilingual else "<dir>/<split>.jsonl"
+            layout = ("<dir>/<language>/<split>.jsonl" if TASKS[ref.task].is_multilingual or ref.language != ENGLISH
+                      else "<dir>/<split>.jsonl")
+            why = f" (the {ref.language} translation of its training data: translate-train)" if (
+                ref.language != ENGLISH and not TASKS[ref.task].is_multilingual) else ""
             raise DataError(
-                f"missing data file {path} for {ref.name}: task_data[{ref.task!r}] = {data_dir!r} must hold"
+                f"missing data file {path} for {ref.name}{why}: task_data[{ref.task!r}] = {data_dir!r} must hold"
                 f" {layout}")
+    if config.mlm is not None:
+        from xstilts.trainer.mlm import corpus_files
+
+        corpus_files(config.mlm.corpus)
 
 
 def read_jsonl(path: Path) -> Iterator[Row]:

@@ -78,6 +78,21 @@ class TokenHead(nn.Module):
         return self.out_proj(self.dropout(hidden_states))
 
 
+class MaskedLMHead(nn.Module):
+    """RoBERTa's MLM head (dense → GELU → layer norm → vocabulary logits), its output projection
+    the encoder's input embeddings, passed in at each call (trainer/mlm.py says why)."""
+
+    def __init__(self, hidden: int, vocabulary: int, eps: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden, hidden)
+        self.layer_norm = nn.LayerNorm(hidden, eps=eps)
+        self.bias = nn.Parameter(torch.zeros(vocabulary))
+
+    def forward(self, hidden_states: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        x = self.layer_norm(functional.gelu(self.dense(hidden_states)))
+        return functional.linear(x, embeddings, self.bias)
+
+
 def make_head(spec: HeadSpec, hidden: int, dropout: float) -> nn.Module:
     if spec.format in (Format.CLASSIFICATION, Format.MULTIPLE_CHOICE):
         return ClassificationHead(hidden, spec.outputs, dropout)
@@ -90,7 +105,7 @@ class MultiTaskModel(nn.Module):
 
     main_input_name = "input_ids"
 
-    def __init__(self, encoder: Any, specs: Sequence[HeadSpec]) -> None:
+    def __init__(self, encoder: Any, specs: Sequence[HeadSpec], mlm: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
         self.config = encoder.config
@@ -105,10 +120,20 @@ class MultiTaskModel(nn.Module):
                 if isinstance(module, nn.Linear):
                     nn.init.normal_(module.weight, std=std)
                     nn.init.zeros_(module.bias)
+        # Continued MLM (trainer/mlm.py): batches whose task_index is len(specs) train it. Outside
+        # `heads`, so the saved model (save_model) leaves it out.
+        self.mlm_head: MaskedLMHead | None = None
+        if mlm:
+            self.mlm_head = MaskedLMHead(self.config.hidden_size, self.config.vocab_size,
+                                         getattr(self.config, "layer_norm_eps", 1e-5))
+            nn.init.normal_(self.mlm_head.dense.weight, std=std)
+            nn.init.zeros_(self.mlm_head.dense.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_index: torch.Tensor,
                 labels: torch.Tensor | None = None, start_positions: torch.Tensor | None = None,
                 end_positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if self.mlm_head is not None and int(task_index[0]) == len(self.specs):
+            return self._mlm(input_ids, attention_mask, labels)
         spec = self.specs[int(task_index[0])]
         head = self.heads[spec.task]
         if spec.format is Format.MULTIPLE_CHOICE:
@@ -132,6 +157,20 @@ class MultiTaskModel(nn.Module):
             out["loss"] = (functional.cross_entropy(start_logits, starts, ignore_index=width)
                            + functional.cross_entropy(end_logits, ends, ignore_index=width)) / 2
         return out
+
+    def _mlm(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        assert self.mlm_head is not None
+        hidden = self._encode(input_ids, attention_mask)
+        embeddings = self.encoder.get_input_embeddings().weight
+        if labels is None:
+            return {"logits": self.mlm_head(hidden, embeddings)}
+        # Vocabulary logits only where a token was masked: a 250k vocabulary at every position
+        # would cost more than the encoder.
+        chosen = labels != IGNORE
+        logits = self.mlm_head(hidden[chosen], embeddings)
+        loss = functional.cross_entropy(logits, labels[chosen]) if logits.numel() else hidden.sum() * 0.0
+        return {"logits": logits, "loss": loss}
 
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -188,12 +227,28 @@ def load_encoder(source: str | Path, cuda: bool = False, half_precision: bool = 
 
 
 def build_model(encoder_source: str | Path, specs: Sequence[HeadSpec], seed: int, cuda: bool = False,
-                half_precision: bool = False) -> MultiTaskModel:
+                half_precision: bool = False, mlm: bool = False) -> MultiTaskModel:
     """The encoder from `encoder_source` (a pretrained model, or a phase-2 run's final model)
-    and freshly initialised heads, their initialisation fixed by `seed`."""
+    and freshly initialised heads, their initialisation fixed by `seed`; with `mlm`, also an MLM
+    head, from the checkpoint's own where it has one."""
     encoder = load_encoder(encoder_source, cuda, half_precision)
     torch.manual_seed(seed)
-    return MultiTaskModel(encoder, specs)
+    model = MultiTaskModel(encoder, specs, mlm=mlm)
+    if model.mlm_head is not None:
+        from xstilts.trainer.mlm import pretrained_head_state
+
+        state = pretrained_head_state(encoder_source)
+        expected = set(model.mlm_head.state_dict())
+        if expected <= set(state):
+            model.mlm_head.load_state_dict({k: state[k] for k in expected})
+            model.mlm_head.to(next(encoder.parameters()).dtype)
+        else:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "%s has no RoBERTa-style lm_head weights (%s): the MLM head starts untrained", encoder_source,
+                ", ".join(sorted(expected - set(state))))
+    return model
 
 
 def encoder_parameter_count(model: MultiTaskModel) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 import shutil
@@ -38,6 +39,7 @@ from xstilts.trainer.batch_plan import InvalidRun, check_batch_layout
 from xstilts.trainer.checkpoints import newest_checkpoint, remove_partial_checkpoints
 from xstilts.trainer.config import RunConfig, RunResult, Stage
 from xstilts.trainer.data import (
+    ENGLISH,
     check_local_files,
     dev_splits,
     is_retrieval,
@@ -93,11 +95,27 @@ def precheck(config: RunConfig, world_size: int) -> None:
 
 @dataclass
 class RunData:
-    train: list[Any]  # Encoded, one per task
+    train: list[Any]  # Encoded, one per task (English)
     dev: list[Any]
     test: list[Any]  # target runs: one per evaluation language
     tasks: list[Task] = field(default_factory=list)
     target_dev: list[Any] = field(default_factory=list)  # target runs: dev sets in the other languages
+    translations: list[Any] = field(default_factory=list)  # translate-train: Encoded, per task and language
+
+    def train_parts(self, max_examples: int | None) -> list[Any]:
+        """Each task's training features: its English split and its translations laid end to end,
+        each capped to `max_examples` by the same draw (of parallel rows, the same examples)."""
+        import datasets
+
+        parts = []
+        for english in self.train:
+            seed_text = f"{english.ref.name}:{max_examples}"
+            features = cap_rows(english, max_examples, seed_text)
+            more = [cap_rows(t, max_examples, seed_text) for t in self.translations if t.ref.task == english.ref.task]
+            if more:
+                features = datasets.concatenate_datasets([features, *(m.cast(features.features) for m in more)])
+            parts.append(features)
+        return parts
 
 
 def cap_rows(encoded: Any, max_examples: int | None, seed_text: str) -> Any:
@@ -122,12 +140,14 @@ def load_run_data(config: RunConfig, tokenizer: Any, cache_dir: Path) -> RunData
     def encoded(ref: Any, train_labels: Sequence[str] | None = None) -> Any:
         return load_encoded(open_split(config, ref), tokenizer, tokenizer_id, max_length, cache_dir, train_labels)
 
-    train = [encoded(ref) for ref in training_splits(config)]
+    refs = training_splits(config)
+    train = [encoded(ref) for ref in refs if ref.language == ENGLISH]
     labels = {e.ref.task: e.labels for e in train}
+    translations = [encoded(ref, labels[ref.task]) for ref in refs if ref.language != ENGLISH]
     dev = [encoded(ref, labels[ref.task]) for ref in dev_splits(config)]
     test = [encoded(ref, labels[ref.task]) for ref in test_splits(config)]
     target_dev = [encoded(ref, labels[ref.task]) for ref in target_dev_splits(config)]
-    return RunData(train, dev, test, [TASKS[t] for t in config.tasks], target_dev)
+    return RunData(train, dev, test, [TASKS[t] for t in config.tasks], target_dev, translations)
 
 
 def row_tokens(train: Sequence[Any], max_length: int) -> int:
@@ -281,9 +301,14 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
     hp = config.hyperparameters
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     data = load_run_data(config, tokenizer, cache_dir)
-    train_parts = [cap_rows(e, hp.max_train_examples, f"{e.ref.name}:{hp.max_train_examples}") for e in data.train]
+    train_parts = data.train_parts(hp.max_train_examples)
     schedule = plan_steps(config, dist.world_size, [len(p) for p in train_parts],
                              row_tokens(data.train, hp.max_seq_length), **micro_batch_inputs(config, dist))
+    if config.mlm is not None:  # the corpus rows the MLM steps will draw, with room for chance
+        from xstilts.trainer.mlm import encode_corpus
+
+        mlm_steps = math.ceil(schedule.total_steps * config.mlm.ratio * 1.5) + 1
+        train_parts.append(encode_corpus(config.mlm.corpus, tokenizer, hp.max_seq_length, mlm_steps * hp.batch_size))
     cuda = torch.cuda.is_available()
     precision = mixed_precision(config, cuda, cuda and torch.cuda.is_bf16_supported())
     selection = selection_metric(data.tasks)
@@ -302,14 +327,22 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
     specs = [HeadSpec(e.ref.task, e.task.format, e.labels if e.task.format in (Format.CLASSIFICATION, Format.TAGGING)
                       else ()) for e in data.train]
     model = build_model(config.init_model_dir or config.model, specs, config.seed, cuda,
-                        half_precision=precision in ("bf16", "fp16"))
+                        half_precision=precision in ("bf16", "fp16"), mlm=config.mlm is not None)
     parameters = encoder_parameter_count(model)
     _log_params(tracker, config, schedule, parameters, precision, dist.world_size)
 
-    collator = Collator(tokenizer.pad_token_id, pad_to_multiple_of=batching.pad_to_multiple_of(hp.max_seq_length, cuda))
+    mlm: dict[str, Any] = {}
+    if config.mlm is not None:  # the corpus is the last training part; its batches train the MLM head
+        from xstilts.trainer.mlm import masker
+
+        mlm = {"mlm_task_index": len(specs), "masker": masker(tokenizer, config.mlm.mask_probability),
+               "special_ids": frozenset(tokenizer.all_special_ids)}
+    collator = Collator(tokenizer.pad_token_id, pad_to_multiple_of=batching.pad_to_multiple_of(hp.max_seq_length, cuda),
+                        **mlm)
     sampler = MultiTaskBatchSampler([p["length"] for p in train_parts], hp.batch_size, schedule.micro_batch_size,
                                     schedule.steps_per_epoch, hp.sampling_temperature, config.seed,
-                                    megabatch_factor=batching.megabatch_factor)
+                                    megabatch_factor=batching.megabatch_factor,
+                                    last_share=config.mlm.ratio if config.mlm else None)
     progress = ProgressFile(run_dir.progress, enabled=dist.is_main)
     progress.update(force=True, total_steps=schedule.total_steps, phase="train")
     callback = RunCallback(progress, tracker, interruption)
@@ -428,7 +461,7 @@ def _training_arguments(config: RunConfig, schedule: Any, precision: str, cuda: 
         label_names=["labels", "start_positions", "end_positions"],
         include_num_input_tokens_seen="non_padding",
         # one head per task: the heads of the other tasks get no gradient in a step
-        ddp_find_unused_parameters=len(config.tasks) > 1,
+        ddp_find_unused_parameters=len(config.tasks) > 1 or config.mlm is not None,
         dataloader_pin_memory=cuda, dataloader_num_workers=2 if cuda else 0,
     )
 

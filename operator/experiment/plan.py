@@ -17,6 +17,7 @@ from xstilts.operator.experiment.spec import BASELINE, STAGE_DEFAULTS, Experimen
 from xstilts.trainer.config import (
     DeepSpeedSettings,
     HyperParameters,
+    MlmSettings,
     Resources,
     RunConfig,
     RunLabels,
@@ -209,7 +210,12 @@ def _intermediate_run(spec: ExperimentSpec, model: ModelSpec, shared: _ModelShar
     config = _config(spec, model, shared, Stage.INTERMEDIATE, tasks, seed,
                      _searched(shared.intermediate_hp[arm], lr), None, (),
                      root, tracking, RunLabels(experiment=spec.name, model=model.name, intermediate=arm,
-                                               model_parameters=model.parameter_count, learning_rates=searched))
+                                               model_parameters=model.parameter_count, learning_rates=searched,
+                                               variant=group.variant if group else None))
+    if group and group.variant:
+        config = config.model_copy(update={
+            "train_languages": tuple(group.translate_train or ()),
+            "mlm": MlmSettings(ratio=group.mlm.ratio, corpus=group.mlm.corpus) if group.mlm else None})
     return _planned(spec, model, config, ())
 
 
@@ -220,8 +226,14 @@ def _target_run(spec: ExperimentSpec, model: ModelSpec, shared: _ModelShared, ar
     config = _config(spec, model, shared, Stage.TARGET, (target,), seed, _searched(shared.target_hp[target], lr),
                      parent, languages, root, tracking,
                      RunLabels(experiment=spec.name, model=model.name, intermediate=arm, target=target,
-                               model_parameters=model.parameter_count, learning_rates=searched))
+                               model_parameters=model.parameter_count, learning_rates=searched,
+                               variant=_variant(spec, arm)))
     return _planned(spec, model, config, (parent,) if parent else ())
+
+
+def _variant(spec: ExperimentSpec, arm: str) -> str | None:
+    group = spec.group(arm)
+    return group.variant if group else None
 
 
 def resolve_hyperparameters(spec: ExperimentSpec, model: ModelSpec, stage: str,
@@ -269,7 +281,8 @@ def train_tokens(config: RunConfig) -> int:
     example costing the task's typical token count, capped by the maximum sequence length."""
     hp = config.hyperparameters
     total = 0.0
-    per_epoch = {t: min(TASKS[t].train_examples, hp.max_train_examples or TASKS[t].train_examples)
+    copies = 1 + len(config.train_languages)  # translate-train: English and each translation
+    per_epoch = {t: min(TASKS[t].train_examples, hp.max_train_examples or TASKS[t].train_examples) * copies
                  for t in config.tasks}
     examples_per_epoch = sum(per_epoch.values()) or 1
     examples = hp.max_steps * hp.batch_size if hp.max_steps else hp.epochs * examples_per_epoch
@@ -279,6 +292,14 @@ def train_tokens(config: RunConfig) -> int:
         tokens_each = task.tokens_per_example if task.format is Format.MULTIPLE_CHOICE else min(
             task.tokens_per_example, hp.max_seq_length)
         total += examples * (n / examples_per_epoch) * tokens_each
+    if config.mlm is not None:  # MLM rows: a ratio share of the steps, max_seq_length tokens at most each
+        r = config.mlm.ratio
+        if hp.max_steps:  # a step budget is shared: the task gets (1 - ratio) of it
+            total *= 1 - r
+            mlm_examples = examples * r
+        else:  # the task keeps its epochs; the MLM steps come on top
+            mlm_examples = examples * r / (1 - r)
+        total += mlm_examples * hp.max_seq_length
     return int(total)
 
 

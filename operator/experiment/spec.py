@@ -302,16 +302,47 @@ def _task_name(v: str, allowed: tuple[str, ...], what: str) -> str:
     return v
 
 
+# A language of translated training data: an ISO 639 code, optionally with a region or script
+# (pt-BR, zh-Hans); it names a directory under the task's `data:` entry.
+LANGUAGE_CODE = r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$"
+MAX_TRANSLATIONS = 64
+
+
+class MlmSpec(_Spec):
+    """Continued multilingual masked-language modelling during intermediate training (Phang et
+    al. 2020's first variant): a share of the optimiser steps trains the pretrained model's MLM
+    objective on a multilingual text corpus instead of the English task."""
+
+    ratio: Annotated[float, Field(gt=0, lt=1)]
+    """share of the optimiser steps that are MLM steps, above 0 and below 1 (e.g. 0.2); the task
+    keeps its epochs, so the run takes 1 / (1 - ratio) times the steps"""
+    corpus: Annotated[str, Field(min_length=1, max_length=1024, pattern=PLAIN_PATH)]
+    """the multilingual text, as the run's pod sees it: a .txt file (one text per line), a .jsonl
+    file (objects with a "text" field), or a directory of such files (all of them are read)"""
+
+
 class MultiTaskGroup(_Spec):
-    """Several intermediate tasks trained at once: one encoder, one head per task."""
+    """A named intermediate arm: several intermediate tasks trained at once (one encoder, one
+    head per task), or one or more tasks with a variant (mlm, translateTrain)."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [{
+        "rule": "size(self.tasks) >= 2 || has(self.mlm) || has(self.translateTrain)",
+        "message": "a group of one task needs a variant (mlm or translateTrain); else list the task in"
+                   " intermediateTasks"}]})
 
     name: Annotated[str, _schema_name(MAX_SHORT_NAME)]
     """short DNS-1123 name of the group, its intermediate arm in run names; not 'baseline' nor an
     intermediate task"""
-    tasks: Annotated[list[IntermediateTaskName], Field(min_length=2, max_length=len(INTERMEDIATE_TASKS)), _LIST_SET]
-    """the intermediate tasks trained together, at least two, each once"""
+    tasks: Annotated[list[IntermediateTaskName], Field(min_length=1, max_length=len(INTERMEDIATE_TASKS)), _LIST_SET]
+    """the intermediate tasks trained together, each once: at least two, or one with a variant"""
     sampling_temperature: Annotated[float | None, Field(ge=1, le=100)] = None
     """temperature of the size-proportional task sampling, 1 to 100 (1: proportional to size)"""
+    mlm: MlmSpec | None = None
+    """variant: continued multilingual MLM on a text corpus, mixed with the tasks at a ratio of steps"""
+    translate_train: Annotated[list[Annotated[str, Field(pattern=LANGUAGE_CODE, max_length=12)]] | None,
+                               Field(min_length=1, max_length=MAX_TRANSLATIONS), _LIST_SET] = None
+    """variant (translate-train): languages besides English whose translation of each task's
+    training data is trained on too, read from <data.TASK>/<language>/train.jsonl"""
 
     @field_validator("name")
     @classmethod
@@ -326,6 +357,32 @@ class MultiTaskGroup(_Spec):
         if len(set(v)) != len(v):
             raise ValueError(f"tasks {v} list a task twice; list each task once")
         return v
+
+    @field_validator("translate_train")
+    @classmethod
+    def _translations(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if "en" in v:
+                raise ValueError("lists 'en': English is always trained on; list only the translations' languages")
+            _no_duplicates(v, "language")
+        return v
+
+    @model_validator(mode="after")
+    def _arm(self) -> MultiTaskGroup:
+        if len(self.tasks) < 2 and not self.variant:
+            raise FieldError("tasks", f"one task ({self.tasks[0]}) without a variant trains what intermediateTasks"
+                             " does: list it there, list two or more tasks, or add mlm or translateTrain")
+        return self
+
+    @property
+    def variant(self) -> str | None:
+        """The variants this arm uses, for labels and tags ('mlm', 'translate-train', both with '+')."""
+        names = [name for name, on in (("mlm", self.mlm), ("translate-train", self.translate_train)) if on]
+        return "+".join(names) or None
+
+    def training_key(self) -> tuple[object, ...]:
+        """What the arm trains: two arms with the same key would train the same runs."""
+        return (frozenset(self.tasks), self.mlm, tuple(sorted(self.translate_train or ())))
 
 
 class HyperParameterOverrides(_Spec):
@@ -744,8 +801,9 @@ def grid_rules() -> list[dict[str, str]]:
     rules = [
         ("self.models.all(m, self.models.exists_one(n, n.pretrained == m.pretrained))",
          "models: list each pretrained model once"),
-        (f"{groups}.all(g, self.multiTaskGroups.exists_one(h, size(h.tasks) == size(g.tasks)"
-         " && h.tasks.all(t, t in g.tasks)))",
+        # Arms with a variant may share tasks (their variants differ, which grid_problems checks).
+        (f"{groups}.all(g, has(g.mlm) || has(g.translateTrain) || self.multiTaskGroups.exists_one(h,"
+         " !has(h.mlm) && !has(h.translateTrain) && size(h.tasks) == size(g.tasks) && h.tasks.all(t, t in g.tasks)))",
          "multiTaskGroups: two groups train the same tasks; keep one of them"),
         (f"!has(self.intermediateTasks) || {groups}.all(g, !(g.name in self.intermediateTasks))",
          "multiTaskGroups: a group name clashes with an intermediate task"),
@@ -767,6 +825,11 @@ def grid_rules() -> list[dict[str, str]]:
         if not info.hub:
             rules.append((f"!{used(task)} || (has(self.data) && has(self.data.{task}))",
                           f"data.{task}: task '{task}' has no hub source; give its local data directory"))
+        if task in INTERMEDIATE_TASKS:
+            rules.append((f"!has(self.multiTaskGroups) || !self.multiTaskGroups.exists(g, has(g.translateTrain)"
+                          f" && '{task}' in g.tasks) || (has(self.data) && has(self.data.{task}))",
+                          f"data.{task}: translateTrain reads the translations of '{task}' from data.{task};"
+                          " give its local data directory"))
     for target in TARGET_TASKS:
         rules.append((f"!has(self.evalLanguages) || !has(self.evalLanguages.{target}) || ('{target}' in self.targets"
                       f" && self.evalLanguages.{target}.all(l, l in {list(TASKS[target].languages)}))",
@@ -929,9 +992,10 @@ def grid_problems(spec: ExperimentSpec) -> list[Problem]:
         problem("multiTaskGroups", f"duplicate multi-task group name {shown_value(name)}; name each group once",
                 "multiTaskGroups")
     # The tasks of a group are a set: [mnli, qqp] and [qqp, mnli] are one training.
-    for tasks in _duplicates([frozenset(g.tasks) for g in spec.multi_task_groups]):
-        problem("multiTaskGroups", f"two groups train the same tasks {sorted(tasks)}; keep one of them",
-                "multiTaskGroups")
+    for key in _duplicates([g.training_key() for g in spec.multi_task_groups]):
+        tasks = sorted(key[0])
+        problem("multiTaskGroups", f"two groups train the same tasks {tasks} with the same variants; keep one of"
+                " them", "multiTaskGroups")
     clash = set(spec.intermediate_tasks) & {g.name for g in spec.multi_task_groups}
     if clash:
         problem("multiTaskGroups", f"group names {sorted(clash)} clash with intermediate task names; rename the groups",
@@ -957,6 +1021,14 @@ def grid_problems(spec: ExperimentSpec) -> list[Problem]:
         if not TASKS[task].hub and task not in spec.data:
             problem(f"data{path_part(task)}", f"task {task!r} has no hub source; give its local data directory here",
                     "data", *grid)
+    # Translate-train reads each translation beside the task's English data; without a `data:`
+    # entry there is nowhere to read it from (the hub holds no user translation).
+    for i, g in enumerate(spec.multi_task_groups):
+        for task in g.tasks if g.translate_train else ():
+            if task not in spec.data:
+                problem(f"data{path_part(task)}", f"multiTaskGroups[{i}] ({g.name}) trains {task!r} with translateTrain"
+                        f" {g.translate_train}: give data.{task}, a directory holding train.jsonl and validation.jsonl"
+                        " (English) and <language>/train.jsonl for each translation", "data", "multiTaskGroups")
     for target, languages in spec.eval_languages.items():
         if target not in spec.targets:
             problem(f"evalLanguages{path_part(target)}", f"{shown_value(target)} is not one of targets {spec.targets}",

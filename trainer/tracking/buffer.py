@@ -32,6 +32,7 @@ STAGE_TAG = "xstilts.stage"
 MODEL_TAG = "xstilts.model"
 INTERMEDIATE_TAG = "xstilts.intermediate"
 TARGET_TAG = "xstilts.target"
+VARIANT_TAG = "xstilts.variant"  # an arm's variant (mlm, translate-train): on its runs only
 SEED_TAG = "xstilts.seed"
 EXPERIMENT_TAG = "xstilts.experiment"
 PARENT_TAG = "xstilts.parent"
@@ -90,6 +91,8 @@ class RunIdentity:
                      INTERMEDIATE_TAG: labels.intermediate}
             if labels.target:
                 tags[TARGET_TAG] = labels.target
+            if labels.variant:
+                tags[VARIANT_TAG] = labels.variant
             name = "/".join([labels.model, labels.intermediate, labels.target or "-", f"seed{config.seed}"])
         else:
             tags |= {EXPERIMENT_TAG: config.tracking.experiment_name, MODEL_TAG: config.model}
