@@ -51,7 +51,7 @@ def test_the_mlm_corpus_is_checked_before_training(tmp_path: Path) -> None:
         with pytest.raises(DataError, match=words):
             check_local_files(config(tmp_path, mlm={"ratio": 0.2, "corpus": str(corpus)}))
     (tmp_path / "c.csv").write_text("a\n")
-    with pytest.raises(DataError, match="a .csv file"):
+    with pytest.raises(DataError, match=r"a \.csv file"):
         corpus_files(str(tmp_path / "c.csv"))
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -69,7 +69,7 @@ class _Tokenizer:
     """Whitespace words to ids, with <s>=0 … </s>=2 around them: enough for the corpus encoder."""
 
     def __call__(self, batch: list[str], truncation: bool, max_length: int) -> dict[str, list[list[int]]]:
-        return {"input_ids": [[0, *(5 + len(w) for w in text.split())][: max_length - 1] + [2] for text in batch]}
+        return {"input_ids": [[*[0, *(5 + len(w) for w in text.split())][:max_length - 1], 2] for text in batch]}
 
 
 def test_the_corpus_gives_the_rows_asked_for_going_round_when_short(tmp_path: Path) -> None:
@@ -91,9 +91,9 @@ def test_mlm_takes_its_ratio_of_the_steps_and_the_tasks_keep_their_epochs(tmp_pa
 
 
 def test_mlm_batches_are_masked_except_at_special_tokens_and_padding() -> None:
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 4, **{f"w{i}": 5 + i for i in range(40)}}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
