@@ -306,6 +306,7 @@ def _task_name(v: str, allowed: tuple[str, ...], what: str) -> str:
 # (pt-BR, zh-Hans); it names a directory under the task's `data:` entry.
 LANGUAGE_CODE = r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$"
 MAX_TRANSLATIONS = 64
+_ENGLISH_ALWAYS = "lists 'en': English is always trained on; list only the translations' languages"
 
 
 class MlmSpec(_Spec):
@@ -340,7 +341,9 @@ class MultiTaskGroup(_Spec):
     mlm: MlmSpec | None = None
     """variant: continued multilingual MLM on a text corpus, mixed with the tasks at a ratio of steps"""
     translate_train: Annotated[list[Annotated[str, Field(pattern=LANGUAGE_CODE, max_length=12)]] | None,
-                               Field(min_length=1, max_length=MAX_TRANSLATIONS), _LIST_SET] = None
+                               Field(min_length=1, max_length=MAX_TRANSLATIONS, json_schema_extra={
+                                   "x-kubernetes-list-type": "set", "x-kubernetes-validations": [{
+                                       "rule": "!('en' in self)", "message": _ENGLISH_ALWAYS}]})] = None
     """variant (translate-train): languages besides English whose translation of each task's
     training data is trained on too, read from <data.TASK>/<language>/train.jsonl"""
 
@@ -363,7 +366,7 @@ class MultiTaskGroup(_Spec):
     def _translations(cls, v: list[str] | None) -> list[str] | None:
         if v is not None:
             if "en" in v:
-                raise ValueError("lists 'en': English is always trained on; list only the translations' languages")
+                raise ValueError(_ENGLISH_ALWAYS)
             _no_duplicates(v, "language")
         return v
 

@@ -21,9 +21,10 @@ def load(name: str) -> ExperimentSpec:
 # Counted by hand: phase 2 = models × intermediate arms × seeds;
 # phase 3 = models × (arms + baseline) × targets × seeds.
 @pytest.mark.parametrize(("example", "intermediate", "target"), [
-    # 9 tasks + all9 group, 9 XTREME targets, 3 phase-2 learning rates: 90 + the 27 baseline runs; the
-    # 270 arm target runs of the selected rates wait for the selection (810 held, 3 per run)
-    ("phang2020.yaml", 1 * 10 * 3 * 3, 1 * 1 * 9 * 3),
+    # 9 tasks + all9 group + the two variant arms (mnli-mlm, mnli-translate-train), 9 XTREME targets,
+    # 3 phase-2 learning rates: 108 + the 27 baseline runs; the 324 arm target runs of the selected
+    # rates wait for the selection (972 held, 3 per run)
+    ("phang2020.yaml", 1 * 12 * 3 * 3, 1 * 1 * 9 * 3),
     ("scaling.yaml", 4 * 4 * 3, 4 * 5 * 2 * 3),       # mnli, squad_v1, hellaswag, all9; 48 + 120
     ("demo.yaml", 3 * 3 * 3, 3 * 4 * 2 * 3),          # mnli, hellaswag, mix at minSeeds 3; 27 + 72
 ])

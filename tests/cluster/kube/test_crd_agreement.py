@@ -36,17 +36,24 @@ MUTATIONS: list[tuple[tuple[Any, ...], Any]] = [
     (("cluster", "secrets"), {"hfToken": "hf_ABC"}), (("models", 0, "pretrained"), "org/base/"),
     (("multiTaskGroups",), [{"name": "g1", "tasks": ["mnli", "qqp"]}, {"name": "g2", "tasks": ["qqp", "mnli"]}]),
     (("planning", "maxRuns"), 1),
+    # the variant arms (multiTaskGroups[1] is mnli-mlm, [2] mnli-translate-train)
+    (("multiTaskGroups", 1, "mlm", "ratio"), 1.0), (("multiTaskGroups", 1, "mlm", "ratio"), 0.99),
+    (("multiTaskGroups", 1, "mlm"), {"ratio": 0.2}), (("multiTaskGroups", 1, "mlm"), None),
+    (("multiTaskGroups", 1, "tasks"), ["mnli", "qqp"]), (("multiTaskGroups", 2, "translateTrain"), ["en"]),
+    (("multiTaskGroups", 2, "translateTrain"), ["de", "de"]), (("multiTaskGroups", 2, "translateTrain"), ["pt-BR"]),
+    (("multiTaskGroups", 2, "translateTrain"), []), (("data",), {"ccg": "/data/ccgbank"}),
+    (("multiTaskGroups", 1, "translateTrain"), ["de"]),
 ]
 REMOVE = object()
 # Edits of several top-level fields at once: replication (instead of seeds) counts every cell at
 # maxSeeds against planning.maxRuns. Without its learning-rate search (which replication refuses)
-# the example has 109 runs per seed.
+# the example has 129 runs per seed (12 arms; 13 × 9 target runs).
 REPLICATE = {"seeds": REMOVE, "hyperparameters": REMOVE, "replication": {"targetHalfWidth": 1.0}}
 EDITS: list[dict[str, Any]] = [
-    {**REPLICATE, "planning": {"maxRuns": 1090}},  # default maxSeeds 10: 1,090 runs, at the limit
-    {**REPLICATE, "planning": {"maxRuns": 1089}},
-    {**REPLICATE, "replication": {"targetHalfWidth": 1.0, "maxSeeds": 18}},  # 1,962 <= 2,000
-    {**REPLICATE, "replication": {"targetHalfWidth": 1.0, "maxSeeds": 19}},  # 2,071 > 2,000
+    {**REPLICATE, "planning": {"maxRuns": 1290}},  # default maxSeeds 10: 1,290 runs, at the limit
+    {**REPLICATE, "planning": {"maxRuns": 1289}},
+    {**REPLICATE, "replication": {"targetHalfWidth": 1.0, "maxSeeds": 15}},  # 1,935 <= 2,000
+    {**REPLICATE, "replication": {"targetHalfWidth": 1.0, "maxSeeds": 16}},  # 2,064 > 2,000
     {**REPLICATE, "replication": {"targetHalfWidth": 1.0, "minSeeds": 2, "maxSeeds": 2}},
     {"hyperparameters": REMOVE, "replication": {"targetHalfWidth": 1.0}},  # together with seeds
 ]
