@@ -29,7 +29,7 @@ from xstilts.demo.pretrain import (
 from xstilts.demo.world import World
 
 DEFAULT_ROOT = Path("xstilts-demo")
-GENERATE_VERSION = 1  # bump when the task generators change: invalidates cached data
+GENERATE_VERSION = 2  # bump when the task generators change: invalidates cached data
 TASKS = ("mnli", "hellaswag", "xnli", "pawsx")
 
 

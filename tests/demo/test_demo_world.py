@@ -16,6 +16,7 @@ from xstilts.demo.generate import (
     nli_item,
     paws_item,
     pretraining_corpus,
+    task_rows,
     write_task_data,
 )
 from xstilts.demo.prepare import DEFAULT_ROOT, TASKS, prepare_data
@@ -193,11 +194,18 @@ def test_the_trainer_reads_every_task_file(task: str, stage: Stage, task_dirs: d
         assert examples
 
 
-def test_multilingual_test_sets_are_parallel(task_dirs: dict[str, Path]) -> None:
+def test_each_language_has_evaluation_items_of_its_own(task_dirs: dict[str, Path], world: World) -> None:
+    """Not translations of one set, as XNLI's and PAWS-X's are: the zero-shot average then
+    rests on every language's items, not on one language's worth (see write_task_data)."""
     for task, languages in (("xnli", trainer_tasks.XNLI_LANGUAGES), ("pawsx", trainer_tasks.PAWSX_LANGUAGES)):
-        labels = {lang: [json.loads(line)["label"] for line in (task_dirs[task] / lang / "test.jsonl").open()]
-                  for lang in languages}
-        assert len({tuple(v) for v in labels.values()}) == 1, task
+        for split in ("validation", "test"):
+            rows = {lang: [json.loads(line) for line in (task_dirs[task] / lang / f"{split}.jsonl").open()]
+                    for lang in languages}
+            assert len({len(v) for v in rows.values()}) == 1, (task, split)
+            labels = {tuple(r["label"] for r in v) for v in rows.values()}
+            assert len(labels) == len(languages), (task, split)  # each language its own draw
+            # the same draw as task_rows gives for that language: reproducible from the world
+            assert rows["de"] == task_rows(world, task, split, len(rows["de"]), "de", per_language=True)
 
 
 def test_task_files_never_mix_languages(task_dirs: dict[str, Path], world: World) -> None:
