@@ -57,7 +57,7 @@ from xstilts.operator.cluster.render import (
 from xstilts.operator.experiment.plan import Plan
 from xstilts.operator.experiment.search import english_dev, select
 from xstilts.operator.experiment.spec import BASELINE, ExperimentSpec
-from xstilts.operator.report.build import AVG, POINTS, Cell, arm_gains
+from xstilts.operator.report.build import AVG, POINTS, ZERO_SHOT, Cell, arm_gains
 from xstilts.operator.report.stats import Interval, gain_interval
 from xstilts.trainer.config import RunResult, Stage
 
@@ -189,7 +189,8 @@ def _job_gpus(job_spec: Mapping[str, Any]) -> int:
 @dataclass(frozen=True, slots=True)
 class ResultSummary:
     """What reconcile needs of a run's result.json. `scores` holds the primary metric per
-    evaluation language and its mean under AVG (target runs; empty for intermediate ones)."""
+    evaluation language, its mean under AVG, and the mean over the languages other than English
+    under ZERO_SHOT when there are any (target runs; empty for intermediate ones)."""
 
     run_id: str
     scores: dict[str, float] = field(default_factory=dict)
@@ -202,7 +203,10 @@ class ResultSummary:
         primary = result.primary_metric
         scores = {lang: values[primary] for lang, values in sorted(result.languages.items()) if primary in values}
         if scores:
+            zero_shot = [v for lang, v in scores.items() if lang != "en"]
             scores[AVG] = fmean(scores.values())
+            if zero_shot:
+                scores[ZERO_SHOT] = fmean(zero_shot)
         else:
             average = next((v for k, v in result.metrics.items() if k.endswith(f".test.{primary}.{AVG}")), None)
             if average is not None:
@@ -352,50 +356,57 @@ MEASURING = "measuring"  # the first minSeeds seeds' runs are under way
 
 @dataclass(frozen=True, slots=True)
 class CellPrecision:
-    """Where one cell (model × intermediate arm × target) stands under spec.replication."""
+    """Where one unit of replication stands under spec.replication: a cell (model ×
+    intermediate arm × target), or with `unit: modelAverage` a model × arm over every target
+    (`target` is then empty)."""
 
     model: str
     intermediate: str
     target: str
-    seeds: int  # seeds the cell runs now (1..seeds)
+    seeds: int  # seeds the unit runs now (1..seeds)
     half_width: float | None  # of the paired gain interval over the seeds with results, in points
     state: str
 
     @property
     def key(self) -> str:
-        return f"{self.model}/{self.intermediate}/{self.target}"
+        return f"{self.model}/{self.intermediate}" + (f"/{self.target}" if self.target else "")
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return (self.target,) if self.target else ()
 
 
 def replication_cells(spec: ExperimentSpec, plan: Plan,
                       results: Mapping[str, ResultSummary]) -> list[CellPrecision]:
-    """Each cell's seed count, derived from the results alone (level-triggered, like the rest
+    """Each unit's seed count, derived from the results alone (level-triggered, like the rest
     of reconcile): start at minSeeds; once seeds 1..n all have baseline and arm results, stop
-    if the paired gain interval (the report's gain_interval) is within ±targetHalfWidth or n
-    is maxSeeds, else go on with seed n+1. Results never go away, so a cell's count only grows.
-    Empty without spec.replication."""
+    if the paired gain interval (the report's gain_interval, on the zero-shot average, the
+    report's headline) is within ±targetHalfWidth or n is maxSeeds, else go on with seed n+1.
+    Results never go away, so a unit's count only grows. Empty without spec.replication."""
     rep = spec.replication
     if rep is None:
         return []
     target_runs = {(r.labels.model, r.labels.intermediate, r.labels.target or "", r.config.seed): r.run_id
                    for r in (*plan.runs, *plan.reserve) if r.config.stage is Stage.TARGET}
-    cells = []
-    for model in spec.models:
-        for arm in spec.intermediates:
-            for target in spec.targets:
-                cells.append(_cell(rep.target_half_width, rep.min_seeds, rep.max_seeds, model.name, arm, target,
-                                   target_runs, results))
-    return cells
+    per_target = rep.unit == "cell"
+    return [_cell(rep.target_half_width, rep.min_seeds, rep.max_seeds, model.name, arm,
+                  (target,) if per_target else tuple(spec.targets), target_runs, results)
+            for model in spec.models for arm in spec.intermediates
+            for target in (spec.targets if per_target else ("",))]
 
 
-def _cell(half_width: float, min_seeds: int, max_seeds: int, model: str, arm: str, target: str,
+def _cell(half_width: float, min_seeds: int, max_seeds: int, model: str, arm: str, targets: tuple[str, ...],
           target_runs: Mapping[tuple[str, str, str, int], str],
           results: Mapping[str, ResultSummary]) -> CellPrecision:
+    """The unit's state; its score per seed is the headline averaged over `targets`, as the
+    report's per-model average is (one target: the cell's own headline)."""
     treated: dict[int, float] = {}
     baseline: dict[int, float] = {}
+    name = targets[0] if len(targets) == 1 else ""
     n, width = min_seeds, None
     for seed in range(1, max_seeds + 1):
-        a = _average(results.get(target_runs.get((model, arm, target, seed), "")))
-        b = _average(results.get(target_runs.get((model, BASELINE, target, seed), "")))
+        a = _over([results.get(target_runs.get((model, arm, t, seed), "")) for t in targets])
+        b = _over([results.get(target_runs.get((model, BASELINE, t, seed), "")) for t in targets])
         if a is None or b is None:
             break
         treated[seed], baseline[seed] = POINTS * a, POINTS * b
@@ -404,27 +415,40 @@ def _cell(half_width: float, min_seeds: int, max_seeds: int, model: str, arm: st
         interval = _cached_gain(treated, baseline)
         width = None if interval is None else interval.half_width
         if width is not None and width <= half_width:
-            return CellPrecision(model, arm, target, seed, width, REACHED)
+            return CellPrecision(model, arm, name, seed, width, REACHED)
         if seed == max_seeds:
-            return CellPrecision(model, arm, target, seed, width, AT_MAX_SEEDS)
+            return CellPrecision(model, arm, name, seed, width, AT_MAX_SEEDS)
         n = seed + 1
     if width is None and len(treated) >= 2:
         interval = _cached_gain(treated, baseline)
         width = None if interval is None else interval.half_width
-    return CellPrecision(model, arm, target, n, width, MEASURING if n == min_seeds else ADDING)
+    return CellPrecision(model, arm, name, n, width, MEASURING if n == min_seeds else ADDING)
+
+
+def _over(summaries: list[ResultSummary | None]) -> float | None:
+    """The headline score (zero-shot, else every language) averaged over the targets' runs;
+    None until every one has one."""
+    values = [_headline(s) for s in summaries]
+    return None if any(v is None for v in values) else fmean(v for v in values if v is not None)
+
+
+def _headline(summary: ResultSummary | None) -> float | None:
+    return None if summary is None else summary.scores.get(ZERO_SHOT, summary.scores.get(AVG))
 
 
 def replicated(spec: ExperimentSpec, plan: Plan, results: Mapping[str, ResultSummary]) -> Plan:
     """The plan with the runs of every seed `replication_cells` calls for moved from its
-    reserve into its runs: per added seed, the cell's baseline and arm target runs and the
-    phase-2 run the arm's needs. Idempotent; the plan itself without spec.replication."""
+    reserve into its runs: per added seed, the unit's baseline and arm target runs (of every
+    target, for a model average) and the phase-2 run the arm's needs. Idempotent; the plan
+    itself without spec.replication."""
     if spec.replication is None or not plan.reserve:
         return plan
     wanted: set[tuple[str, str, str, int]] = set()
     for cell in replication_cells(spec, plan, results):
         for seed in range(spec.replication.min_seeds + 1, cell.seeds + 1):
-            wanted.add((cell.model, cell.intermediate, cell.target, seed))
-            wanted.add((cell.model, BASELINE, cell.target, seed))
+            for target in cell.targets or spec.targets:
+                wanted.add((cell.model, cell.intermediate, target, seed))
+                wanted.add((cell.model, BASELINE, target, seed))
     if not wanted:
         return plan
     moved: set[str] = set()

@@ -745,9 +745,11 @@ class PlanningSpec(_Spec):
 
 class ReplicationSpec(_Spec):
     """Precision-driven replication: each cell (model × intermediate arm × target) starts with
-    seeds 1..minSeeds; while its paired gain interval (95%, in points) is wider than
-    ±targetHalfWidth once its runs have finished, reconcile adds the next seed (a baseline
-    and an intermediate-arm run with it), up to maxSeeds."""
+    seeds 1..minSeeds; while its paired gain interval (95%, in points, on the zero-shot
+    average) is wider than ±targetHalfWidth once its runs have finished, reconcile adds the
+    next seed (a baseline and an intermediate-arm run with it), up to maxSeeds. With
+    `unit: modelAverage` the unit is a model × arm instead, judged on its gain averaged over
+    the targets (the report's per-model headline), and a seed is added to every target."""
 
     target_half_width: Annotated[float, Field(gt=0, le=100)]
     """half-width of the 95% paired gain interval, in points, at which a cell stops adding seeds"""
@@ -755,6 +757,8 @@ class ReplicationSpec(_Spec):
     """seeds every cell starts with, at least 2 (default 3)"""
     max_seeds: Annotated[int, Field(ge=2, le=1000)] = 10
     """seeds a cell runs at most (default 10)"""
+    unit: Literal["cell", "modelAverage"] = "cell"
+    """what must reach the precision: each cell (default), or each model × arm over the targets (modelAverage)"""
 
     @model_validator(mode="after")
     def _bounds(self) -> ReplicationSpec:

@@ -64,8 +64,8 @@ class Grid:
     targets: tuple[str, ...]
     seeds: tuple[int, ...]
     languages: Mapping[str, tuple[str, ...]]  # target -> evaluated languages
-    # spec.replication's (targetHalfWidth, maxSeeds), when seeds are added to reach a precision
-    replication: tuple[float, int] | None = None
+    # spec.replication's (targetHalfWidth, maxSeeds, unit), when seeds are added to reach a precision
+    replication: tuple[float, int, str] | None = None
     # The learning rates each stage searches (hyperparameters.<stage>.search); empty: no search.
     intermediate_learning_rates: tuple[float, ...] = ()
     target_learning_rates: tuple[float, ...] = ()
@@ -84,15 +84,15 @@ def grid_of(spec: ExperimentSpec) -> Grid:
         seeds=tuple(spec.initial_seeds),
         languages={t: tuple(spec.eval_languages.get(t) or TASKS[t].languages) for t in spec.targets},
         replication=None if spec.replication is None else (spec.replication.target_half_width,
-                                                           spec.replication.max_seeds),
+                                                           spec.replication.max_seeds, spec.replication.unit),
         intermediate_learning_rates=spec.hyperparameters.intermediate.learning_rates,
         target_learning_rates=spec.hyperparameters.target.learning_rates,
     )
 
 
 def replication_text(gain: Interval, target_half_width: float, max_seeds: int) -> str:
-    """Where a cell's language-average gain stands against spec.replication: the rule
-    reconcile adds seeds by (reconcile.replication_cells), on the same interval."""
+    """Where a cell's (or a model average's) headline gain stands against spec.replication:
+    the rule reconcile adds seeds by (reconcile.replication_cells), on the same interval."""
     width = "?" if gain.half_width is None else f"{gain.half_width:.2f}"
     if gain.half_width is not None and gain.half_width <= target_half_width:
         return f"reached ±{width}"
@@ -615,21 +615,30 @@ def method_text(report: Report) -> str:
                    f" \"{AVG}\" averages every evaluated language, English included, as XTREME does.")
 
 
+def replication_table(report: Report, half_width: float, max_seeds: int, unit: str) -> TableData:
+    """Where each unit of replication stands: cells on their headline gain, or with
+    `unit: modelAverage` each model × arm on its gain averaged over the targets."""
+    title = f"Replication: seeds added until the gain interval is within ±{half_width:g} points"
+    if unit == "modelAverage":
+        rows = tuple((m.name, a, "all targets", str(gain.n), fmt_interval(gain),
+                      replication_text(gain, half_width, max_seeds))
+                     for m in report.models_by_size for a in report.grid.arms
+                     if (gain := report.model_averages.get((m.name, a))) is not None)
+    else:
+        rows = tuple((c.model, c.arm, c.target, str(c.gain.n), fmt_interval(c.gain),
+                      replication_text(c.gain, half_width, max_seeds))
+                     for c in report.cells if c.language == headline(report.grid, c.target))
+    return TableData(title, ("model", "intermediate", "target", "seeds", f"{ZERO_SHOT} gain", "precision"), rows,
+                     "" if rows else "No cell has both baseline and intermediate results yet.")
+
+
 def tables(report: Report) -> list[TableData]:
     g = report.grid
     models = report.models_by_size
     out: list[TableData] = []
     out.append(trend_table(report))
     if g.replication is not None:
-        half_width, max_seeds = g.replication
-        out.append(TableData(
-            f"Replication: seeds added until the gain interval is within ±{half_width:g} points",
-            ("model", "intermediate", "target", "seeds", "gain (all languages)", "precision"),
-            tuple((c.model, c.arm, c.target, str(c.gain.n), fmt_interval(c.gain),
-                   replication_text(c.gain, half_width, max_seeds))
-                  for c in report.cells if c.language == AVG),
-            "" if report.cells else "No cell has both baseline and intermediate results yet.",
-        ))
+        out.append(replication_table(report, *g.replication))
     out.append(TableData(
         "Best intermediate task per model size",
         ("model", "parameters", "best intermediate", "zero-shot gain (over targets)", "95% interval"),

@@ -397,7 +397,7 @@ def test_result_store_reads_caches_and_reports_bad_files(tmp_path: Path) -> None
     write_result(store.path(spec, target.run_id), target)
     found, problems = store.read(spec, p)
     assert list(found) == [target.run_id] and problems == []
-    assert found[target.run_id].scores == {"de": 0.6, "en": 0.8, "avg": pytest.approx(0.7)}
+    assert found[target.run_id].scores == {"de": 0.6, "en": 0.8, "avg": pytest.approx(0.7), "zero-shot": 0.6}
     assert found[target.run_id].gpu_seconds == 3600.0
 
     other = p.runs[0]

@@ -373,7 +373,7 @@ def test_result_summary_from_a_run_result() -> None:
         languages={"en": {"accuracy": 0.9, "loss": 0.3}, "de": {"accuracy": 0.7}},
         parameter_count=10**9, tokens_seen=10**6, train_steps=100, wall_seconds=1800.0,
         tokens_per_second=555.0, finished_at="2025-06-01T10:00:00Z"))
-    assert summary.scores == pytest.approx({"de": 0.7, "en": 0.9, "avg": 0.8})
+    assert summary.scores == pytest.approx({"de": 0.7, "en": 0.9, "avg": 0.8, "zero-shot": 0.7})
     assert summary.gpu_seconds == 1800.0 * 2
     intermediate = run("big", "mnli")
     summary = ResultSummary.from_result(RunResult(

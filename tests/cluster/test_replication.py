@@ -121,3 +121,78 @@ replication: {targetHalfWidth: 1.0}
     with pytest.raises(SpecError, match=r"maxSeeds.*must be at least minSeeds"):
         load_spec_text(text.replace("seeds: [1, 2]\n", "").replace("1.0}", "1.0, minSeeds: 5, maxSeeds: 4}"),
                        "bounds.yaml")
+
+
+def test_a_cell_is_judged_on_its_zero_shot_gain_not_on_english() -> None:
+    """English moves by tens of points from seed to seed here, the other languages by a tenth:
+    the cell's headline, the zero-shot average, is precise, and the cell stops at minSeeds."""
+    p, results = plan(SPEC), {}
+    finish(p, results, {1: 2.0, 2: 2.1, 3: 2.05})
+    for seed, english in {1: 0.2, 2: 0.9, 3: 0.5}.items():
+        arm = target_run(p, "mnli", seed).run_id
+        results[arm] = ResultSummary(arm, {**results[arm].scores, "en": english, "zero-shot": 0.52 + seed / 1000})
+        base = target_run(p, BASELINE, seed).run_id
+        results[base] = ResultSummary(base, {**results[base].scores, "en": 0.5, "zero-shot": 0.5})
+    (cell,) = replication_cells(SPEC, p, results)
+    assert cell.state == REACHED and cell.half_width is not None and cell.half_width < 0.5
+
+
+MODEL_AVERAGE = SPEC.model_copy(update={
+    "targets": ["xnli", "pawsx"],
+    "replication": SPEC.replication.model_copy(update={"unit": "modelAverage"}) if SPEC.replication else None})
+
+
+def finish_targets(p: Plan, results: dict[str, ResultSummary], gains: dict[int, dict[str, float]]) -> None:
+    """Per seed, per target gain in points (the baseline scores 0.5), and the phase-2 runs."""
+    for run in (*p.runs, *p.reserve):
+        seed, target = run.config.seed, run.labels.target
+        if seed not in gains:
+            continue
+        if run.config.stage is Stage.INTERMEDIATE:
+            results[run.run_id] = ResultSummary(run.run_id)
+        elif target in gains[seed]:
+            score = 0.5 + (gains[seed][target] / 100 if run.labels.intermediate != BASELINE else 0.0)
+            results[run.run_id] = ResultSummary(run.run_id, {"avg": score, "zero-shot": score})
+
+
+def test_a_model_average_unit_is_judged_on_the_gain_averaged_over_targets() -> None:
+    """Each target alone is wide (±10 points), their average is the same every seed: the unit
+    model × arm has reached its precision at minSeeds, with one status entry for both targets."""
+    p, results = plan(MODEL_AVERAGE), {}
+    finish_targets(p, results, {1: {"xnli": 5.0, "pawsx": -1.0}, 2: {"xnli": -3.0, "pawsx": 7.0},
+                                3: {"xnli": 1.0, "pawsx": 3.0}})
+    (cell,) = replication_cells(MODEL_AVERAGE, p, results)
+    assert (cell.key, cell.state, cell.seeds) == ("small/mnli", REACHED, 3)
+    assert cell.half_width == pytest.approx(0.0, abs=1e-6)
+    per_cell = MODEL_AVERAGE.model_copy(update={"replication": SPEC.replication})
+    assert {c.state for c in replication_cells(per_cell, plan(per_cell), results)} == {ADDING}
+    decision = reconcile(MODEL_AVERAGE, p, Observed(results=results), NOW)
+    assert decision.status["replication"] == {"small/mnli": {"seeds": 3, "state": "reached", "halfWidth": 0.0}}
+
+
+def test_a_wide_model_average_adds_its_seed_to_every_target() -> None:
+    p, results = plan(MODEL_AVERAGE), {}
+    finish_targets(p, results, {1: {"xnli": 5.0, "pawsx": 5.0}, 2: {"xnli": -3.0, "pawsx": -3.0},
+                                3: {"xnli": 1.0}})  # pawsx of seed 3 is still running
+    (cell,) = replication_cells(MODEL_AVERAGE, p, results)
+    assert cell.state == MEASURING and replicated(MODEL_AVERAGE, p, results) is p
+    finish_targets(p, results, {3: {"pawsx": 1.0}})
+    (cell,) = replication_cells(MODEL_AVERAGE, p, results)
+    assert cell.state == ADDING and cell.seeds == 4
+    added = replicated(MODEL_AVERAGE, p, results)
+    new = [added.by_id[r] for r in set(added.by_id) - set(p.by_id)]
+    assert {(r.config.stage, r.labels.intermediate, r.labels.target, r.config.seed) for r in new} == {
+        (Stage.INTERMEDIATE, "mnli", None, 4),
+        *((Stage.TARGET, arm, t, 4) for arm in (BASELINE, "mnli") for t in ("xnli", "pawsx"))}
+    assert replicated(MODEL_AVERAGE, added, results) is added  # idempotent
+
+
+def test_the_unit_is_cell_or_model_average() -> None:
+    text = """
+name: unit
+models: [{name: s, pretrained: org/s, parameters: 1000000}]
+targets: [xnli]
+replication: {targetHalfWidth: 1.0, unit: perLanguage}
+"""
+    with pytest.raises(SpecError, match=r"replication.unit"):
+        load_spec_text(text, "unit.yaml")

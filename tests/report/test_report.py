@@ -18,7 +18,16 @@ from typer.testing import CliRunner
 from xstilts.operator.cli import app
 from xstilts.operator.experiment.plan import Plan, plan
 from xstilts.operator.experiment.spec import ExperimentSpec, load_spec_text
-from xstilts.operator.report.build import AVG, ZERO_SHOT, build_report, grid_of, tables, to_html, to_markdown
+from xstilts.operator.report.build import (
+    AVG,
+    ZERO_SHOT,
+    build_report,
+    fmt_interval,
+    grid_of,
+    tables,
+    to_html,
+    to_markdown,
+)
 from xstilts.operator.report.plots import gain_vs_size
 from xstilts.operator.report.stats import Method
 from xstilts.trainer.config import RunResult, Stage
@@ -401,6 +410,27 @@ def test_under_replication_each_cell_says_whether_it_reached_the_target_precisio
     assert marks[("small", "pawsx")].startswith("reached ±")
     assert marks[("big", "pawsx")].startswith("stopped at max seeds, ±")
     assert "Replication" in to_markdown(report)
+
+
+def test_under_model_average_replication_each_model_and_arm_says_where_its_average_stands() -> None:
+    text = SPEC.replace("seeds: [1, 2, 3]",
+                        "replication: {targetHalfWidth: 5.0, minSeeds: 2, maxSeeds: 3, unit: modelAverage}")
+    spec = load_spec_text(text, "report-test.yaml")
+    p = plan(spec)
+    full = Plan(p.experiment, (*p.runs, *p.reserve), {r.run_id: r for r in (*p.runs, *p.reserve)})
+    scores = {("small", "baseline"): [(0.60, 0.50), (0.62, 0.52), (0.64, 0.51)],
+              ("small", "mnli"): [(0.63, 0.53), (0.65, 0.55), (0.67, 0.54)],
+              ("big", "baseline"): [(0.70, 0.60), (0.70, 0.60), (0.70, 0.60)],
+              ("big", "mnli"): [(0.70, 0.60), (0.90, 0.80), (0.70, 0.60)]}
+    results = [make_result(full, m, a, s + 1, en, de) for (m, a), values in scores.items()
+               for s, (en, de) in enumerate(values)]
+    report = build_report(results, grid_of(spec))
+    table = next(t for t in tables(report) if t.title.startswith("Replication"))
+    rows = {(row[0], row[1]): row for row in table.rows}
+    assert {row[2] for row in table.rows} == {"all targets"}
+    assert rows[("small", "mnli")][-1].startswith("reached ±")
+    assert rows[("big", "mnli")][-1].startswith("stopped at max seeds, ±")
+    assert rows[("big", "mnli")][4] == fmt_interval(report.model_averages[("big", "mnli")])
 
 
 def test_example_level_paired_bootstrap_per_language() -> None:
