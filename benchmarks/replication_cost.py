@@ -1,8 +1,9 @@
 """The cost of precision-driven replication against a fixed seed count, by simulation.
 
-Precision-driven replication (spec.replication) gives each cell (model × intermediate arm ×
-target) another seed only while its paired gain interval is wider than the target. A fixed
-seed list must instead give every cell the seeds its noisiest cell needs. This compares the
+Precision-driven replication (spec.replication) gives each unit (a cell, model × intermediate
+arm × target; or with `unit: modelAverage` a model × arm over the targets) another seed only
+while its paired gain interval is wider than the target. A fixed seed list must instead give
+every unit the seeds its noisiest unit needs. This compares the
 two on examples/scaling.yaml (4 models × 4 arms × 2 targets = 32 cells): for each simulated
 experiment, the seeds each cell takes under `replication: {targetHalfWidth, minSeeds,
 maxSeeds}` are decided by reconcile's own rule (`replication_cells`, `replicated`: the
@@ -10,11 +11,13 @@ runs and GPU-hours counted are those of the plan it extends), then the smallest 
 count whose worst cell is at least as precise as the worst cell under replication is found
 on the same simulated scores. It prints the runs, GPU-hours and their ratios.
 
-Per-cell seed variances: the paired (same seed, with and without the intermediate task)
-standard deviations of the gain, in points, as a dict per cell. With `--spreads-from DIR` (the
+Per-unit seed variances: the paired (same seed, with and without the intermediate task)
+standard deviations of the gain, in points, as a dict per unit. With `--spreads-from DIR` (the
 output directory of a finished `xstilts run examples/demo.yaml`, e.g. xstilts-out/demo) they
-are measured from the demo's own results: each cell's paired differences of the language
-average, the quantity reconcile judges. Without it, each cell draws its standard deviation
+are measured from the demo's own results: each unit's paired differences of the zero-shot
+average (over the targets, for a model average), the quantity reconcile judges. A model
+average's draw is the same for each of its targets, so their mean has the measured spread.
+Without it, each cell draws its standard deviation
 log-uniformly from 0.3 to 2 points (fixed RNG seed). Per-seed gains are normal around +2 points.
 
 Two halves:
@@ -27,7 +30,7 @@ Two halves:
   worst half-width.
 
     python benchmarks/replication_cost.py [--spec examples/scaling.yaml] [--spreads-from xstilts-out/demo]
-        [--experiments 40] [--target 1.0] [--min-seeds 3] [--max-seeds 10]
+        [--experiments 40] [--target 1.0] [--min-seeds 3] [--max-seeds 10] [--unit cell|modelAverage]
 """
 
 from __future__ import annotations
@@ -39,10 +42,9 @@ import statistics
 from pathlib import Path
 
 import yaml
-from xstilts.operator.cluster.reconcile import ResultSummary, replicated, replication_cells
+from xstilts.operator.cluster.reconcile import ResultSummary, headline_score, replicated, replication_cells
 from xstilts.operator.experiment.plan import Plan, plan
 from xstilts.operator.experiment.spec import BASELINE, ExperimentSpec
-from xstilts.operator.report.build import AVG
 from xstilts.operator.report.stats import gain_interval, t_quantile
 from xstilts.trainer.config import Stage
 from xstilts.trainer.rundir import read_result
@@ -51,7 +53,8 @@ SPREAD_POINTS = (0.3, 2.0)  # without --spreads-from: the range issue 14 quoted 
 MEAN_GAIN_POINTS = 2.0
 
 
-def load_spec(path: Path, target: float | None, min_seeds: int | None, max_seeds: int | None) -> ExperimentSpec:
+def load_spec(path: Path, target: float | None, min_seeds: int | None, max_seeds: int | None,
+              unit: str | None = None) -> ExperimentSpec:
     """The spec (bare or a kind: Experiment) with `replication:` from the arguments; a bound
     left out keeps the spec's own (examples/demo.yaml has one)."""
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -60,23 +63,25 @@ def load_spec(path: Path, target: float | None, min_seeds: int | None, max_seeds
     own = raw.get("replication") or {"targetHalfWidth": 1.0, "minSeeds": 3, "maxSeeds": 10}
     raw["replication"] = {"targetHalfWidth": own["targetHalfWidth"] if target is None else target,
                           "minSeeds": own.get("minSeeds", 3) if min_seeds is None else min_seeds,
-                          "maxSeeds": own.get("maxSeeds", 10) if max_seeds is None else max_seeds}
+                          "maxSeeds": own.get("maxSeeds", 10) if max_seeds is None else max_seeds,
+                          "unit": own.get("unit", "cell") if unit is None else unit}
     return ExperimentSpec.model_validate(raw)
 
 
-Cell = tuple[str, str, str]  # model, intermediate arm, target
+Cell = tuple[str, str, str]  # model, intermediate arm, target ("" for a model average over the targets)
 
 
-def measured_differences(out_dir: Path) -> dict[Cell, dict[int, float]]:
-    """Per cell, seed -> paired difference (arm − baseline) of the language average, in points,
-    from the result.json files of a finished run under `out_dir`."""
+def measured_differences(out_dir: Path, model_average: bool = False) -> dict[Cell, dict[int, float]]:
+    """Per cell (or model average), seed -> paired difference (arm − baseline) of the zero-shot
+    average, in points, from the result.json files of a finished run under `out_dir`; a model
+    average has the seeds every target has."""
     scores: dict[tuple[str, str, str, int], float] = {}
     for path in sorted(out_dir.glob("runs/*/result.json")):
         result = read_result(path)
         if result.config.stage is not Stage.TARGET:
             continue
         labels = result.config.labels
-        average = ResultSummary.from_result(result).scores.get(AVG)
+        average = headline_score(ResultSummary.from_result(result))
         if average is not None:
             scores[(labels.model, labels.intermediate, labels.target or "", result.config.seed)] = 100 * average
     diffs: dict[Cell, dict[int, float]] = {}
@@ -84,11 +89,19 @@ def measured_differences(out_dir: Path) -> dict[Cell, dict[int, float]]:
         base = scores.get((model, BASELINE, target, seed))
         if arm != BASELINE and base is not None:
             diffs.setdefault((model, arm, target), {})[seed] = score - base
-    return diffs
+    if not model_average:
+        return diffs
+    averaged: dict[Cell, dict[int, float]] = {}
+    for model, arm in {(m, a) for m, a, _ in diffs}:
+        per_target = [d for (m, a, _), d in diffs.items() if (m, a) == (model, arm)]
+        shared = set.intersection(*(set(d) for d in per_target))
+        averaged[(model, arm, "")] = {s: statistics.fmean(d[s] for d in per_target) for s in sorted(shared)}
+    return averaged
 
 
-def measured_spreads(out_dir: Path) -> dict[Cell, float]:
-    found = {cell: statistics.stdev(d.values()) for cell, d in measured_differences(out_dir).items() if len(d) >= 2}
+def measured_spreads(out_dir: Path, model_average: bool = False) -> dict[Cell, float]:
+    found = {cell: statistics.stdev(d.values())
+             for cell, d in measured_differences(out_dir, model_average).items() if len(d) >= 2}
     if not found:
         raise SystemExit(f"{out_dir}: no cell with two paired seeds among its runs/*/result.json")
     return found
@@ -106,6 +119,8 @@ def simulate(spec: ExperimentSpec, p: Plan, spreads: dict[tuple[str, str, str], 
              rng: random.Random) -> tuple[dict[str, ResultSummary], dict[tuple[str, str, str], list[float]]]:
     """Scores for every run up to maxSeeds (reconcile reads only what its rule reaches)."""
     assert spec.replication is not None
+    model_average = spec.replication.unit == "modelAverage"
+    drawn: dict[tuple[Cell, int], float] = {}
     results: dict[str, ResultSummary] = {}
     diffs: dict[tuple[str, str, str], list[float]] = {}
     base: dict[tuple[str, str, int], float] = {}
@@ -119,10 +134,11 @@ def simulate(spec: ExperimentSpec, p: Plan, spreads: dict[tuple[str, str, str], 
             continue
         score = base[(labels.model, labels.target or "", seed)]
         if labels.intermediate != BASELINE:
-            cell = (labels.model, labels.intermediate, labels.target or "")
-            d = rng.gauss(MEAN_GAIN_POINTS, spreads[cell])
-            diffs.setdefault(cell, []).append(d)
-            score += d / 100
+            cell = (labels.model, labels.intermediate, "" if model_average else labels.target or "")
+            if (cell, seed) not in drawn:
+                drawn[(cell, seed)] = rng.gauss(MEAN_GAIN_POINTS, spreads[cell])
+                diffs.setdefault(cell, []).append(drawn[(cell, seed)])
+            score += drawn[(cell, seed)] / 100
         results[run.run_id] = ResultSummary(run.run_id, {"avg": score})
     return results, diffs
 
@@ -144,12 +160,16 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=None, help="default: the spec's, else 1.0")
     parser.add_argument("--min-seeds", type=int, default=None, help="default: the spec's, else 3")
     parser.add_argument("--max-seeds", type=int, default=None, help="default: the spec's, else 10")
+    parser.add_argument("--unit", choices=("cell", "modelAverage"), default=None, help="default: the spec's, else cell")
     args = parser.parse_args()
-    spec = load_spec(args.spec, args.target, args.min_seeds, args.max_seeds)
+    spec = load_spec(args.spec, args.target, args.min_seeds, args.max_seeds, args.unit)
     rep = spec.replication
     assert rep is not None
+    model_average = rep.unit == "modelAverage"
+    units = "model averages" if model_average else "cells"
     p = plan(spec)
-    cells = [(m.name, arm, t) for m in spec.models for arm in spec.intermediates for t in spec.targets]
+    cells = [(m.name, arm, t) for m in spec.models for arm in spec.intermediates
+             for t in (("",) if model_average else spec.targets)]
     per_seed_runs = len([r for r in (*p.runs, *p.reserve) if r.config.seed == 1])
     per_seed_gpu_h = sum(r.gpu_hours or 0.0 for r in (*p.runs, *p.reserve) if r.config.seed == 1)
     rng = random.Random(14)
@@ -158,7 +178,7 @@ def main() -> None:
         spreads = {c: math.exp(rng.uniform(math.log(lo), math.log(hi))) for c in cells}
         source = f"per-cell paired seed SD {lo:g}-{hi:g} points (log-uniform)"
     else:
-        demo = measured_spreads(args.spreads_from)
+        demo = measured_spreads(args.spreads_from, model_average)
         if all(c in demo for c in cells):  # the demo world: each cell its own
             spreads = {c: demo[c] for c in cells}
             source = f"per-cell paired seed SD measured in {args.spreads_from} (each cell its own)"
@@ -167,7 +187,7 @@ def main() -> None:
             spreads = {c: rng.choice(pool) for c in cells}
             source = f"per-cell paired seed SD drawn from the {len(pool)} measured in {args.spreads_from}"
         values = sorted(demo.values())
-        print(f"measured paired seed SD over {len(values)} demo cells: min {values[0]:.2f},"
+        print(f"measured paired seed SD over {len(values)} demo {units}: min {values[0]:.2f},"
               f" median {statistics.median(values):.2f}, max {values[-1]:.2f} points")
 
     totals = {"adaptive_runs": 0.0, "adaptive_gpu_h": 0.0, "fixed_runs": 0.0, "fixed_gpu_h": 0.0}
@@ -191,7 +211,7 @@ def main() -> None:
         totals["fixed_runs"] += n * per_seed_runs
         totals["fixed_gpu_h"] += n * per_seed_gpu_h
     k = args.experiments
-    print(f"{args.spec}: {len(cells)} cells; replication to ±{rep.target_half_width:g} points,"
+    print(f"{args.spec}: {len(cells)} {units}; replication to ±{rep.target_half_width:g} points,"
           f" seeds {rep.min_seeds}..{rep.max_seeds}; {k} simulated experiments; {source}")
     print(f"  cells that reached the target: {reached / k:.1f}, stopped at maxSeeds: {at_max / k:.1f}"
           " (mean per experiment)")
@@ -200,14 +220,15 @@ def main() -> None:
           f" {totals['fixed_runs'] / k:.1f} runs, {totals['fixed_gpu_h'] / k:,.3g} GPU-hours")
     print(f"  ratio runs: {totals['adaptive_runs'] / totals['fixed_runs']:.2f}x,"
           f" GPU-hours: {totals['adaptive_gpu_h'] / totals['fixed_gpu_h']:.2f}x")
-    if args.spreads_from is not None and all(c in spreads for c in measured_differences(args.spreads_from)):
+    measured = {} if args.spreads_from is None else measured_differences(args.spreads_from, model_average)
+    if args.spreads_from is not None and all(c in spreads for c in measured):
         real(spec, p, args.spreads_from, spreads, per_seed_runs)
 
 
 def real(spec: ExperimentSpec, p: Plan, out_dir: Path, spreads: dict[Cell, float], per_seed_runs: int) -> None:
     """The finished run itself: the runs it took, against the fixed seed count whose every cell,
     at its measured spread, is as precise as the run's worst cell."""
-    diffs = measured_differences(out_dir)
+    diffs = measured_differences(out_dir, spec.replication is not None and spec.replication.unit == "modelAverage")
     taken = {path.parent.name for path in out_dir.glob("runs/*/result.json")}
     runs = len([r for r in (*p.runs, *p.reserve) if r.run_id in taken])
     seeds = {cell: len(d) for cell, d in diffs.items()}

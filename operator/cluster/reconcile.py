@@ -428,11 +428,12 @@ def _cell(half_width: float, min_seeds: int, max_seeds: int, model: str, arm: st
 def _over(summaries: list[ResultSummary | None]) -> float | None:
     """The headline score (zero-shot, else every language) averaged over the targets' runs;
     None until every one has one."""
-    values = [_headline(s) for s in summaries]
+    values = [headline_score(s) for s in summaries]
     return None if any(v is None for v in values) else fmean(v for v in values if v is not None)
 
 
-def _headline(summary: ResultSummary | None) -> float | None:
+def headline_score(summary: ResultSummary | None) -> float | None:
+    """The score a gain is judged by: zero-shot, else the every-language average."""
     return None if summary is None else summary.scores.get(ZERO_SHOT, summary.scores.get(AVG))
 
 
