@@ -51,12 +51,12 @@ STATUS_SCHEMA: dict[str, Any] = {
             "type": "object",
             "description": "with hyperparameters.intermediate.search: per model/intermediate arm, the phase-2"
                            " learning rate selected on English dev, or state 'searching' until every candidate"
-                           " has its result",
+                           " has its result or failed, 'failed' when every candidate failed",
             "additionalProperties": {
                 "type": "object",
                 "properties": {
                     "learningRate": {"type": "number"},
-                    "state": {"type": "string", "enum": ["searching"]},
+                    "state": {"type": "string", "enum": ["searching", "failed"]},
                 },
             },
         },

@@ -40,7 +40,7 @@ a pass over the plan, not 10,000 renders.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -475,31 +475,57 @@ def _replication_status(cells: list[CellPrecision]) -> dict[str, Any]:
 # --- the phase-2 learning-rate search ------------------------------------------------------
 
 
-def phase2_selections(spec: ExperimentSpec, plan: Plan,
-                      results: Mapping[str, ResultSummary]) -> dict[tuple[str, str], float | None]:
+def failed_runs(observed: Observed) -> set[str]:
+    """Runs that failed and have no result: their Job failed, or the previous status says so
+    (a failed Job may be gone; the local executor remembers failures that way too)."""
+    results = observed.results
+    previous: Mapping[str, str] = (observed.previous_status or {}).get("runs") or {}
+    jobs = {job.run_id: job for job in observed.jobs}
+    failed = {rid for rid, job in jobs.items() if job.phase == "failed"}
+    failed |= {rid for rid, state in previous.items() if state == FAILED and rid not in jobs}
+    return {rid for rid in failed if rid not in results}
+
+
+def phase2_selections(spec: ExperimentSpec, plan: Plan, results: Mapping[str, ResultSummary],
+                      failed: Collection[str] = ()) -> dict[tuple[str, str], float | None]:
     """Per (model, intermediate arm), the phase-2 learning rate selected on English dev
-    (search.select), None while a candidate's run lacks its result. Empty without
-    hyperparameters.intermediate.search."""
+    (search.select), None while a candidate's run lacks its result, and when every
+    candidate has a run in `failed` (run ids). Empty without hyperparameters.intermediate.search."""
     candidates = spec.hyperparameters.intermediate.learning_rates
     if not candidates:
         return {}
     dev: dict[tuple[str, str], dict[float, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    failed_rates: dict[tuple[str, str], set[float]] = defaultdict(set)
     for run in plan.runs:
+        if run.config.stage is not Stage.INTERMEDIATE:
+            continue
+        key = (run.labels.model, run.labels.intermediate)
         summary = results.get(run.run_id)
-        if run.config.stage is Stage.INTERMEDIATE and summary is not None and summary.dev is not None:
-            key = (run.labels.model, run.labels.intermediate)
+        if summary is not None and summary.dev is not None:
             dev[key][run.config.hyperparameters.learning_rate][run.config.seed] = summary.dev
-    return {(model.name, arm): select(dev.get((model.name, arm), {}), candidates, spec.all_seeds)
+        elif run.run_id in failed:
+            failed_rates[key].add(run.config.hyperparameters.learning_rate)
+    return {(model.name, arm): select(dev.get((model.name, arm), {}), candidates, spec.all_seeds,
+                                      failed_rates.get((model.name, arm), set()))
             for model in spec.models for arm in spec.intermediates}
 
 
-def searched(spec: ExperimentSpec, plan: Plan, results: Mapping[str, ResultSummary]) -> Plan:
+def searched(spec: ExperimentSpec, plan: Plan, results: Mapping[str, ResultSummary],
+             failed: Collection[str] = (), started: Collection[str] = ()) -> Plan:
     """The plan with the held target runs that start from each arm's selected phase-2 candidate
-    moved into its runs (the others stay held: they never run). Idempotent, like `replicated`;
-    the plan itself without a phase-2 search."""
+    moved into its runs (the others stay held: they never run). Candidates with a run in
+    `failed` are passed over. Once a held run is `started` (it has a Job or a result), its
+    candidate stays the selection, whatever a retried failed candidate scores later: runs never
+    start from two candidates of one arm. Idempotent, like `replicated`; the plan itself
+    without a phase-2 search."""
     if not plan.held:
         return plan
-    chosen = {key: lr for key, lr in phase2_selections(spec, plan, results).items() if lr is not None}
+    chosen = {key: lr for key, lr in phase2_selections(spec, plan, results, failed).items() if lr is not None}
+    for run in plan.held:
+        if run.run_id in started and run.depends_on:
+            parent = plan.by_id.get(run.depends_on[0])
+            if parent is not None:
+                chosen[(run.labels.model, run.labels.intermediate)] = parent.config.hyperparameters.learning_rate
     if not chosen:
         return plan
     winners = {r.run_id for r in plan.runs if r.config.stage is Stage.INTERMEDIATE
@@ -512,9 +538,27 @@ def searched(spec: ExperimentSpec, plan: Plan, results: Mapping[str, ResultSumma
                 plan.reserve, tuple(r for r in plan.held if r.run_id not in moved))
 
 
-def _search_status(spec: ExperimentSpec, plan: Plan, results: Mapping[str, ResultSummary]) -> dict[str, Any]:
-    return {f"{model}/{arm}": {"learningRate": lr} if lr is not None else {"state": "searching"}
-            for (model, arm), lr in phase2_selections(spec, plan, results).items()}
+def _search_status(spec: ExperimentSpec, plan: Plan, results: Mapping[str, ResultSummary],
+                   failed: Collection[str]) -> dict[str, Any]:
+    """Per model/arm: the selected rate (the one the arm's target runs start from, once they
+    have), 'searching', or 'failed' when every candidate failed."""
+    selected_from: dict[tuple[str, str], float] = {}  # the rate the arm's target runs (in the plan) start from
+    failed_rates: dict[tuple[str, str], set[float]] = defaultdict(set)
+    for run in plan.runs:
+        key = (run.labels.model, run.labels.intermediate)
+        if run.config.stage is Stage.TARGET and run.depends_on and key[1] != BASELINE:
+            selected_from[key] = plan.by_id[run.depends_on[0]].config.hyperparameters.learning_rate
+        elif run.config.stage is Stage.INTERMEDIATE and run.run_id in failed:
+            failed_rates[key].add(run.config.hyperparameters.learning_rate)
+    every = set(spec.hyperparameters.intermediate.learning_rates)
+    status: dict[str, Any] = {}
+    for (model, arm), lr in phase2_selections(spec, plan, results, failed).items():
+        lr = selected_from.get((model, arm), lr)
+        if lr is not None:
+            status[f"{model}/{arm}"] = {"learningRate": lr}
+        else:
+            status[f"{model}/{arm}"] = {"state": "failed" if failed_rates[(model, arm)] == every else "searching"}
+    return status
 
 
 # --- reconcile ---------------------------------------------------------------------------
@@ -527,7 +571,9 @@ def reconcile(spec: ExperimentSpec, plan: Plan, observed: Observed, now: datetim
     (`start_order`). `render=False` leaves CreateRun.objects empty: the local executor
     (operator/local) starts processes, not Kubernetes objects."""
     results = observed.results
-    plan = searched(spec, replicated(spec, plan, results), results)
+    failed = failed_runs(observed)
+    started = {job.run_id for job in observed.jobs} | set(results)
+    plan = searched(spec, replicated(spec, plan, results), results, failed, started)
     seen = tuple(observed.jobs)
     jobs, deletes = _assign_jobs(spec, plan, seen)
     previous = observed.previous_status or {}
@@ -572,7 +618,7 @@ def reconcile(spec: ExperimentSpec, plan: Plan, observed: Observed, now: datetim
     if spec.replication is not None:
         status["replication"] = _replication_status(replication_cells(spec, plan, results))
     if spec.hyperparameters.intermediate.search is not None:
-        status["learningRateSearch"] = _search_status(spec, plan, results)
+        status["learningRateSearch"] = _search_status(spec, plan, results, failed)
     return Decision(actions=[*deletes, *creates], status=status, plan=plan)
 
 

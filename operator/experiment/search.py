@@ -5,12 +5,14 @@ A stage's `hyperparameters.<stage>.search` makes one run per value; the value se
 one whose runs score best on the English dev set, as a mean over the seeds, per model and arm
 (and target). It is decided only once every candidate has a result for every seed, so that
 results arriving later can never change it (reconcile acts on it; level-triggered, it must be
-stable). On a tie the value listed first wins.
+stable). On a tie the value listed first wins. A candidate whose run failed is passed over: the
+selection is then made among the others, once each of them has every seed (a failed run would
+otherwise hold its arm back for good); reconcile keeps a selection once runs start from it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from statistics import fmean
 
 from xstilts.trainer.config import RunResult
@@ -24,13 +26,14 @@ def english_dev(result: RunResult) -> float | None:
 
 
 def select(dev: Mapping[float, Mapping[int, float]], candidates: Sequence[float],
-           seeds: Iterable[int]) -> float | None:
+           seeds: Iterable[int], failed: Collection[float] = ()) -> float | None:
     """The selected value among `candidates` given each one's English dev score per seed, or
-    None while some candidate lacks a seed."""
+    None while some candidate not in `failed` lacks a seed, or when every candidate failed."""
     seeds = list(seeds)
-    if not seeds or any(seed not in dev.get(c, {}) for c in candidates for seed in seeds):
+    remaining = [(i, c) for i, c in enumerate(candidates) if c not in failed]
+    if not seeds or not remaining or any(seed not in dev.get(c, {}) for _, c in remaining for seed in seeds):
         return None
-    means = [(fmean(dev[c][s] for s in seeds), -i, c) for i, c in enumerate(candidates)]
+    means = [(fmean(dev[c][s] for s in seeds), -i, c) for i, c in remaining]
     return max(means)[2]
 
 

@@ -227,13 +227,28 @@ def search_choices(results: Iterable[RunResult], grid: Grid) -> list[SearchChoic
         arms = grid.arms if stage is Stage.INTERMEDIATE else (BASELINE, *grid.arms)
         targets = ("",) if stage is Stage.INTERMEDIATE else tuple(
             t for t in grid.targets if TASKS[t].format is not Format.RETRIEVAL)
+        started = _started_from(results) if stage is Stage.INTERMEDIATE else {}
         for m in grid.models:
             for arm in arms:
                 for target in targets:
                     by_lr = dev.get((m.name, arm, target), {})
-                    out.append(SearchChoice(stage, m.name, arm, target or None,
-                                            select(by_lr, candidates, grid.seeds), dev_means(by_lr, candidates)))
+                    # Target runs start from one candidate only, the one reconcile selected (where a
+                    # candidate failed, among the others: results do not show failures); it stays selected.
+                    from_runs = started.get((m.name, arm), set())
+                    chosen = next(iter(from_runs)) if len(from_runs) == 1 else select(by_lr, candidates, grid.seeds)
+                    out.append(SearchChoice(stage, m.name, arm, target or None, chosen, dev_means(by_lr, candidates)))
     return out
+
+
+def _started_from(results: Sequence[RunResult]) -> dict[tuple[str, str], set[float]]:
+    """Per (model, arm), the phase-2 learning rates that arm target runs with a result started from."""
+    phase2 = {r.run_id: r.config.hyperparameters.learning_rate for r in results if r.config.stage is Stage.INTERMEDIATE}
+    started: dict[tuple[str, str], set[float]] = defaultdict(set)
+    for r in results:
+        labels = r.config.labels
+        if r.config.stage is Stage.TARGET and labels is not None and r.config.init_from_run in phase2:
+            started[(labels.model, labels.intermediate)].add(phase2[r.config.init_from_run])
+    return started
 
 
 def target_scores(results: Iterable[RunResult], grid: Grid, oracle: bool = False) -> dict[RunKey, Scores]:

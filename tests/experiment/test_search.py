@@ -216,3 +216,68 @@ def test_the_status_best_gain_counts_the_selected_target_rate_only() -> None:
         results[run.run_id] = ResultSummary(run.run_id, {AVG: score}, dev=dev)
     best = reconcile(spec, p, Observed(results=results), NOW, render=False).status["bestGain"]
     assert best == "+5.0 pawsx/mnli@small"
+
+
+def test_select_passes_over_failed_candidates() -> None:
+    dev = {1e-5: {1: 0.70, 2: 0.72}, 3e-5: {1: 0.90}}
+    assert select(dev, (1e-5, 3e-5), [1, 2]) is None  # 3e-5 lacks seed 2
+    assert select(dev, (1e-5, 3e-5), [1, 2], failed={3e-5}) == 1e-5
+    assert select(dev, (1e-5, 3e-5), [1, 2], failed={1e-5, 3e-5}) is None
+
+
+def test_a_failed_phase2_candidate_does_not_hold_its_arm_back_forever() -> None:
+    """One candidate's run fails: reconcile selects among the candidates that succeeded, starts
+    the target runs of the selected one, and keeps that selection once they have started, even
+    when the failed run is retried later and scores best; with every candidate failed the arm's
+    state is 'failed'."""
+    from xstilts.operator.cluster.reconcile import FAILED, ObservedJob
+    from xstilts.operator.cluster.render import job_name
+
+    spec = spec_of()
+    p = plan(spec)
+    broken = next(r for r in phase2_runs(p) if r.config.hyperparameters.learning_rate == 3e-5 and r.config.seed == 2)
+    results = {r.run_id: ResultSummary(r.run_id, dev=0.90 if r.config.hyperparameters.learning_rate == 3e-5 else 0.80)
+               for r in phase2_runs(p) if r is not broken}
+    failed_job = ObservedJob(job_name(spec.name, broken.run_id), broken.run_id, "failed", failure_reason="OOMKilled")
+    for observed in (Observed(jobs=[failed_job], results=results),
+                     # the failed Job is gone: the failure is remembered in the status, as the local executor does
+                     Observed(results=results, previous_status={"runs": {broken.run_id: FAILED}})):
+        decision = reconcile(spec, p, observed, NOW, render=False)
+        assert decision.status["learningRateSearch"] == {"small/mnli": {"learningRate": 1e-5}}
+        assert decision.plan is not None
+        added = [r for r in decision.plan.runs if r.run_id not in p.by_id]
+        assert len(added) == 8 and all(p.by_id[r.depends_on[0]].config.hyperparameters.learning_rate == 1e-5
+                                       for r in added)
+        assert {r.run_id for r in added} <= {c.run_id for c in decision.creates}
+    # later: the failed run is retried and scores best; the 1e-5 target runs have started, so 1e-5 stays
+    retried = {**results, broken.run_id: ResultSummary(broken.run_id, dev=0.95)}
+    running = [ObservedJob(job_name(spec.name, r.run_id), r.run_id, "running") for r in added[:1]]
+    decision = reconcile(spec, p, Observed(jobs=running, results=retried), NOW, render=False)
+    assert decision.status["learningRateSearch"] == {"small/mnli": {"learningRate": 1e-5}}
+    assert decision.plan is not None and {r.run_id for r in decision.plan.runs if r.run_id not in p.by_id} == {
+        r.run_id for r in added}
+    # every candidate failed: nothing starts, and the status says so
+    all_failed = {r.run_id: FAILED for r in phase2_runs(p) if r.config.seed == 2}
+    decision = reconcile(spec, p, Observed(results={k: v for k, v in results.items() if k not in all_failed},
+                                           previous_status={"runs": all_failed}), NOW, render=False)
+    assert decision.status["learningRateSearch"] == {"small/mnli": {"state": "failed"}}
+    assert decision.plan is not None and len(decision.plan.runs) == len(p.runs)
+
+
+def test_the_report_uses_the_candidate_the_target_runs_started_from() -> None:
+    """Results do not record failures: when a candidate's run failed, the report's phase-2
+    selection is the candidate the arm's target runs started from (reconcile's)."""
+    spec = spec_of()
+    p = plan(spec)
+    broken = next(r for r in phase2_runs(p) if r.config.hyperparameters.learning_rate == 3e-5 and r.config.seed == 2)
+    results = [result(r, 0.90 if r.config.hyperparameters.learning_rate == 3e-5 else 0.80, 0, 0)
+               for r in phase2_runs(p) if r is not broken]
+    summaries = {r.run_id: ResultSummary(r.run_id, dev=r.metrics["dev.accuracy"]) for r in results}
+    extended = searched(spec, p, summaries, failed={broken.run_id})
+    for run in extended.runs:
+        if run.config.stage is Stage.TARGET and run.labels.target == "pawsx" and \
+                run.config.hyperparameters.learning_rate == 2e-5:
+            results.append(result(run, 0.7, 0.7, 0.6))
+    report = build_report(results, grid_of(spec))
+    phase2 = [c for c in report.search if c.stage is Stage.INTERMEDIATE]
+    assert [(c.arm, c.selected) for c in phase2] == [("mnli", 1e-5)]
