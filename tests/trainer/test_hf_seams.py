@@ -3,6 +3,7 @@ fails here, naming it."""
 
 import io
 import itertools
+import json
 import logging
 import tokenize
 from pathlib import Path
@@ -93,6 +94,45 @@ def test_a_missing_seam_refuses_the_run_and_degrades_only_when_allowed(
     assert result.metrics and RunDir.of(config).result.exists()
     assert any("degraded: Trainer._a_method_this_transformers_lacks no longer exists" in r.getMessage()
                for r in caplog.records)
+
+
+def test_the_entry_point_refuses_a_transformers_without_a_seam_and_trains_degraded_when_allowed(
+        tiny_hub: TinyHub, tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    # An installed transformers whose Trainer lacks one of the table's methods: the check reads
+    # the Trainer the seams module imported, so that is the one replaced (SeamTrainer still
+    # trains on the real one: a degraded run must train, only the seam's extra is off).
+    from xstilts.trainer import hf_seams
+    from xstilts.trainer.__main__ import main
+    from xstilts.trainer.config import ExitCode
+    from xstilts.trainer.features import CACHE_ENV
+
+    class OlderTrainer(Trainer):
+        _load_rng_state = None  # not callable: as if this transformers had no such method
+
+    monkeypatch.setattr(hf_seams, "Trainer", OlderTrainer)
+    monkeypatch.setenv(CACHE_ENV, str(tiny_cache))
+    config = tiny_run_config(tiny_hub, tmp_path, ("mnli",), hyperparameters={"max_train_examples": 32})
+    run_json = tmp_path / "RUN.json"
+    run_json.write_text(config.to_json(), encoding="utf-8")
+
+    monkeypatch.delenv(ALLOW_MISSING_SEAMS, raising=False)
+    assert main([str(run_json)]) == ExitCode.INVALID
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    refusal = [line for line in err.splitlines() if line.startswith("xstilts.trainer: invalid run:")]
+    assert len(refusal) == 1, err
+    assert "the installed transformers lacks Trainer internals xstilts needs" in refusal[0]
+    assert "Trainer._load_rng_state no longer exists" in refusal[0] and "trainer/hf_seams.py" in refusal[0]
+    assert not RunDir.of(config).result.exists()
+
+    monkeypatch.setenv(ALLOW_MISSING_SEAMS, "1")
+    with caplog.at_level(logging.WARNING, logger="xstilts"):
+        assert main([str(run_json)]) == ExitCode.OK
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "xstilts.trainer"]
+    assert any("degraded: Trainer._load_rng_state no longer exists" in r.getMessage() for r in warnings)
+    result = RunDir.of(config).result
+    assert result.exists() and json.loads(result.read_text())["train_steps"] > 0
 
 
 def test_an_attribute_counts_as_assigned_only_where_a_method_stores_it() -> None:
