@@ -859,7 +859,7 @@ class ExperimentSpec(_Spec):
     """phase-2 tasks, each trained on its own before the targets"""
     multi_task_groups: Annotated[list[MultiTaskGroup], Field(max_length=MAX_GROUPS), _LIST_MAP] = Field(
         default_factory=list)
-    """phase-2 arms that train several intermediate tasks at once"""
+    """named phase-2 arms: several intermediate tasks at once, or tasks with a variant (mlm, translateTrain)"""
     targets: Annotated[list[TargetTaskName], Field(min_length=1, max_length=len(TARGET_TASKS)), _LIST_SET]
     """phase-3 target tasks, evaluated zero-shot across languages"""
     seeds: Annotated[list[Annotated[int, Field(ge=0, le=INT32_MAX)]], Field(min_length=1, max_length=MAX_RUNS),
