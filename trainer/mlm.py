@@ -18,8 +18,11 @@ No torch import at module level: `corpus_files` runs in the pre-check, before th
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,24 +71,62 @@ def texts(files: list[Path]) -> Iterator[str]:
                     yield row["text"].strip()
 
 
-def encode_corpus(corpus: str, tokenizer: Any, max_length: int, rows: int) -> Any:
+ENCODE_CHUNK = 10_000  # texts per tokenizer call: memory stays flat however many texts a run draws
+CORPUS_VERSION = 1  # bump when the encoding changes: invalidates the cached corpus rows
+
+
+def encode_corpus(corpus: str, tokenizer: Any, tokenizer_id: str, max_length: int, rows: int,
+                  cache_dir: Path) -> Any:
     """The first `rows` texts (the corpus again from its start while it has fewer), tokenized
-    and truncated to `max_length`, as a `datasets.Dataset` of input_ids and length."""
+    and truncated to `max_length`, as a `datasets.Dataset` of input_ids and length, memory-mapped
+    from an Arrow file in the tokenized-data cache: written once (under a lock: the other ranks
+    wait for it), in chunks, so a million texts take their tokens' size on disk, not Python
+    lists' size in memory. Keyed by the tokenizer, the files (path, size, modification time: a
+    corpus is too big to hash for every run), the max length and the rows."""
     import datasets
+    from xstilts.trainer.rundir import file_lock
 
     files = corpus_files(corpus)
-    chosen: list[str] = []
-    while len(chosen) < rows:
-        before = len(chosen)
+    doc = {"version": CORPUS_VERSION, "tokenizer": tokenizer_id, "max_length": max_length, "rows": rows,
+           "files": [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
+    key = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]
+    entry = cache_dir / f"mlm-{key}.arrow"
+    if not entry.is_file():
+        with file_lock(cache_dir / f"mlm-{key}.lock"):
+            if not entry.is_file():
+                _write_rows(entry, _drawn(corpus, files, rows), tokenizer, max_length)
+    log.info("MLM corpus: %d texts from %s", rows, corpus)
+    return datasets.Dataset.from_file(str(entry))
+
+
+def _drawn(corpus: str, files: list[Path], rows: int) -> Iterator[str]:
+    drawn = 0
+    while drawn < rows:
+        before = drawn
         for text in texts(files):
-            chosen.append(text)
-            if len(chosen) >= rows:
-                break
-        if len(chosen) == before:
+            yield text
+            drawn += 1
+            if drawn >= rows:
+                return
+        if drawn == before:
             raise DataError(f"mlm.corpus {corpus!r} holds no text")
-    ids = tokenizer(chosen, truncation=True, max_length=max_length)["input_ids"]
-    log.info("MLM corpus: %d texts from %s", len(ids), corpus)
-    return datasets.Dataset.from_dict({"input_ids": ids, "length": [len(i) for i in ids]})
+
+
+def _write_rows(entry: Path, drawn: Iterator[str], tokenizer: Any, max_length: int) -> None:
+    import pyarrow as pa
+
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("length", pa.int32())])
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for chunk in iter(lambda: list(itertools.islice(drawn, ENCODE_CHUNK)), []):
+                ids = tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"]
+                writer.write_batch(pa.record_batch([pa.array(ids, pa.list_(pa.int32())),
+                                                    pa.array([len(i) for i in ids], pa.int32())], schema=schema))
+        os.replace(tmp, entry)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def masker(tokenizer: Any, mask_probability: float) -> Any:

@@ -305,10 +305,12 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
     schedule = plan_steps(config, dist.world_size, [len(p) for p in train_parts],
                              row_tokens(data.train, hp.max_seq_length), **micro_batch_inputs(config, dist))
     if config.mlm is not None:  # the corpus rows the MLM steps will draw, with room for chance
+        from xstilts.trainer.features import tokenizer_fingerprint
         from xstilts.trainer.mlm import encode_corpus
 
         mlm_steps = math.ceil(schedule.total_steps * config.mlm.ratio * 1.5) + 1
-        train_parts.append(encode_corpus(config.mlm.corpus, tokenizer, hp.max_seq_length, mlm_steps * hp.batch_size))
+        train_parts.append(encode_corpus(config.mlm.corpus, tokenizer, tokenizer_fingerprint(tokenizer),
+                                         hp.max_seq_length, mlm_steps * hp.batch_size, cache_dir))
     cuda = torch.cuda.is_available()
     precision = mixed_precision(config, cuda, cuda and torch.cuda.is_bf16_supported())
     selection = selection_metric(data.tasks)

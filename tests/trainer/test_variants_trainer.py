@@ -74,9 +74,20 @@ class _Tokenizer:
 
 def test_the_corpus_gives_the_rows_asked_for_going_round_when_short(tmp_path: Path) -> None:
     (tmp_path / "c.txt").write_text("a bb\nccc\n", encoding="utf-8")
-    rows = encode_corpus(str(tmp_path / "c.txt"), _Tokenizer(), 8, 5)
-    assert rows["input_ids"] == [[0, 6, 7, 2], [0, 8, 2], [0, 6, 7, 2], [0, 8, 2], [0, 6, 7, 2]]
-    assert rows["length"] == [4, 3, 4, 3, 4]
+    rows = encode_corpus(str(tmp_path / "c.txt"), _Tokenizer(), "t", 8, 5, tmp_path / "cache")
+    assert list(rows["input_ids"]) == [[0, 6, 7, 2], [0, 8, 2], [0, 6, 7, 2], [0, 8, 2], [0, 6, 7, 2]]
+    assert list(rows["length"]) == [4, 3, 4, 3, 4]
+    cached = list((tmp_path / "cache").glob("mlm-*.arrow"))
+    assert len(cached) == 1  # a second run reads it back; a changed corpus is another entry
+    assert list(encode_corpus(str(tmp_path / "c.txt"), _Tokenizer(), "t", 8, 5, tmp_path / "cache")["length"]) == [
+        4, 3, 4, 3, 4]
+    (tmp_path / "c.txt").write_text("a bb\nccc\ndddd e\n", encoding="utf-8")
+    assert list(encode_corpus(str(tmp_path / "c.txt"), _Tokenizer(), "t", 8, 3, tmp_path / "cache")["length"]) == [
+        4, 3, 4]
+    assert len(list((tmp_path / "cache").glob("mlm-*.arrow"))) == 2
+    (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
+    with pytest.raises(DataError, match="holds no text"):
+        encode_corpus(str(tmp_path / "empty.txt"), _Tokenizer(), "t", 8, 3, tmp_path / "cache")
 
 
 def test_mlm_takes_its_ratio_of_the_steps_and_the_tasks_keep_their_epochs(tmp_path: Path) -> None:
