@@ -478,6 +478,9 @@ class RunResult(BaseModel):
     train_steps: int
     wall_seconds: float
     tokens_per_second: float  # real (non-pad) tokens per second of training steps, evaluations and saves excluded
+    # Process CPU seconds of the same training steps (this attempt's; None when it trained no
+    # step): on a shared machine tokens per CPU second compare runs where wall rates cannot.
+    train_cpu_seconds: float | None = None
     finished_at: str  # ISO 8601, UTC
     mlflow_run_id: str | None = None
     versions: dict[str, str] = Field(default_factory=dict)

@@ -47,6 +47,11 @@ class RunCallback(TrainerCallback):
         # share shrinks with the run's length, so counting them would make rates incomparable).
         self.paused = 0.0
         self.train_seconds = 0.0
+        # The same span in process CPU seconds: on a machine shared with other work the rate
+        # by CPU time stays steady where the rate by wall time follows the neighbours' load.
+        self.cpu_started = time.process_time()
+        self.cpu_paused = 0.0
+        self.train_cpu_seconds = 0.0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # a resumed run starts from the checkpoint's counts: rates and ETA are this attempt's
@@ -55,18 +60,23 @@ class RunCallback(TrainerCallback):
         self.started = time.monotonic()
         self.paused = 0.0
         self.train_seconds = 0.0
+        self.cpu_started = time.process_time()
+        self.cpu_paused = 0.0
+        self.train_cpu_seconds = 0.0
 
     @contextlib.contextmanager
     def pause(self) -> Iterator[None]:
         """Time spent in the block is not training time."""
-        began = time.monotonic()
+        began, cpu_began = time.monotonic(), time.process_time()
         try:
             yield
         finally:
             self.paused += time.monotonic() - began
+            self.cpu_paused += time.process_time() - cpu_began
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.train_seconds = time.monotonic() - self.started - self.paused
+        self.train_cpu_seconds = time.process_time() - self.cpu_started - self.cpu_paused
         done, todo = state.global_step - self.step_at_start, state.max_steps - self.step_at_start
         self.progress.update(
             force=state.global_step >= state.max_steps, step=state.global_step, total_steps=state.max_steps,

@@ -146,10 +146,12 @@ def run_dirs_holding(root: Path, name: str) -> list[RunDir]:
 # --- writing ------------------------------------------------------------------------------------
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> None:
+def write_atomic(path: str | Path, data: str | bytes, durable: bool = True) -> None:
     """Replace `path` with `data` so that a reader sees the old or the new file, never a part,
-    and so that the new file survives a crash right after: the file is fsynced before the
-    rename and the directory after it (the project's one atomic-write helper)."""
+    and (`durable`) so that the new file survives a crash right after: the file is fsynced
+    before the rename and the directory after it (the project's one atomic-write helper).
+    Not durable, the rename alone keeps readers from seeing a part: for a file rewritten every
+    second whose loss in a crash costs nothing, the fsyncs would only stall the writer."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -157,12 +159,14 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_path(path.parent)
+    if durable:
+        fsync_path(path.parent)
 
 
 def fsync_path(path: Path) -> None:
@@ -255,7 +259,10 @@ def read_result(path: str | Path, run_id: str | None = None) -> RunResult:
 
 
 class ProgressFile:
-    """progress.json, rewritten at most every `min_interval` seconds unless forced."""
+    """progress.json, rewritten at most every `min_interval` seconds unless forced. Written
+    without fsync: it is rewritten on the training thread about once a second, where two
+    fsyncs cost a shared disk up to tens of milliseconds each, and a crash that loses the
+    last version loses nothing (the next attempt writes it anew; readers take the newest)."""
 
     def __init__(self, path: str | Path, min_interval: float = 1.0, enabled: bool = True) -> None:
         self.path = Path(path)
@@ -273,7 +280,7 @@ class ProgressFile:
         if not self.enabled or (not force and now - self._last_write < self.min_interval):
             return
         self._last_write = now
-        write_atomic(self.path, json.dumps(self.fields) + "\n")
+        write_atomic(self.path, json.dumps(self.fields) + "\n", durable=False)
 
 
 def read_progress(path: Path, since: float = 0.0) -> dict[str, Any] | None:

@@ -341,7 +341,7 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
                "special_ids": frozenset(tokenizer.all_special_ids)}
     collator = Collator(tokenizer.pad_token_id, pad_to_multiple_of=batching.pad_to_multiple_of(hp.max_seq_length, cuda),
                         **mlm)
-    sampler = MultiTaskBatchSampler([p["length"] for p in train_parts], hp.batch_size, schedule.micro_batch_size,
+    sampler = MultiTaskBatchSampler([p["length"][:] for p in train_parts], hp.batch_size, schedule.micro_batch_size,
                                     schedule.steps_per_epoch, hp.sampling_temperature, config.seed,
                                     megabatch_factor=batching.megabatch_factor,
                                     last_share=config.mlm.ratio if config.mlm else None)
@@ -365,6 +365,7 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
     # seconds of training steps (callback.train_seconds), or the whole call when this attempt
     # trained no step (a retry that found the last checkpoint)
     train_seconds = callback.train_seconds or time.monotonic() - train_started
+    train_cpu_seconds = round(callback.train_cpu_seconds, 3) if callback.train_seconds else None
     tokens_this_attempt = trainer.state.num_input_tokens_seen - callback.tokens_at_start
 
     state_dict = _full_state_dict(trainer)
@@ -392,7 +393,8 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
         oracle_languages=oracle,
         parameter_count=parameters, tokens_seen=int(trainer.state.num_input_tokens_seen),
         train_steps=int(trainer.state.global_step), wall_seconds=round(time.monotonic() - started, 2),
-        tokens_per_second=round(tokens_this_attempt / max(train_seconds, 1e-9), 1), finished_at=utc_now(),
+        tokens_per_second=round(tokens_this_attempt / max(train_seconds, 1e-9), 1),
+        train_cpu_seconds=train_cpu_seconds, finished_at=utc_now(),
         mlflow_run_id=tracker.mlflow_run_id, versions=versions(),
     )
     if dist.is_main:

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 from xstilts.trainer.config import RunConfig, RunResult, Stage
 from xstilts.trainer.rundir import (
+    ProgressFile,
     ResultMissing,
     ResultProblem,
     RunDir,
+    read_progress,
     read_result,
     run_dir,
     run_dirs_holding,
@@ -53,6 +55,21 @@ def test_write_atomic_replaces_whole_files_and_leaves_no_temporary(tmp_path: Pat
     write_atomic(path, "one")
     write_atomic(path, b"two")
     assert path.read_text() == "two" and os.listdir(path.parent) == ["b.json"]
+
+
+def test_a_progress_file_is_replaced_whole_without_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # rewritten every second on the training thread: the rename keeps readers from a part,
+    # and no fsync stalls the step (durable files, like result.json, still get theirs)
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    progress = ProgressFile(tmp_path / "progress.json", min_interval=0.0)
+    progress.update(step=1, total_steps=2)
+    progress.update(step=2)
+    assert read_progress(tmp_path / "progress.json")["step"] == 2  # type: ignore[index]
+    assert [p.name for p in tmp_path.iterdir()] == ["progress.json"] and synced == []
+    write_atomic(tmp_path / "result.json", "{}")
+    assert len(synced) == 2  # the file, then its directory
 
 
 def test_a_written_result_reads_back(tmp_path: Path) -> None:

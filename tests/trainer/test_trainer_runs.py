@@ -58,6 +58,10 @@ def test_a_classification_run_writes_a_complete_result(mnli: tuple[RunConfig, Ru
     encoder = AutoModel.from_pretrained(RunDir.of(config).model, add_pooling_layer=False)  # the heads pool
     assert result.parameter_count == sum(p.numel() for p in encoder.parameters())
     assert result.wall_seconds > 0 and result.tokens_per_second > 0 and "torch" in result.versions
+    # CPU seconds of the training steps: some, and never more than the wall seconds of all
+    # of them allow (one torch thread here; tokens over seconds gives those seconds back)
+    train_wall = result.tokens_seen / result.tokens_per_second
+    assert result.train_cpu_seconds is not None and 0 < result.train_cpu_seconds <= 1.5 * train_wall + 0.1
     assert json.loads((run_dir / "config.json").read_text()) == json.loads(config.to_json())
     progress = json.loads((run_dir / "progress.json").read_text())
     assert progress["step"] == progress["total_steps"] == 90 and progress["tokens_seen"] == result.tokens_seen
