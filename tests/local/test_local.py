@@ -326,3 +326,24 @@ def test_a_phase2_learning_rate_search_trains_the_target_run_of_the_selected_rat
     trained = [r for r in p.held if RunDir.of(r.config).has_result()]
     assert len(trained) == 1
     assert phase2[trained[0].depends_on[0]].config.hyperparameters.learning_rate == best
+
+
+def test_a_failed_phase2_candidate_leaves_the_selection_to_the_others(
+        tiny_hub: TinyHub, tiny_cache: Path, tmp_path: Path) -> None:
+    """One phase-2 rate's run fails (its run directory cannot take its config.json); reconcile
+    selects the rate that succeeded and the executor trains the mnli→pawsx run from it, instead
+    of leaving the arm searching."""
+    text = spec_text(tiny_hub, name="search-fail").replace(
+        "  intermediate: {learningRate: 1.0e-3,", "  intermediate: {search: {learningRate: [1.0e-3, 1.0e-4]},"
+        " learningRate: 1.0e-3,")
+    spec, p = write_spec(tmp_path, text)
+    broken = next(r for r in p.runs if r.config.stage is Stage.INTERMEDIATE
+                  and r.config.hyperparameters.learning_rate == 1.0e-3)
+    (RunDir.of(broken.config).config).mkdir(parents=True)  # a directory where the trainer writes a file
+    done = xstilts_run(spec, tmp_path, "--parallel", "2")
+    assert done.returncode == ExitCode.FAILED, done.stdout + done.stderr
+    assert "learning-rate search: 1 target runs added" in done.stdout
+    assert not RunDir.of(broken.config).has_result() and RunDir.of(broken.config).failure.is_file()
+    trained = [r for r in p.held if RunDir.of(r.config).has_result()]
+    assert len(trained) == 1
+    assert p.by_id[trained[0].depends_on[0]].config.hyperparameters.learning_rate == 1.0e-4
