@@ -162,6 +162,8 @@ class MultiTaskModel(nn.Module):
              labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
         assert self.mlm_head is not None
         hidden = self._encode(input_ids, attention_mask)
+        # Under ZeRO-3 this weight is partitioned; DeepSpeed gathers it on this access, in a forward
+        # pass, and registers it as an external parameter of the running module.
         embeddings = self.encoder.get_input_embeddings().weight
         if labels is None:
             return {"logits": self.mlm_head(hidden, embeddings)}
