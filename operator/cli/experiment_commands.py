@@ -55,6 +55,8 @@ def plan_rows(p: Plan) -> list[dict[str, Any]]:
             "gpus": r.config.resources.gpus_per_node * r.config.resources.nodes,
             "zero_stage": r.config.deepspeed.zero_stage,
             "offload": r.config.deepspeed.offload,
+            # an intermediate arm's variant (mlm, translate-train), only on its runs
+            **({"variant": r.labels.variant} if r.labels.variant else {}),
         }
         for r in p.runs
     ]

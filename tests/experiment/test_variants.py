@@ -169,6 +169,5 @@ def test_plan_cli_shows_the_variant_arms(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["plan", str(path), "--output", "json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
-    arms = {r["intermediate"] for r in doc["runs"]} if "intermediate" in doc["runs"][0] else {
-        r["labels"]["intermediate"] for r in doc["runs"]}
-    assert {"mnli-mlm", "mnli-tt"} <= arms
+    variants = {r["intermediate"]: r.get("variant") for r in doc["runs"]}
+    assert variants == {"mnli": None, "mnli-mlm": "mlm", "mnli-tt": "translate-train", "baseline": None}
