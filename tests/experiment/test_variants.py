@@ -171,3 +171,27 @@ def test_plan_cli_shows_the_variant_arms(tmp_path: Path) -> None:
     doc = json.loads(result.output)
     variants = {r["intermediate"]: r.get("variant") for r in doc["runs"]}
     assert variants == {"mnli": None, "mnli-mlm": "mlm", "mnli-tt": "translate-train", "baseline": None}
+
+
+def test_the_report_shows_each_variant_arm_as_an_arm_of_its_own() -> None:
+    from xstilts.operator.report.build import build_report, grid_of, to_markdown
+    from xstilts.trainer.config import RunResult
+
+    spec = spec_of(BASE + ARMS + "evalLanguages: {xnli: [en, de]}\n")
+    gain = {"baseline": 0.0, "mnli": 0.04, "mnli-mlm": 0.02, "mnli-tt": 0.06}
+    results = []
+    for run in plan(spec).runs:
+        target = run.labels.target is not None
+        score = 0.6 + gain[run.labels.intermediate]
+        results.append(RunResult(
+            run_id=run.run_id, config=run.config, metrics={"dev.accuracy": score},
+            languages={"en": {"accuracy": score + 0.1}, "de": {"accuracy": score}} if target else {},
+            parameter_count=270_000_000, tokens_seen=1, train_steps=1, wall_seconds=1.0, tokens_per_second=1.0,
+            finished_at="2025-01-01T00:00:00+00:00"))
+    report = build_report(results, grid_of(spec))
+    markdown = to_markdown(report)
+    for arm in ("mnli-mlm", "mnli-tt"):
+        assert arm in markdown
+    # zero-shot (de) gains over the baseline, in points, per arm
+    assert {arm: round(report.model_averages[("base", arm)].mean, 6) for arm in ("mnli", "mnli-mlm", "mnli-tt")} == {
+        "mnli": 4.0, "mnli-mlm": 2.0, "mnli-tt": 6.0}
