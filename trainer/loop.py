@@ -96,7 +96,8 @@ class RunCallback(TrainerCallback):
         logs = logs or {}
         if "loss" in logs:
             self.loss = round(float(logs["loss"]), 5)
-        train = {f"train.{k}": float(logs[k]) for k in ("loss", "learning_rate", "grad_norm") if k in logs}
+        train = {f"train.{k}": float(logs[k]) for k in ("loss", "learning_rate", "grad_norm", "mlm_loss")
+                 if k in logs}
         if train:
             self.tracker.log_metrics(train, step=state.global_step)
 
@@ -121,7 +122,7 @@ class StiltsTrainer(SeamTrainer):
                  collator: Collator, dev: Sequence[Encoded], tasks: Sequence[Task], eval_cap: int | None,
                  tracker: Any, progress: ProgressFile, eval_tokens: int, callback: RunCallback,
                  target_dev: Sequence[Encoded] = (), test: Sequence[Encoded] = (),
-                 selection_file: Path | None = None) -> None:
+                 selection_file: Path | None = None, mlm_task_index: int | None = None) -> None:
         super().__init__(model=model, args=args, train_dataset=train_set, data_collator=collator,
                          eval_dataset={e.ref.task: e.features for e in dev}, callbacks=[callback])
         self.batch_sampler = sampler
@@ -138,6 +139,11 @@ class StiltsTrainer(SeamTrainer):
         self.target_dev = list(target_dev) if test else []
         self.test = list(test) if self.target_dev else []
         self.selection_file = selection_file
+        # Continued MLM (trainer/mlm.py): its batches' loss, apart from the tasks', between two
+        # logging steps (this process's micro-batches; every rank gets a share of each MLM step).
+        self.mlm_task_index = mlm_task_index
+        self.mlm_loss_sum: torch.Tensor | None = None
+        self.mlm_batches = 0
         self.selection_history: list[dict[str, Any]] = []
         if selection_file is not None and selection_file.is_file():  # a resumed run keeps its earlier steps
             self.selection_history = json.loads(selection_file.read_text(encoding="utf-8"))
@@ -148,6 +154,21 @@ class StiltsTrainer(SeamTrainer):
             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
         # accelerate deals the sampler's batches to the ranks in turn (see MultiTaskBatchSampler)
         return self.accelerator.prepare(loader)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.mlm_task_index is not None and int(inputs["task_index"][0]) == self.mlm_task_index:
+            loss = (result[0] if return_outputs else result).detach()  # no device sync here
+            self.mlm_loss_sum = loss if self.mlm_loss_sum is None else self.mlm_loss_sum + loss
+            self.mlm_batches += 1
+        return result
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.mlm_loss_sum is not None and self.mlm_batches:
+            logs = {**logs, "mlm_loss": round(float(self.mlm_loss_sum) / self.mlm_batches, 4)}
+            self.mlm_loss_sum, self.mlm_batches = None, 0
+        super().log(logs, start_time)
 
     def checkpoint_pause(self) -> contextlib.AbstractContextManager[None]:
         return self.run_callback.pause()

@@ -353,6 +353,7 @@ def _train_and_evaluate(config: RunConfig, dist: Distributed, interruption: Inte
         dev=data.dev, tasks=data.tasks, eval_cap=hp.max_eval_examples, tracker=tracker, progress=progress,
         eval_tokens=EVAL_BATCH_FACTOR * schedule.micro_batch_size * row_tokens(data.train, hp.max_seq_length),
         callback=callback, target_dev=data.target_dev, test=data.test, selection_file=run_dir.selection,
+        mlm_task_index=mlm.get("mlm_task_index"),
     )
     if dist.is_main:
         remove_partial_checkpoints(run_dir.resume)

@@ -142,3 +142,11 @@ def test_continued_mlm_takes_its_share_of_the_steps_from_the_corpus(world_dir: P
     target = done[(arm, "target")]
     assert target.config.init_from_run == phase2.run_id and target.config.mlm is None
     check_tracked_and_reported(p, out, arm, "mlm", {"mlm.ratio": "0.25", "mlm.corpus": str(corpus)})
+    from mlflow import MlflowClient
+    from xstilts.trainer.tracking.mlflow_client import local_tracking_uri
+
+    client = MlflowClient(local_tracking_uri(out))
+    run = client.search_runs([client.get_experiment_by_name("variant-test").experiment_id],  # type: ignore[union-attr]
+                             "tags.`xstilts.variant` = 'mlm' and tags.`xstilts.stage` = 'intermediate'")[0]
+    mlm_loss = [m.value for m in client.get_metric_history(run.info.run_id, "train.mlm_loss")]
+    assert mlm_loss and all(3.0 < v < 12.0 for v in mlm_loss)  # about log(vocabulary) for a random model
