@@ -144,10 +144,11 @@ def _print_plan_table(spec: ExperimentSpec, p: Plan) -> None:
             f" {_fmt_hours(cost.gpu_hours_without)} GPU-hours")
     if spec.replication is not None:
         rep = spec.replication
+        unit = "model × arm (over the targets)" if rep.unit == "modelAverage" else "cell"
         console.print(
-            f"replication to ±{rep.target_half_width:g} points: at least [bold]{t['runs']}[/bold] runs,"
-            f" {_fmt_hours(t['gpu_hours'])} GPU-hours (every cell stops at {rep.min_seeds} seeds); at most"
-            f" [bold]{t['max_runs']}[/bold] runs, {_fmt_hours(t['max_gpu_hours'])} GPU-hours (every cell"
+            f"replication to ±{rep.target_half_width:g} points per {unit}: at least [bold]{t['runs']}[/bold] runs,"
+            f" {_fmt_hours(t['gpu_hours'])} GPU-hours (every one stops at {rep.min_seeds} seeds); at most"
+            f" [bold]{t['max_runs']}[/bold] runs, {_fmt_hours(t['max_gpu_hours'])} GPU-hours (every one"
             f" needs {rep.max_seeds} seeds)")
 
 

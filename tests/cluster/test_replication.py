@@ -6,8 +6,10 @@ target, up to maxSeeds; and the spec rejects a replication block next to a fixed
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
+import yaml
 from xstilts.operator.cluster.reconcile import (
     ADDING,
     AT_MAX_SEEDS,
@@ -196,3 +198,19 @@ replication: {targetHalfWidth: 1.0, unit: perLanguage}
 """
     with pytest.raises(SpecError, match=r"replication.unit"):
         load_spec_text(text, "unit.yaml")
+
+
+def test_plan_prints_the_cost_range_and_what_must_reach_the_precision(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+    from xstilts.operator.cli import app
+
+    path = tmp_path / "s.yaml"
+    doc = MODEL_AVERAGE.model_dump(by_alias=True, exclude_none=True, mode="json")
+    doc.pop("seeds")  # the dump writes out the seeds replication chooses
+    path.write_text(yaml.safe_dump(doc))
+    out = CliRunner().invoke(app, ["plan", str(path)], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    text = " ".join(out.output.split())
+    # per seed: mnli, and baseline and mnli target runs for xnli and pawsx
+    assert ("replication to ±1 points per model × arm (over the targets): at least 15 runs" in text
+            and "at most 25 runs" in text and "(every one needs 5 seeds)" in text)
