@@ -283,6 +283,7 @@ def test_the_demo_spec_points_at_the_prepared_world(world: World) -> None:
     assert len(spec.intermediate_tasks) >= 2 and spec.multi_task_groups
     # seeds sized to a precision that makes the per-model zero-shot gains conclusive (±2 points)
     assert spec.replication is not None and spec.replication.target_half_width <= 2.0
+    assert spec.replication.unit == "modelAverage"
     assert spec.initial_seeds == [1, 2, 3]
     assert spec.run_count == (9 + 24) * spec.replication.max_seeds  # the most it can cost
     vocabulary = len(build_tokenizer(world))
