@@ -44,7 +44,7 @@ from xstilts.operator.cluster.reconcile import (
 )
 from xstilts.operator.cluster.render import job_name
 from xstilts.operator.experiment.plan import Plan, PlannedRun
-from xstilts.operator.experiment.spec import ExperimentSpec
+from xstilts.operator.experiment.spec import BASELINE, ExperimentSpec
 from xstilts.operator.local.display import Display, ProgressView, RunningRow, format_seconds
 from xstilts.operator.local.eta import estimate_remaining_seconds, relative_cost
 from xstilts.operator.local.forkserver import ForkedRun, die_with_parent, fork_run, start_server, wait_for_exit
@@ -411,8 +411,10 @@ class LocalExecutor:
             self.display.event(f"learning-rate search: {len(added)} target runs added from the phase-2 runs"
                                " selected on English dev")
         else:
+            units = ", ".join(sorted({f"{r.labels.model}/{r.labels.intermediate}" for r in added
+                                      if r.labels.intermediate != BASELINE}))
             self.display.event(f"replication: {len(added)} runs added (seeds {', '.join(map(str, seeds))}) for"
-                               " cells whose gain interval is still wider than the target")
+                               f" {units}: gain interval still wider than the target")
 
     # --- the loop ---------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ def experiment(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Pretrain the medium model, save its random-weight twin, and run baseline and mnli cells
     for xnli and pawsx with three seeds through `xstilts run`, then `xstilts report`."""
     root = tmp_path_factory.mktemp("demo")
-    sizes = DataSizes(target_eval=150, mnli_train=1500, hellaswag_train=10, intermediate_eval=150)
+    sizes = DataSizes(target_eval=150, target_test=150, mnli_train=1500, hellaswag_train=10, intermediate_eval=150)
     prepared = prepare(root / "world", sizes=[MODEL_SIZES[1]], data_sizes=sizes)
     random_dir = save_random_model(MODEL_SIZES[1], World.build(0), root / "world" / "models" / "random")
     spec = yaml.safe_load(Path("examples/demo.yaml").read_text())

@@ -174,7 +174,7 @@ def test_surface_cues_say_nothing_about_the_label(world: World) -> None:
 
 @pytest.fixture(scope="module")
 def task_dirs(tmp_path_factory: pytest.TempPathFactory, world: World) -> dict[str, Path]:
-    sizes = DataSizes(xnli_train=30, pawsx_train=30, target_eval=20, mnli_train=40,
+    sizes = DataSizes(xnli_train=30, pawsx_train=30, target_eval=20, target_test=20, mnli_train=40,
                       hellaswag_train=20, intermediate_eval=10)
     return {k: Path(v) for k, v in write_task_data(world, tmp_path_factory.mktemp("data"), sizes).items()}
 
@@ -218,15 +218,16 @@ def test_task_files_never_mix_languages(task_dirs: dict[str, Path], world: World
 
 
 def test_task_data_is_reused_when_unchanged(tmp_path: Path, world: World) -> None:
-    sizes = DataSizes(xnli_train=5, pawsx_train=5, target_eval=5, mnli_train=5, hellaswag_train=5,
+    sizes = DataSizes(xnli_train=5, pawsx_train=5, target_eval=5, target_test=5, mnli_train=5, hellaswag_train=5,
                       intermediate_eval=5)
     dirs, cached = prepare_data(world, tmp_path, sizes)
     assert not cached and set(dirs) == set(TASKS)
     before = (tmp_path / "mnli" / "train.jsonl").stat().st_mtime_ns
     assert prepare_data(world, tmp_path, sizes)[1]
     assert (tmp_path / "mnli" / "train.jsonl").stat().st_mtime_ns == before
-    assert not prepare_data(world, tmp_path, DataSizes(xnli_train=6, pawsx_train=5, target_eval=5, mnli_train=5,
-                                                       hellaswag_train=5, intermediate_eval=5))[1]
+    assert not prepare_data(world, tmp_path, DataSizes(
+        xnli_train=6, pawsx_train=5, target_eval=5, target_test=5, mnli_train=5, hellaswag_train=5,
+        intermediate_eval=5))[1]
 
 
 # --- pretraining ---------------------------------------------------------------------------

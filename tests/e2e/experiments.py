@@ -64,7 +64,7 @@ def stage_world(root: Path) -> None:
     from xstilts.demo.world import World
 
     world = World.build(0)
-    sizes = DataSizes(xnli_train=200, pawsx_train=1, target_eval=20, mnli_train=300, hellaswag_train=1,
+    sizes = DataSizes(xnli_train=200, pawsx_train=1, target_eval=20, target_test=20, mnli_train=300, hellaswag_train=1,
                       intermediate_eval=40)
     write_task_data(world, root / "data", sizes)
     save_random_model(MODEL_SIZES[0], world, root / "models" / "tiny")

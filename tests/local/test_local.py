@@ -289,6 +289,9 @@ def test_replication_adds_a_paired_seed_locally_and_a_rerun_starts_nothing(
     second = xstilts_run(spec, tmp_path, "--parallel", "2")
     assert second.returncode == 0, second.stdout + second.stderr
     assert "9/9 runs done" in second.stdout
+    model = p.runs[0].labels.model
+    said = " ".join(second.stdout.split())  # the console wraps long lines
+    assert f"replication: 3 runs added (seeds 3) for {model}/mnli: gain interval still wider" in said
     assert set(finished_all(p)) == {r.run_id for r in (*p.runs, *p.reserve)}
     assert all(len(attempts_any(r)) == 1 for r in (*p.runs, *p.reserve))  # each trained once
     third = xstilts_run(spec, tmp_path, "--parallel", "2")

@@ -38,8 +38,8 @@ def world_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("demo-world")
     world = World.build(0)
-    sizes = DataSizes(xnli_train=16, pawsx_train=64, target_eval=16, mnli_train=MNLI_TRAIN, hellaswag_train=16,
-                      intermediate_eval=32)
+    sizes = DataSizes(xnli_train=16, pawsx_train=64, target_eval=16, target_test=16, mnli_train=MNLI_TRAIN,
+                      hellaswag_train=16, intermediate_eval=32)
     dirs = write_task_data(world, root / "data", sizes)
     write_translations(world, dirs["mnli"], "mnli", ["de", "fr"], MNLI_TRAIN)
     write_mlm_corpus(world, root / "corpus" / "sentences.txt", 500)
