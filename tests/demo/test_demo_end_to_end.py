@@ -45,7 +45,7 @@ def experiment(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         data={task: str(path) for task, path in prepared.data.items() if task != "hellaswag"},
     )
     spec.pop("replication")  # a fixed seed list: the guard compares the same three seeds
-    spec["hyperparameters"].pop("perModel", None)  # every model takes the stage's rates
+    spec["hyperparameters"].pop("perModel", None)  # every model takes the stages' settings
     spec_path = root / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     out = root / "out"
