@@ -84,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         run(config, interruption)
         return ExitCode.OK
     except (InvalidRun, DataError) as e:
-        if rank == 0:
-            print(f"{PROG}: invalid run: {e}", file=sys.stderr)
+        # Every rank says why, not only rank 0: the first rank to exit has torchrun stop the
+        # others, maybe before rank 0 has printed a word.
+        print(f"{PROG}: invalid run: {e}", file=sys.stderr)
         return ExitCode.INVALID
     except RunInterrupted as e:
         if rank == 0:

@@ -155,6 +155,7 @@ def test_a_run_resumed_while_mlflow_is_down_logs_each_step_once(mlflow_server, u
     mlflow_run_id = first.start()
     for step in range(1, 6):
         first.log_metrics({"train.loss": float(step)}, step=step)
+    first.flush()  # steps 1-5 have reached MLflow (a daemon thread delivers them)
     # The process dies after step 5 (no finish); the retry starts from the step-2 checkpoint
     # while MLflow cannot be reached.
     down = config.model_copy(update={"tracking": config.tracking.model_copy(
