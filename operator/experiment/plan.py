@@ -238,10 +238,12 @@ def _variant(spec: ExperimentSpec, arm: str) -> str | None:
 
 def resolve_hyperparameters(spec: ExperimentSpec, model: ModelSpec, stage: str,
                             tasks: tuple[str, ...]) -> HyperParameters:
-    """Task default length < built-in stage defaults < spec stage < per model < per task."""
+    """Task default length < built-in stage defaults < spec stage < per model < the stage's per
+    model < per task."""
     hp = HyperParameters(max_seq_length=max(TASKS[t].default_max_seq_length for t in tasks))
     stage_spec = spec.hyperparameters.intermediate if stage == "intermediate" else spec.hyperparameters.target
-    layers = [STAGE_DEFAULTS[stage], stage_spec, spec.hyperparameters.per_model.get(model.name)]
+    layers = [STAGE_DEFAULTS[stage], stage_spec, spec.hyperparameters.per_model.get(model.name),
+              stage_spec.per_model.get(model.name)]
     if len(tasks) == 1:
         layers.append(spec.hyperparameters.per_task.get(tasks[0]))
     for layer in layers:

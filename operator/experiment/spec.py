@@ -448,14 +448,21 @@ class SearchSpec(_Spec):
         return v
 
 
-class StageHyperParameters(HyperParameterOverrides):
-    """A stage's settings, and optionally the values to search for it."""
+MAX_MODELS = 64  # models of one experiment (and so per-model entries)
 
+
+class StageHyperParameters(HyperParameterOverrides):
+    """A stage's settings, its settings for one model, and optionally the values to search
+    for it."""
+
+    per_model: Annotated[dict[str, HyperParameterOverrides], Field(max_length=MAX_MODELS)] = Field(
+        default_factory=dict)
+    """this stage's settings of one model's runs, keyed by model name (over hyperparameters.perModel)"""
     search: SearchSpec | None = None
     """values to search for this stage, each run as its own runs"""
 
     def apply(self, base: HyperParameters) -> HyperParameters:
-        changes = self.model_dump(exclude_none=True, exclude={"search"}, by_alias=False)
+        changes = self.model_dump(exclude_none=True, exclude={"search", "per_model"}, by_alias=False)
         return base.model_copy(update=changes) if changes else base
 
     @property
@@ -465,15 +472,17 @@ class StageHyperParameters(HyperParameterOverrides):
 
 
 class HyperParameterSpec(_Spec):
-    """Built-in stage defaults, then these stage settings, then per model, then per task:
-    the most specific wins. A stage's `search` values replace all of them."""
+    """Built-in stage defaults, then these stage settings, then per model, then the stage's
+    per model, then per task: the most specific wins. A stage's `search` values replace all
+    of them."""
 
     intermediate: StageHyperParameters = StageHyperParameters()
     """settings of every phase-2 (intermediate-task) run"""
     target: StageHyperParameters = StageHyperParameters()
     """settings of every phase-3 (target-task) run"""
-    per_model: Annotated[dict[str, HyperParameterOverrides], Field(max_length=64)] = Field(default_factory=dict)
-    """settings of one model's runs, keyed by model name"""
+    per_model: Annotated[dict[str, HyperParameterOverrides], Field(max_length=MAX_MODELS)] = Field(
+        default_factory=dict)
+    """settings of one model's runs in both stages, keyed by model name"""
     per_task: Annotated[dict[str, HyperParameterOverrides], Field(max_length=len(TASKS)), _keyed_by(tuple(TASKS))] = (
         Field(default_factory=dict))
     """settings of one task's runs, keyed by task"""
@@ -770,7 +779,6 @@ class ReplicationSpec(_Spec):
 # --- the experiment ---------------------------------------------------------------------
 
 
-MAX_MODELS = 64
 MAX_GROUPS = 16
 # Lists the API server checks for repeated items itself: scalars as a set, objects keyed by name.
 _LIST_SET = Field(json_schema_extra={"x-kubernetes-list-type": "set"})
@@ -788,7 +796,11 @@ def grid_rules() -> list[dict[str, str]]:
         return (f"((has(self.intermediateTasks) && '{task}' in self.intermediateTasks) || '{task}' in self.targets"
                 f" || (has(self.multiTaskGroups) && self.multiTaskGroups.exists(g, '{task}' in g.tasks)))")
 
-    per_model = "(has(self.hyperparameters) && has(self.hyperparameters.perModel))"
+    def per_model_names(at: str) -> tuple[str, str]:  # `at`: the path of a perModel map in the spec
+        parts = at.split(".")
+        present = " && ".join(f"has(self.{'.'.join(parts[:i])})" for i in range(1, len(parts) + 1))
+        return (f"!({present}) || self.models.filter(m, m.name in self.{at}).size() == size(self.{at})",
+                f"{at}: names a model that is not in models")
     # With replication every cell may reach maxSeeds: counted as run_count counts it.
     default_max_seeds = ReplicationSpec.model_fields["max_seeds"].default
     max_seeds = f"(has(self.replication.maxSeeds) ? self.replication.maxSeeds : {default_max_seeds})"
@@ -814,9 +826,9 @@ def grid_rules() -> list[dict[str, str]]:
          "multiTaskGroups: two groups train the same tasks; keep one of them"),
         (f"!has(self.intermediateTasks) || {groups}.all(g, !(g.name in self.intermediateTasks))",
          "multiTaskGroups: a group name clashes with an intermediate task"),
-        (f"!{per_model} || self.models.filter(m, m.name in self.hyperparameters.perModel).size()"
-         " == size(self.hyperparameters.perModel)",
-         "hyperparameters.perModel: names a model that is not in models"),
+        per_model_names("hyperparameters.perModel"),
+        per_model_names("hyperparameters.intermediate.perModel"),
+        per_model_names("hyperparameters.target.perModel"),
         (f"{runs} <= {max_runs}", "the grid has more runs than planning.maxRuns"),
         ("!has(self.replication) || !has(self.seeds)",
          "replication: cannot be combined with seeds; remove one of them"),
@@ -1008,11 +1020,15 @@ def grid_problems(spec: ExperimentSpec) -> list[Problem]:
         problem("multiTaskGroups", f"group names {sorted(clash)} clash with intermediate task names; rename the groups",
                 "multiTaskGroups", "intermediateTasks")
     models = [m.name for m in spec.models]
-    for model in spec.hyperparameters.per_model:
-        if model not in models:
-            problem(f"hyperparameters.perModel{path_part(model)}",
-                    f"names model {shown_value(model)}, which is not in models ({', '.join(models)})",
-                    "hyperparameters", "models")
+    hp = spec.hyperparameters
+    for field, per_model in (("hyperparameters.perModel", hp.per_model),
+                             ("hyperparameters.intermediate.perModel", hp.intermediate.per_model),
+                             ("hyperparameters.target.perModel", hp.target.per_model)):
+        for model in per_model:
+            if model not in models:
+                problem(f"{field}{path_part(model)}",
+                        f"names model {shown_value(model)}, which is not in models ({', '.join(models)})",
+                        "hyperparameters", "models")
     used = list(dict.fromkeys([*spec.intermediate_tasks, *(t for g in spec.multi_task_groups for t in g.tasks),
                                *spec.targets]))
     grid = ("intermediateTasks", "multiTaskGroups", "targets")

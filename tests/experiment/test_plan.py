@@ -124,6 +124,17 @@ def test_overrides_resolve_most_specific_last() -> None:
     assert squad.config.hyperparameters.max_seq_length == 384   # the task's own length
 
 
+def test_a_stages_per_model_settings_beat_the_models_and_stay_in_their_stage() -> None:
+    spec = _with(load("scaling.yaml"), target={"perModel": {"xxl": {"learningRate": 3e-6, "epochs": 7}}},
+                 perTask={"pawsx": {"epochs": 9}})
+    hp = {(r.labels.model, r.config.stage.value, r.config.tasks[0]): r.config.hyperparameters for r in plan(spec).runs}
+    assert (hp[("xxl", "target", "xnli")].learning_rate, hp[("xxl", "target", "xnli")].epochs) == (3e-6, 7)
+    assert hp[("xxl", "target", "pawsx")].epochs == 9                        # per task beats it
+    assert hp[("xxl", "intermediate", "mnli")].learning_rate == 5e-6         # perModel, as before
+    assert hp[("xxl", "intermediate", "mnli")].epochs == 2
+    assert (hp[("xl", "target", "xnli")].learning_rate, hp[("xl", "target", "xnli")].epochs) == (7e-6, 5)
+
+
 def test_gpu_hours_are_estimated_and_totalled() -> None:
     p = plan(load("scaling.yaml"))
     assert all(r.gpu_hours is not None and r.gpu_hours > 0 for r in p.runs)

@@ -35,6 +35,7 @@ hyper = st.fixed_dictionaries({}, optional={
     "epochs": st.one_of(st.floats(0, 10), scalars),
     "maxSeqLength": st.integers(0, 10000),
 })
+stage_hyper = st.one_of(hyper, st.fixed_dictionaries({"perModel": st.dictionaries(names, hyper, max_size=2)}))
 specs = st.fixed_dictionaries(
     {"name": names, "models": st.lists(models, max_size=3), "targets": st.lists(task_names, max_size=3)},
     optional={
@@ -43,7 +44,7 @@ specs = st.fixed_dictionaries(
                                     max_size=2),
         "seeds": st.lists(st.one_of(st.integers(-2, 5), scalars), max_size=4),
         "hyperparameters": st.fixed_dictionaries({}, optional={
-            "intermediate": hyper, "target": hyper,
+            "intermediate": hyper, "target": stage_hyper,
             "perTask": st.dictionaries(task_names, hyper, max_size=2),
             "perModel": st.dictionaries(names, hyper, max_size=2)}),
         "cluster": st.fixed_dictionaries({}, optional={

@@ -29,6 +29,8 @@ MUTATIONS: list[tuple[tuple[Any, ...], Any]] = [
     (("cluster", "storage"), {"pvc": "x", "mountPath": "/mnt/r"}),
     (("cluster", "storage"), {"pvc": "x", "uri": "s3://bucket/x"}), (("cluster", "storage"), {"uri": "s3://b/x"}),
     (("cluster", "storage"), {"pvc": "x", "uri": None}), (("hyperparameters", "perModel"), {"nope": {}}),
+    (("hyperparameters", "target", "perModel"), {"nope": {}}),
+    (("hyperparameters", "target", "perModel"), {"large": {"epochs": 1}}),
     (("hyperparameters", "perTask"), {"nope": {}}), (("evalLanguages",), {"xnli": ["klingon"]}),
     (("cluster", "ttlSecondsAfterFinished"), 99999999999), (("cluster", "queue"), "q\n"),
     (("cluster", "nodeSelector"), {"k\n": "v"}), (("cluster", "image"), "a:b:c"),
