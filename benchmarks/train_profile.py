@@ -2,12 +2,14 @@
 benchmark's tiny model, data and trainers (train_throughput.py), one torch thread.
 
 For each run: real and padded tokens, wall and process CPU seconds of the training steps (from
-the start of `train()` to the end of the last optimizer step; the xstilts run's evaluations
-and saves excluded), the CPU seconds of threads other than the training thread (the xstilts
-run's MLflow delivery thread), and CPU microseconds per real token. With `--profile DIR`,
-cProfile over the same span, timed by the training thread's CPU clock (so that the load of
-other processes on a shared machine does not land on whatever function was running), is
-written to DIR/<trainer>-<n>.pstats and its top entries printed.
+the start of `train()` to the end of the last optimizer step; the xstilts run evaluates and
+saves only after it), the CPU seconds of threads other than the training thread (the xstilts
+run's MLflow delivery thread), the process's system CPU seconds and minor page faults (the
+kernel's share: mapping fresh pages for freed and reallocated tensors), and CPU microseconds
+per real token. With `--profile DIR`, cProfile over the same span, timed by the training
+thread's CPU clock (so that the load of other processes on a shared machine does not land on
+whatever function was running), is written to DIR/<trainer>-<n>.pstats and its top entries
+printed.
 
 `xstilts-untracked` is the xstilts run with MLflow tracking off (as on a machine without
 mlflow): the difference to `xstilts` is what tracking costs the training steps.
@@ -23,6 +25,7 @@ import contextlib
 import cProfile
 import os
 import pstats
+import resource
 import sys
 import tempfile
 import time
@@ -40,12 +43,13 @@ class Window:
 
     def __init__(self) -> None:
         self.profiler: cProfile.Profile | None = None
-        self.began: tuple[float, float, float] = (0.0, 0.0, 0.0)
-        self.ended: tuple[float, float, float] = (0.0, 0.0, 0.0)
+        self.began: tuple[float, ...] = (0.0,) * 5
+        self.ended: tuple[float, ...] = (0.0,) * 5
 
     @staticmethod
-    def clocks() -> tuple[float, float, float]:
-        return time.monotonic(), time.process_time(), time.thread_time()
+    def clocks() -> tuple[float, float, float, float, float]:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return time.monotonic(), time.process_time(), time.thread_time(), usage.ru_stime, float(usage.ru_minflt)
 
     def begin(self) -> None:
         self.began = self.clocks()
@@ -147,9 +151,10 @@ def main() -> None:
                 window.profiler = cProfile.Profile(time.thread_time) if args.profile else None
                 with hooked(window), untracked() if name == "xstilts-untracked" else contextlib.nullcontext():
                     m = trainers[name.removesuffix("-untracked")](f"{name}-{n}")
-                wall, cpu, thread = (e - b for e, b in zip(window.ended, window.began, strict=True))
+                wall, cpu, thread, system, faults = (e - b for e, b in zip(window.ended, window.began, strict=True))
                 print(f"{name:18} real {m.real_tokens:,} padded {m.padded_tokens:,} ({m.padding_fraction:.2%});"
-                      f" wall {wall:.2f} s, process CPU {cpu:.2f} s, other threads {max(cpu - thread, 0.0):.2f} s;"
+                      f" wall {wall:.2f} s, process CPU {cpu:.2f} s, other threads {max(cpu - thread, 0.0):.2f} s,"
+                      f" system {system:.2f} s, {faults:,.0f} page faults;"
                       f" {1e6 * cpu / m.real_tokens:.2f} CPU us per real token; load {os.getloadavg()[0]:.2f}",
                       flush=True)
                 if window.profiler:
