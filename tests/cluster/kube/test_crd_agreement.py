@@ -31,6 +31,7 @@ MUTATIONS: list[tuple[tuple[Any, ...], Any]] = [
     (("cluster", "storage"), {"pvc": "x", "uri": None}), (("hyperparameters", "perModel"), {"nope": {}}),
     (("hyperparameters", "target", "perModel"), {"nope": {}}),
     (("hyperparameters", "target", "perModel"), {"large": {"epochs": 1}}),
+    (("hyperparameters", "intermediate", "perModel"), {"nope": {}}),
     (("hyperparameters", "perTask"), {"nope": {}}), (("evalLanguages",), {"xnli": ["klingon"]}),
     (("cluster", "ttlSecondsAfterFinished"), 99999999999), (("cluster", "queue"), "q\n"),
     (("cluster", "nodeSelector"), {"k\n": "v"}), (("cluster", "image"), "a:b:c"),
